@@ -15,10 +15,14 @@ cd "$(dirname "$0")/.."
 venv=${LMMS_QUANT_VENV:-.venv}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-# Caption metrics (pycocoevalcap's PTB tokenizer and METEOR) run Java.
-if ! command -v java >/dev/null 2>&1; then
-  echo "== installing a Java runtime (caption metrics need it)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
+# System packages: caption metrics (pycocoevalcap's PTB tokenizer and METEOR) run Java; the tests
+# open the leaderboard page in headless Chromium.
+apt_needed=()
+command -v java >/dev/null 2>&1 || apt_needed+=(default-jre-headless)
+[ "$mode" = test ] && ! command -v chromium >/dev/null 2>&1 && apt_needed+=(chromium)
+if [ ${#apt_needed[@]} -gt 0 ]; then
+  echo "== apt-get install ${apt_needed[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_needed[@]}" >/dev/null
 fi
 
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
