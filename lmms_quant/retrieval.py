@@ -13,12 +13,16 @@ lmms-eval 0.7.3 has no request type for embedding or scoring, so retrieval rides
   candidates with a pair scorer (BLIP-2's ITM head); ground-truth ranks under one tie rule.
 * Model side: ``model_wrappers/blip2_itm.py`` embeds the corpus and calls :func:`rank_corpus`.
 
-Ranks are 0-based: rank r means r wrong candidates are placed at or above the best ground truth.
-Tie rule: a wrong candidate whose score *equals* the best ground truth's counts as placed above it
-(ties count against the model, so a model that scores everything alike gets R@K = 0, never a lucky
-hit from corpus order). Candidates outside the top-k are not scored and count as -inf, below every
-scored candidate; NaN scores count as -inf. Choosing the top-k breaks score ties by the lower corpus
-index, so the same scores always give the same candidates.
+Ranks are 0-based: rank r means r wrong items are placed at or above the best ground truth.
+Tie rule: ties always count against the model, so corpus order never earns a hit (a model that
+scores everything alike gets R@K = 0):
+
+* a wrong item whose score equals the best ground truth's counts as placed above it;
+* the shortlist of k takes ties at its boundary by the lower corpus index (so the same scores always
+  give the same shortlist), and a wrong item left off only by that index counts as placed above a
+  shortlisted truth;
+* items off the shortlist are not re-ranked: they score -inf, below every scored item; NaN scores
+  count as -inf.
 """
 
 from __future__ import annotations
@@ -180,17 +184,26 @@ assert all(globals()[m].__name__ == m for m in METRICS)
 
 
 @dataclass(frozen=True)
-class Candidates:
-    """Per query, the candidates that get a score; every other candidate scores -inf.
+class Shortlist:
+    """One direction's candidates: per query, the k best by ITC (ties: lower corpus index first).
 
-    i2t_ids/i2t_scores: (n_images, k) text indices and scores; t2i_ids/t2i_scores: (n_texts, k)
-    image indices and scores.
+    ids / itc: (queries, k) corpus indices and ITC scores, best first. scores: what the candidates
+    are ranked by (ITC, or ITC + ITM after :func:`rerank`). tied_out: (queries,) wrong items left
+    out of the shortlist although their ITC equals the k-th best (only the index decided): the tie
+    rule counts them against the truth. Every item not on the shortlist scores -inf.
     """
 
-    i2t_ids: torch.Tensor
-    i2t_scores: torch.Tensor
-    t2i_ids: torch.Tensor
-    t2i_scores: torch.Tensor
+    ids: torch.Tensor
+    itc: torch.Tensor
+    tied_out: torch.Tensor
+    scores: torch.Tensor
+    reranked: bool = False
+
+
+@dataclass(frozen=True)
+class Candidates:
+    i2t: Shortlist  # queries = images, items = texts
+    t2i: Shortlist  # queries = texts, items = images
 
 
 @dataclass(frozen=True)
@@ -231,7 +244,7 @@ def text_to_image_index(captions_per_image: Sequence[int]) -> torch.Tensor:
 
 
 def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-    """(images, texts) similarity: the best query of each image (BLIP-2 ITC); NaN becomes -inf.
+    """(images, texts) similarity: the best query of each image (BLIP-2 ITC), float32; NaN becomes -inf.
 
     image_feats: (images, queries, dim) or (images, dim); text_feats: (texts, dim).
     """
@@ -239,17 +252,43 @@ def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch
         image_feats = image_feats.unsqueeze(1)
     n_images, n_queries, dim = image_feats.shape
     sim = (image_feats.reshape(n_images * n_queries, dim) @ text_feats.T).reshape(n_images, n_queries, -1)
-    return torch.nan_to_num(sim.amax(dim=1), nan=NEG_INF)
+    return torch.nan_to_num(sim.amax(dim=1).float(), nan=NEG_INF)
 
 
-def _merge_top(best_scores, best_ids, new_scores, new_ids, k: int, dim: int):
-    # Every kept id is smaller than every new id and kept entries are ordered by (score desc, id asc),
-    # so a stable descending sort of [kept, new] keeps that order: ties go to the lower corpus index.
-    scores = torch.cat([best_scores, new_scores], dim=dim)
-    ids = torch.cat([best_ids, new_ids], dim=dim)
-    order = torch.sort(scores, dim=dim, descending=True, stable=True).indices
-    order = order.narrow(dim, 0, min(k, scores.shape[dim]))
-    return scores.gather(dim, order), ids.gather(dim, order)
+class _RunningTop:
+    """Per query (row), the k best items seen so far by (score desc, index asc), fed block by block
+    with items in increasing index order, plus the count of wrong items dropped at a tie with the
+    k-th best score."""
+
+    def __init__(self, n_queries: int, k: int, device):
+        self.k = k
+        self.scores = torch.empty((n_queries, 0), dtype=torch.float32, device=device)
+        self.ids = torch.empty((n_queries, 0), dtype=torch.long, device=device)
+        self.truth = torch.empty((n_queries, 0), dtype=torch.bool, device=device)
+        self.tied_out = torch.zeros(n_queries, dtype=torch.long, device=device)
+
+    def add(self, scores: torch.Tensor, ids: torch.Tensor, truth: torch.Tensor) -> None:
+        was_full = self.scores.shape[1] == self.k
+        old_boundary = self.scores[:, -1] if was_full else None
+        scores = torch.cat([self.scores, scores], dim=1)
+        ids = torch.cat([self.ids, ids], dim=1)
+        truth = torch.cat([self.truth, truth], dim=1)
+        # Kept items have lower indices than new ones and are already in (score desc, index asc)
+        # order, so a stable descending sort keeps that order: ties go to the lower corpus index.
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        keep, drop = order[:, : self.k], order[:, self.k :]
+        self.scores, self.ids, self.truth = scores.gather(1, keep), ids.gather(1, keep), truth.gather(1, keep)
+        if drop.shape[1] == 0:
+            return
+        boundary = self.scores[:, -1]
+        dropped_tied = (scores.gather(1, drop) == boundary[:, None]) & ~truth.gather(1, drop)
+        carried = torch.zeros_like(self.tied_out)
+        if was_full:  # items dropped earlier at the same boundary are still tied with it
+            carried = torch.where(old_boundary == boundary, self.tied_out, carried)
+        self.tied_out = carried + dropped_tied.sum(dim=1)
+
+    def shortlist(self) -> Shortlist:
+        return Shortlist(self.ids, self.scores, self.tied_out, self.scores)
 
 
 def _block_shape(n_images: int, n_queries: int, n_texts: int, block_elements: int) -> tuple[int, int]:
@@ -261,13 +300,18 @@ def _block_shape(n_images: int, n_queries: int, n_texts: int, block_elements: in
 
 
 def itc_candidates(
-    image_feats: torch.Tensor, text_feats: torch.Tensor, k: int, block_elements: int = DEFAULT_BLOCK_ELEMENTS
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    captions_per_image: Sequence[int],
+    k: int,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> Candidates:
     """The k best texts of every image and the k best images of every text by ITC similarity.
 
     The similarity is computed in blocks of at most ``block_elements`` image x query x text entries
-    (at least one image x one text), with running top-k merges in both directions, so memory is
-    O(block + k x (images + texts)) instead of O(images x texts).
+    (at least one image x one text), merged into running top-k lists in both directions, so memory
+    is O(block + k x (images + texts)), never O(images x texts). Ground truth (texts laid out image
+    after image) is used only to count the tie-decided wrong items, never to choose candidates.
     """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: got {k!r}; valid: an int >= 1")
@@ -280,54 +324,55 @@ def itc_candidates(
         )
     n_images, n_queries, _ = image_feats.shape
     n_texts = text_feats.shape[0]
-    block_images, block_texts = _block_shape(n_images, n_queries, n_texts, block_elements)
     device = image_feats.device
-    empty_scores = image_feats.new_empty((0, 0), dtype=torch.float32)
-    empty_ids = torch.empty((0, 0), dtype=torch.long, device=device)
+    text_image = text_to_image_index(captions_per_image).to(device)
+    if len(captions_per_image) != n_images or len(text_image) != n_texts:
+        raise ValueError(
+            f"features for {n_images} images and {n_texts} texts; captions_per_image describes "
+            f"{len(captions_per_image)} images and {len(text_image)} texts"
+        )
+    block_images, block_texts = _block_shape(n_images, n_queries, n_texts, block_elements)
     text_starts = range(0, n_texts, block_texts)
-    # Per text block: its (≤k, block_texts) best image scores/ids so far, images visited in order.
-    column_best = {t0: (empty_scores.new_empty((0, min(block_texts, n_texts - t0))),
-                        empty_ids.new_empty((0, min(block_texts, n_texts - t0)))) for t0 in text_starts}
-    i2t_scores, i2t_ids = [], []
+    # One running top-k per text block (its texts are the rows); images arrive in index order.
+    t2i_top = {t0: _RunningTop(min(block_texts, n_texts - t0), k, device) for t0 in text_starts}
+    i2t_parts = []
     for i0 in range(0, n_images, block_images):
         i1 = min(n_images, i0 + block_images)
-        row_scores, row_ids = empty_scores.new_empty((i1 - i0, 0)), empty_ids.new_empty((i1 - i0, 0))
         image_ids = torch.arange(i0, i1, device=device)
+        i2t_top = _RunningTop(i1 - i0, k, device)
         for t0 in text_starts:
             t1 = min(n_texts, t0 + block_texts)
-            sim = itc_similarity(image_feats[i0:i1], text_feats[t0:t1]).float()
+            sim = itc_similarity(image_feats[i0:i1], text_feats[t0:t1])
+            truth = text_image[t0:t1][None, :] == image_ids[:, None]  # (block images, block texts)
             text_ids = torch.arange(t0, t1, device=device)
-            row_scores, row_ids = _merge_top(
-                row_scores, row_ids, sim, text_ids.expand(i1 - i0, -1), k, dim=1
-            )
-            column_best[t0] = _merge_top(
-                *column_best[t0], sim, image_ids[:, None].expand(-1, t1 - t0), k, dim=0
-            )
-        i2t_scores.append(row_scores)
-        i2t_ids.append(row_ids)
-    t2i_scores = torch.cat([column_best[t0][0] for t0 in text_starts], dim=1).T.contiguous()
-    t2i_ids = torch.cat([column_best[t0][1] for t0 in text_starts], dim=1).T.contiguous()
-    return Candidates(torch.cat(i2t_ids), torch.cat(i2t_scores), t2i_ids, t2i_scores)
+            i2t_top.add(sim, text_ids.expand(i1 - i0, -1), truth)
+            t2i_top[t0].add(sim.T, image_ids.expand(t1 - t0, -1), truth.T)
+        i2t_parts.append(i2t_top.shortlist())
+    t2i_parts = [t2i_top[t0].shortlist() for t0 in text_starts]
+
+    def joined(parts: list[Shortlist]) -> Shortlist:
+        ids, itc, tied_out = (torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "itc", "tied_out"))
+        return Shortlist(ids, itc, tied_out, itc)
+
+    return Candidates(joined(i2t_parts), joined(t2i_parts))
 
 
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def rerank(candidates: Candidates, pair_scorer: PairScorer, n_texts: int) -> Candidates:
-    """Candidates scored ITC + pair_scorer(image, text), as BLIP-2 re-ranks with its ITM head.
+    """Shortlists re-scored ITC + pair_scorer(image, text), as BLIP-2 re-ranks with its ITM head.
 
-    Each distinct (image, text) pair is scored once, whichever direction proposed it, so a pair has
-    the same score in both directions. ``pair_scorer(images, texts)`` gets the pairs as two index
+    Each distinct (image, text) pair is scored once, whichever direction shortlisted it, so a pair
+    has the same score in both directions. ``pair_scorer(images, texts)`` gets the pairs as two index
     tensors sorted by image, then text (so a scorer can encode each image once), and returns one
     score per pair.
     """
-    n_images, k_texts = candidates.i2t_ids.shape
-    device = candidates.i2t_ids.device
-    i2t_images = torch.arange(n_images, device=device)[:, None].expand(-1, k_texts)
-    t2i_texts = torch.arange(candidates.t2i_ids.shape[0], device=device)[:, None].expand_as(candidates.t2i_ids)
-    keys = torch.cat(
-        [(i2t_images * n_texts + candidates.i2t_ids).flatten(), (candidates.t2i_ids * n_texts + t2i_texts).flatten()]
-    )
+    i2t, t2i = candidates.i2t, candidates.t2i
+    device = i2t.ids.device
+    i2t_images = torch.arange(i2t.ids.shape[0], device=device)[:, None].expand_as(i2t.ids)
+    t2i_texts = torch.arange(t2i.ids.shape[0], device=device)[:, None].expand_as(t2i.ids)
+    keys = torch.cat([(i2t_images * n_texts + i2t.ids).flatten(), (t2i.ids * n_texts + t2i_texts).flatten()])
     pairs, inverse = torch.unique(keys, sorted=True, return_inverse=True)
     scores = pair_scorer(pairs // n_texts, pairs % n_texts)
     if not isinstance(scores, torch.Tensor) or scores.shape != pairs.shape:
@@ -336,46 +381,47 @@ def rerank(candidates: Candidates, pair_scorer: PairScorer, n_texts: int) -> Can
             "valid: a tensor of one score per pair"
         )
     scores = scores.to(device=device, dtype=torch.float32)
-    n_i2t = candidates.i2t_ids.numel()
+    n_i2t = i2t.ids.numel()
 
-    def combined(itc: torch.Tensor, pair_scores: torch.Tensor) -> torch.Tensor:
+    def rescored(shortlist: Shortlist, pair_scores: torch.Tensor) -> Shortlist:
         # +inf (a broken head) plus -inf would be NaN: count it, like every NaN, as -inf.
-        return torch.nan_to_num(itc + pair_scores.reshape(itc.shape), nan=NEG_INF)
+        final = torch.nan_to_num(shortlist.itc + pair_scores.reshape(shortlist.itc.shape), nan=NEG_INF)
+        return Shortlist(shortlist.ids, shortlist.itc, shortlist.tied_out, final, reranked=True)
 
-    return Candidates(
-        candidates.i2t_ids,
-        combined(candidates.i2t_scores, scores[inverse[:n_i2t]]),
-        candidates.t2i_ids,
-        combined(candidates.t2i_scores, scores[inverse[n_i2t:]]),
-    )
+    return Candidates(rescored(i2t, scores[inverse[:n_i2t]]), rescored(t2i, scores[inverse[n_i2t:]]))
 
 
-def _best_ground_truth_ranks(scores: torch.Tensor, is_truth: torch.Tensor, n_wrong: torch.Tensor) -> torch.Tensor:
-    scores = torch.nan_to_num(scores.float(), nan=NEG_INF)
+def _best_truth_ranks(shortlist: Shortlist, is_truth: torch.Tensor, n_wrong: torch.Tensor) -> torch.Tensor:
+    scores = torch.nan_to_num(shortlist.scores.float(), nan=NEG_INF)
     best_truth = torch.where(is_truth, scores, torch.full_like(scores, NEG_INF)).amax(dim=1)
     placed_above = (~is_truth & (scores >= best_truth[:, None])).sum(dim=1)
-    # No scored ground truth: every wrong candidate (scored, or unscored = -inf) ties or beats it.
+    # Wrong items the index tie-break left off the shortlist: after re-ranking their score is
+    # unknown, so they count against the truth (unless their ITC is -inf, which stays -inf); without
+    # re-ranking they score the k-th best ITC, which ties or beats the truth only if it equals it.
+    boundary = shortlist.itc[:, -1]
+    counts = boundary > NEG_INF if shortlist.reranked else best_truth <= boundary
+    placed_above = placed_above + torch.where(counts, shortlist.tied_out, torch.zeros_like(shortlist.tied_out))
+    # No truth scored: every wrong item (scored, or unscored = -inf) ties or beats it.
     return torch.where(best_truth == NEG_INF, n_wrong, placed_above)
 
 
 def ground_truth_ranks(candidates: Candidates, captions_per_image: Sequence[int]) -> CorpusRanks:
     """Rank of the best ground truth per query under the module's tie rule (see the docstring)."""
-    text_to_image = text_to_image_index(captions_per_image).to(candidates.i2t_ids.device)
-    n_images, n_texts = len(captions_per_image), len(text_to_image)
-    if candidates.i2t_ids.shape[0] != n_images or candidates.t2i_ids.shape[0] != n_texts:
+    device = candidates.i2t.ids.device
+    text_image = text_to_image_index(captions_per_image).to(device)
+    n_images, n_texts = len(captions_per_image), len(text_image)
+    if candidates.i2t.ids.shape[0] != n_images or candidates.t2i.ids.shape[0] != n_texts:
         raise ValueError(
-            f"candidates cover {candidates.i2t_ids.shape[0]} images and {candidates.t2i_ids.shape[0]} texts; "
+            f"candidates cover {candidates.i2t.ids.shape[0]} images and {candidates.t2i.ids.shape[0]} texts; "
             f"the corpus has {n_images} images and {n_texts} texts"
         )
-    images = torch.arange(n_images, device=text_to_image.device)
-    captions = torch.bincount(text_to_image, minlength=n_images)
-    i2t = _best_ground_truth_ranks(
-        candidates.i2t_scores, text_to_image[candidates.i2t_ids] == images[:, None], n_texts - captions
-    )
-    t2i = _best_ground_truth_ranks(
-        candidates.t2i_scores,
-        candidates.t2i_ids == text_to_image[:, None],
-        torch.full((n_texts,), n_images - 1, device=text_to_image.device),
+    images = torch.arange(n_images, device=device)
+    captions = torch.bincount(text_image, minlength=n_images)
+    i2t = _best_truth_ranks(candidates.i2t, text_image[candidates.i2t.ids] == images[:, None], n_texts - captions)
+    t2i = _best_truth_ranks(
+        candidates.t2i,
+        candidates.t2i.ids == text_image[:, None],
+        torch.full((n_texts,), n_images - 1, device=device),
     )
     return CorpusRanks(i2t.cpu().tolist(), t2i.cpu().tolist(), list(captions_per_image))
 
@@ -388,22 +434,17 @@ def rank_corpus(
     pair_scorer: PairScorer | None = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> CorpusRanks:
-    """ITC top-k candidates in both directions, optionally re-ranked by ``pair_scorer``, then ranks.
+    """ITC shortlists of k in both directions, optionally re-ranked by ``pair_scorer``, then ranks.
 
-    Texts are laid out image after image (``captions_per_image``). R@K is exact for K <= k: a
-    ground truth outside the top-k has at least k candidates scored at or above it.
+    Texts are laid out image after image (``captions_per_image``). Without re-ranking the ranks are
+    the ITC ranks exactly up to k (a truth off the shortlist has k wrong items at or above it, and
+    gets the worst rank).
     """
     if not isinstance(k, int) or k < max(RECALL_KS):
         raise ValueError(
             f"k: got {k!r}; valid: an int >= {max(RECALL_KS)} (R@{max(RECALL_KS)} needs that many candidates)"
         )
-    n_texts = sum(captions_per_image)
-    if image_feats.shape[0] != len(captions_per_image) or text_feats.shape[0] != n_texts:
-        raise ValueError(
-            f"features for {image_feats.shape[0]} images and {text_feats.shape[0]} texts; captions_per_image "
-            f"describes {len(captions_per_image)} images and {n_texts} texts"
-        )
-    candidates = itc_candidates(image_feats, text_feats, k, block_elements)
+    candidates = itc_candidates(image_feats, text_feats, captions_per_image, k, block_elements)
     if pair_scorer is not None:
-        candidates = rerank(candidates, pair_scorer, n_texts)
+        candidates = rerank(candidates, pair_scorer, text_feats.shape[0])
     return ground_truth_ranks(candidates, captions_per_image)
