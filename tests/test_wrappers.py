@@ -250,7 +250,7 @@ def test_quantization_runs_once_before_the_first_request_and_reports(tiny_checkp
         return real_quantize(model, processor, plan, **kwargs)
 
     monkeypatch.setattr(quant, "quantize_model", recording_quantize)
-    lm = load("quant_blip2", tiny_checkpoints["blip2_opt"], tasks, method="rtn", bits=8, report_dir=tmp_path / "out")
+    lm = load("quant_blip2", tiny_checkpoints["blip2_opt"], tasks, method="rtn", bits=8, calib_n=4, calib_batch_size=2, report_dir=tmp_path / "out")
     assert log == []  # nothing is quantized at construction: the evaluated datasets are not known yet
     real_generate = lm.model.generate
     monkeypatch.setattr(lm.model, "generate", lambda **kw: log.append("generate") or real_generate(**kw))
