@@ -124,24 +124,48 @@ class QuantBlip2ITM(QuantVLM):
         "itm_top_k", "rerank", "max_text_tokens", "caption_preprocess", "text_batch_size", "itm_batch_size",
     )
 
-    def __init__(
-        self,
-        itm_top_k=DEFAULT_ITM_TOP_K,
-        rerank="itm",
-        max_text_tokens=DEFAULT_MAX_TEXT_TOKENS,
-        caption_preprocess="blip",
-        text_batch_size=DEFAULT_TEXT_BATCH_SIZE,
-        itm_batch_size=DEFAULT_ITM_BATCH_SIZE,
-        **model_args,
-    ) -> None:
-        # All checked before the (slow) load in super().__init__.
-        self.itm_top_k = _int_arg("itm_top_k", itm_top_k, max(retrieval.RECALL_KS))
-        self.rerank = _choice_arg("rerank", rerank, RERANK_CHOICES)
-        self.max_text_tokens = _int_arg("max_text_tokens", max_text_tokens, 2)
-        self.caption_preprocess = _choice_arg("caption_preprocess", caption_preprocess, CAPTION_PREPROCESS_CHOICES)
-        self.text_batch_size = _int_arg("text_batch_size", text_batch_size, 1)
-        self.itm_batch_size = _int_arg("itm_batch_size", itm_batch_size, 1)
+    @classmethod
+    def parse_model_keys(cls, own: dict) -> dict:
+        def given(key, default):
+            value = _none(own.get(key))
+            return default if value is None else value
+
+        return {
+            "itm_top_k": _int_arg("itm_top_k", given("itm_top_k", DEFAULT_ITM_TOP_K), max(retrieval.RECALL_KS)),
+            "rerank": _choice_arg("rerank", given("rerank", "itm"), RERANK_CHOICES),
+            "max_text_tokens": _int_arg("max_text_tokens", given("max_text_tokens", DEFAULT_MAX_TEXT_TOKENS), 2),
+            "caption_preprocess": _choice_arg(
+                "caption_preprocess", given("caption_preprocess", "blip"), CAPTION_PREPROCESS_CHOICES
+            ),
+            "text_batch_size": _int_arg("text_batch_size", given("text_batch_size", DEFAULT_TEXT_BATCH_SIZE), 1),
+            "itm_batch_size": _int_arg("itm_batch_size", given("itm_batch_size", DEFAULT_ITM_BATCH_SIZE), 1),
+        }
+
+    def __init__(self, **model_args) -> None:
         super().__init__(**model_args)
+        for key, value in self.options.items():
+            setattr(self, key, value)
+
+    @classmethod
+    def validate_model_args(cls, kwargs: dict):
+        """As the base class, and refuse plan keys for parts this model does not have (no LLM, no lm_head)."""
+        args, options, plan = super().validate_model_args(kwargs)
+        inapplicable = []
+        if "llm" in plan.components:
+            inapplicable.append(f"component={kwargs.get('component')!r}")
+        if _none(kwargs.get("llm_bits")) is not None:
+            inapplicable.append(f"llm_bits={kwargs['llm_bits']!r}")
+        if plan.include:
+            inapplicable.append(f"include={kwargs.get('include')!r}")
+        if inapplicable:
+            from lmms_quant.quant.plan import PlanError
+
+            raise PlanError(
+                f"{', '.join(inapplicable)}: {cls.model_class.__name__} has no language model (and no lm_head); "
+                "valid: component vit, connector (alias qformer: the Q-Former, its query tokens and text "
+                "embeddings) or all, with vit_bits / connector_bits"
+            )
+        return args, options, plan
 
     # ------------------------------------------------------------------ lmms-eval entry point
 

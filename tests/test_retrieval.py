@@ -222,3 +222,186 @@ def test_bad_inputs_are_refused_with_the_valid_choices():
     wrong_count = json.dumps(records[1])
     with pytest.raises(ValueError, match="1 text→image ranks for a doc with 2 captions"):
         retrieval.process_results({"image": None, "text": ["a", "b"]}, [wrong_count])
+
+
+# ----------------------------------------------------------------------------- the model and the task pipeline
+
+TASK = "flickr30k_retrieval_local"
+N_SCENES = 12  # + one duplicate doc: 13 images, 65 captions
+
+
+def _engine_ready():
+    import lmms_quant.quant as quant
+
+    return hasattr(quant, "QuantPlan") and hasattr(quant, "quantize_model")
+
+
+needs_engine = pytest.mark.skipif(not _engine_ready(), reason="lmms_quant.quant (QuantPlan, quantize_model) not written yet")
+
+
+@pytest.fixture(scope="module")
+def sharp_itm(tiny_checkpoints, tmp_path_factory):
+    """The tiny ITM checkpoint with its random weights scaled up: scores then depend strongly on the
+    input, so distinct scores lie far apart compared with float noise and rankings are stable."""
+    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+
+    base = tiny_checkpoints["blip2_itm"]
+    model = Blip2ForImageTextRetrieval.from_pretrained(base)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "embeddings" not in name:
+                param.mul_(8.0)
+        model.query_tokens.mul_(20.0)
+    out = tmp_path_factory.mktemp("sharp_itm")
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(include_path, parquet file, captions per doc): 12 hard-negative scenes plus doc 12 = a copy of
+    doc 1 (image and captions), so scores tie exactly in both directions."""
+    from lmms_quant.fixtures.retrieval_data import retrieval_captions, retrieval_scenes, write_retrieval_parquet
+    from lmms_quant.tasks_path import render_tasks
+
+    scenes = retrieval_scenes(N_SCENES, seed=0, stream="test")
+    scenes.append(scenes[1])
+    root = tmp_path_factory.mktemp("retrieval_data")
+    parquet = write_retrieval_parquet(scenes, root / "flickr30k_retrieval" / "test.parquet")
+    rendered = render_tasks(root, tmp_path_factory.mktemp("retrieval_tasks") / "rendered")
+    # Only the retrieval task files on the include path: the test depends on no other task YAML.
+    include = tmp_path_factory.mktemp("retrieval_include")
+    for name in ("flickr30k_retrieval.yaml", "flickr30k_retrieval_local.yaml"):
+        (include / name).write_text((rendered / name).read_text())
+    return include, parquet, [retrieval_captions(s) for s in scenes]
+
+
+@pytest.fixture(scope="module")
+def dense_scores(sharp_itm, corpus):
+    """Dense ITC and ITM-match matrices (images, texts) of the whole test corpus."""
+    return brute_force_scores(sharp_itm, corpus[1])
+
+
+def brute_force_scores(checkpoint, corpus_dir):
+    """Dense ITC and ITM-match matrices (images, texts) from the transformers forward pass, one batch each."""
+    import datasets
+    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+
+    rows = datasets.load_dataset("parquet", data_files={"test": str(corpus_dir)})["test"]
+    images = [row["image"].convert("RGB") for row in rows]
+    captions = [c for row in rows for c in row["text"]]
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = Blip2ForImageTextRetrieval.from_pretrained(checkpoint).eval()
+    pixels = processor(images=images, return_tensors="pt").pixel_values
+    text = processor.tokenizer(captions, padding="longest", return_tensors="pt")
+    n_i, n_t = len(images), len(captions)
+    with torch.no_grad():
+        itc = model(pixel_values=pixels, **text, use_image_text_matching_head=False).logits_per_image
+        image_of_pair = torch.arange(n_i).repeat_interleave(n_t)
+        text_of_pair = torch.arange(n_t).repeat(n_i)
+        itm = model(
+            pixel_values=pixels[image_of_pair],
+            input_ids=text.input_ids[text_of_pair],
+            attention_mask=text.attention_mask[text_of_pair],
+            use_image_text_matching_head=True,
+        ).logits_per_image[:, 1].reshape(n_i, n_t)
+    return itc, itm
+
+
+def run_task(checkpoint, include, model_args="", batch_size=16, limit=None):
+    """The retrieval task through lmms-eval's evaluator (task building, process_results, aggregation)."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    out = simple_evaluate(
+        model="quant_blip2_itm",
+        model_args=f"pretrained={checkpoint},dtype=float32{model_args}",
+        tasks=[TASK],
+        task_manager=TaskManager(include_path=str(include), model_name="quant_blip2_itm"),
+        batch_size=batch_size,
+        limit=limit,
+        log_samples=True,
+    )
+    results = out["results"][TASK]
+    samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
+    records = [json.loads(sample["filtered_resps"][0]) for sample in samples]
+    return {m: results[f"{m},none"] for m in retrieval.METRICS}, records
+
+
+def assert_pipeline_equals(metrics, records, i2t, t2i):
+    assert [r["i2t_rank"] for r in records] == i2t
+    assert [rank for r in records for rank in r["t2i_ranks"]] == t2i
+    expected = {f"i2t_r{k}": recall(i2t, k) for k in (1, 5, 10)} | {f"t2i_r{k}": recall(t2i, k) for k in (1, 5, 10)}
+    for metric, value in expected.items():
+        assert metrics[metric] == pytest.approx(value)
+    assert metrics["r_mean"] == pytest.approx(sum(expected.values()) / 6)
+
+
+def test_feature_passes_equal_the_transformers_forward(sharp_itm, corpus):
+    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+
+    from lmms_quant.model_wrappers.blip2_itm import (
+        itc_image_features, itc_text_features, itm_match_logits, vit_embeddings,
+    )
+
+    _, _, captions = corpus
+    processor = AutoProcessor.from_pretrained(sharp_itm)
+    model = Blip2ForImageTextRetrieval.from_pretrained(sharp_itm).eval()
+    from lmms_quant.fixtures import shapes
+    from lmms_quant.fixtures.retrieval_data import retrieval_scenes
+
+    images = [shapes.render(s) for s in retrieval_scenes(3, seed=1)]
+    pixels = processor(images=images, return_tensors="pt").pixel_values
+    text = processor.tokenizer(captions[0] + captions[5], padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        vit = vit_embeddings(model, pixels)
+        itc = (itc_image_features(model, vit) @ itc_text_features(model, text.input_ids, text.attention_mask).T).amax(1)
+        expected_itc = model(pixel_values=pixels, **text, use_image_text_matching_head=False).logits_per_image
+        pair_image, pair_text = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 3, 6, 9])
+        itm = itm_match_logits(model, vit[pair_image], text.input_ids[pair_text], text.attention_mask[pair_text])
+        expected_itm = model(
+            pixel_values=pixels[pair_image], input_ids=text.input_ids[pair_text],
+            attention_mask=text.attention_mask[pair_text], use_image_text_matching_head=True,
+        ).logits_per_image[:, 1]
+    torch.testing.assert_close(itc, expected_itc, rtol=0, atol=1e-6)
+    torch.testing.assert_close(itm, expected_itm, rtol=0, atol=1e-6)
+
+
+@needs_engine
+@pytest.mark.parametrize("top_k", [10, 128])  # a shortlist smaller than both sides / the whole corpus
+def test_task_pipeline_equals_brute_force_ranking(top_k, sharp_itm, corpus, dense_scores):
+    include, _, captions = corpus
+    captions_per_image = [len(c) for c in captions]
+    itc, itm = dense_scores
+    # Preconditions that make the comparison meaningful: the duplicate doc ties exactly, and every
+    # other pair of scores of one query lies far apart compared with float noise.
+    assert torch.equal(itc[1], itc[12]) and torch.equal(itm[1], itm[12])
+    final = (itc + itm).tolist()
+    for row in final + [list(col) for col in zip(*final)]:
+        distinct = sorted(set(row))
+        assert min(b - a for a, b in zip(distinct, distinct[1:])) > 1e-6  # batching noise: ~1e-7
+    i2t, t2i = brute_force_ranks(itc.tolist(), itm.tolist(), captions_per_image, top_k)
+    # All 13 images in one encoder batch and all 65 captions in one text batch, as in the brute force:
+    # the duplicate's scores then tie exactly here too (ITM pairs still go in batches of 32).
+    metrics, records = run_task(sharp_itm, include, f",itm_top_k={top_k},itm_batch_size=32", batch_size=16)
+
+    assert_pipeline_equals(metrics, records, i2t, t2i)
+    # The duplicate's captions tie their own image with its copy: never a hit at R@1, in either direction.
+    assert min(i2t[1], i2t[12]) >= 1 and min(t2i[5:10] + t2i[60:65]) >= 1
+    assert 0 < metrics["t2i_r1"] < 100 and 0 < metrics["i2t_r10"] < 100  # ranks vary: the test can tell
+
+
+@needs_engine
+def test_limit_makes_the_first_docs_the_corpus_whatever_the_batching(sharp_itm, corpus, dense_scores):
+    include, _, captions = corpus
+    itc, itm = dense_scores
+    n = 12  # the first 12 docs: the duplicate (doc 12) is not part of this corpus
+    i2t, t2i = brute_force_ranks(
+        itc[:n, : 5 * n].tolist(), itm[:n, : 5 * n].tolist(), [len(c) for c in captions[:n]], 10
+    )
+    metrics, records = run_task(
+        sharp_itm, include, ",itm_top_k=10,text_batch_size=7,itm_batch_size=5", batch_size=3, limit=n
+    )
+    assert all(r["n_images"] == n and r["n_texts"] == 5 * n for r in records)
+    assert_pipeline_equals(metrics, records, i2t, t2i)
