@@ -1,0 +1,171 @@
+"""`quantize_model`: the plan decides per module, the method executes it, the report proves it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from . import awq, gptq, rtn
+from .archs import Family, Unit, resolve, select
+from .calibration import Calibrator, check_not_evaluated, load_samples, make_batches
+from .plan import QuantPlan
+from .report import QuantReport, TensorRecord, account
+from .quantizer import relative_output_error
+
+log = logging.getLogger(__name__)
+
+METHODS = {"rtn": rtn, "gptq": gptq, "awq": awq}
+
+
+class QuantizationError(RuntimeError):
+    """Quantization could not do what the plan asked (e.g. no targeted layer received data)."""
+
+
+def holdout_count(calib_n: int) -> int:
+    """Held-out calibration samples drawn beside ``calib_n``: a quarter, between 1 and 32."""
+    return max(1, min(32, calib_n // 4))
+
+
+def _environment(device) -> dict:
+    import transformers
+
+    import lmms_quant
+
+    return {"lmms_quant": getattr(lmms_quant, "__version__", None), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": str(device)}
+
+
+def _model_info(model, arch) -> dict:
+    return {"class": type(model).__name__, "family": arch.family.name,
+            "name_or_path": getattr(model.config, "_name_or_path", None), "dtype": str(model.dtype)}
+
+
+def _tied_names(model) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    den = float(a.norm())
+    return float((a - b).norm()) / den if den > 0 else float("nan")
+
+
+def quantize_model(model, processor, plan: QuantPlan, *, device=None, evaluated_datasets=(),
+                   keep_codes: bool = False, progress: bool = True, family: Family | None = None) -> QuantReport:
+    """Quantize ``model`` in place (simulated: weights stay floating point on the integer grid).
+
+    ``evaluated_datasets``: [(dataset_path, dataset_name, split), ...] being scored; a calibration
+    source equal to one of them is refused. ``keep_codes`` keeps integer codes/scales/zeros in
+    ``report.codes``. ``family`` overrides the architecture table (tests, unusual models)."""
+    if not isinstance(plan, QuantPlan):
+        raise TypeError(f"plan: got {type(plan).__name__}; valid: a QuantPlan (QuantPlan.from_kwargs(...))")
+    started = time.perf_counter()
+    arch = resolve(model, family)
+    environment = _environment(device or model.device)
+    if plan.is_noop:
+        sizes = account(model, arch.component_of, {})
+        return QuantReport(plan=plan.as_model_args(), digest=plan.digest(), model=_model_info(model, arch),
+                           calibration=None, tensors=[], sizes=sizes, skipped=[], folds=[], notes=[],
+                           timing={"total_s": time.perf_counter() - started}, environment=environment)
+
+    units = select(arch, plan, model)
+    check_not_evaluated(plan.calib, evaluated_datasets)
+    if device is not None and not getattr(model, "hf_device_map", None):
+        model.to(device)
+    method = METHODS[plan.method]
+    needs_calibration = method.NEEDS_HESSIAN or method.NEEDS_INPUTS
+
+    n_holdout = holdout_count(plan.calib_n)
+    samples = load_samples(plan.calib, plan.calib_n + n_holdout, plan.seed)
+    style = arch.family.prompt_style
+    calib_batches = make_batches(processor, style, samples[:plan.calib_n], plan.calib_batch_size) if needs_calibration else []
+    holdout_batches = make_batches(processor, style, samples[plan.calib_n:], plan.calib_batch_size)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(units) * (len(calib_batches) + len(holdout_batches)), desc=f"lmms-quant {plan.method}",
+               unit="batch", disable=not progress)
+    calibrator = Calibrator(model, calib_batches, holdout_batches, seed=plan.seed, progress=bar)
+    tied = _tied_names(model)
+    records: list[TensorRecord] = []
+    skipped: list[dict] = []
+    folds: list[str] = []
+    codes = {}
+    grids = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for unit in units:
+                bar.set_postfix_str(unit.name, refresh=False)
+                stats = calibrator.collect(unit, hessian=method.NEEDS_HESSIAN, inputs=method.NEEDS_INPUTS)
+                if needs_calibration:
+                    unit = _drop_layers_without_data(unit, stats, skipped)
+                    if not unit.targets:
+                        continue
+                originals = {t.name: t.module.weight.detach().float().clone() for t in unit.targets}
+                results, notes = method.quantize_unit(unit, stats, plan)
+                folds += notes
+                for t in unit.targets:
+                    result = results[t.name]
+                    t.module.weight.copy_(result.qweight.weight.to(t.module.weight.dtype))
+                    effective = result.effective_weight(t.module.weight.detach().float())
+                    original = originals[t.name]
+                    holdout = stats[t.name].holdout
+                    records.append(TensorRecord(
+                        name=t.name, component=t.site.component, stack=t.site.stack, block=t.site.block,
+                        role=t.site.role, method=plan.method, bits=t.grid.bits, granularity=t.grid.granularity,
+                        group_size=t.grid.group_size, sym=t.grid.sym, shape=tuple(original.shape),
+                        n_groups=t.grid.n_groups(original.shape[1]), max_levels=result.qweight.max_levels(),
+                        weight_error=_relative(original, effective),
+                        output_error=None if holdout is None else relative_output_error(holdout, original, effective),
+                        output_error_calib=result.calib_error, rtn_output_error_calib=result.rtn_calib_error,
+                        feeds_output=t.site.feeds_output,
+                        tied_to=[n for n in tied.get(id(t.module.weight), []) if n != f"{t.name}.weight"],
+                        holdout_tokens=0 if holdout is None else int(holdout.shape[0]),
+                        details=result.info or {},
+                    ))
+                    grids[id(t.module.weight)] = t.grid
+                    if keep_codes:
+                        codes[t.name] = result.qweight.to_cpu()
+                del stats, results, originals
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    if not records:
+        raise QuantizationError("no targeted layer was quantized: " + "; ".join(
+            f"{s['name']}: {s['reason']}" for s in skipped))
+    sizes = account(model, arch.component_of, grids)
+    calibration = {"source": plan.calib, "samples": plan.calib_n, "holdout_samples": n_holdout,
+                   "batch_size": plan.calib_batch_size, "seed": plan.seed, "prompt_style": style,
+                   "used_for_quantization": needs_calibration}
+    notes = [f"{u.name}: AWQ fold dropped: {d}" for u in arch.units for d in u.dropped_folds] if plan.method == "awq" else []
+    report = QuantReport(plan=plan.as_model_args(), digest=plan.digest(), model=_model_info(model, arch),
+                         calibration=calibration, tensors=records, sizes=sizes, skipped=skipped, folds=folds,
+                         notes=notes, timing={"total_s": time.perf_counter() - started, "units": len(units)},
+                         environment=environment, codes=codes)
+    log.info("%s", report.summary())
+    return report
+
+
+def _drop_layers_without_data(unit: Unit, stats, skipped: list[dict]) -> Unit:
+    missing = [t for t in unit.targets if not stats[t.name].has_data()]
+    if not missing:
+        return unit
+    for t in missing:
+        reason = ("no calibration token reached it" if stats[t.name].n_calib == 0
+                  else "its calibration inputs were all zero")
+        log.warning("lmms-quant: %s left unquantized: %s", t.name, reason)
+        skipped.append({"name": t.name, "component": t.site.component, "reason": reason})
+    kept = [t for t in unit.targets if t not in missing]
+    names = {t.name for t in kept}
+    return dataclasses.replace(unit, targets=kept, folds=[f for f in unit.folds if all(n in names for n in f.linears)])
+
+
+__all__ = ["QuantizationError", "quantize_model", "holdout_count"]

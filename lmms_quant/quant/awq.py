@@ -1,0 +1,206 @@
+"""AWQ (Lin et al., 2023): activation-aware per-input-channel scales, folded exactly, then rounding.
+
+For Linears that share one input X and follow a foldable op (architecture table, `archs.Fold`):
+
+- a_j = mean |X_j|; for alpha in {0, 1/grid, ..., (grid-1)/grid}: s = a^alpha normalised by
+  sqrt(max s * min s); loss = sum over the Linears of ||X W^T - (X/s) Q(W diag(s))^T||^2 (output rows
+  weighted back to original units when a later fold already divided them). alpha = 0 is s = 1, plain
+  RTN, so the chosen scale is never worse than RTN on the calibration inputs.
+- The scale is folded: the Linears' input columns are multiplied by s and the previous op divided by
+  s — a LayerNorm's weight and bias, an RMSNorm's weight, or a Linear's output rows and bias. Folds
+  are processed last-to-first in a block so that a Linear's row scale is known before its columns
+  are searched.
+- Clip search (optional; not for q/k, as in the reference): per cell, shrink the min-max range by
+  1, 0.95, ..., 0.55 and keep the factor with the smallest output error of that cell; kept only if
+  it lowers the Linear's total output error.
+Linears with no exact fold are rounded (with the clip search) without scaling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .archs import FoldSite
+from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn
+
+NEEDS_HESSIAN = False
+NEEDS_INPUTS = True
+
+CLIP_STEPS = 20
+CLIP_MAX_SHRINK = 0.5
+CLIP_ROWS = 2048
+_NO_CLIP_LEAVES = ("q", "k", "qkv")
+
+
+def _weighted_sq_error(x: torch.Tensor, delta: torch.Tensor, row_weight: torch.Tensor | None,
+                       chunk_rows: int = 4096) -> torch.Tensor:
+    total = torch.zeros((), device=delta.device)
+    for start in range(0, x.shape[0], chunk_rows):
+        y = x[start:start + chunk_rows] @ delta.T
+        if row_weight is not None:
+            y = y * row_weight[None, :]
+        total = total + y.square().sum()
+    return total
+
+
+def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+    """Q(W diag(s)) diag(1/s): the weight AWQ's scale s yields, in the original input coordinates."""
+    return quantize_rtn(weight * s[None, :], grid).weight / s[None, :]
+
+
+def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list[torch.Tensor | None],
+                 grids: list[QuantGrid], n_grid: int) -> tuple[torch.Tensor, float, float, float]:
+    """(best s, its alpha, its loss, the alpha=0 / RTN loss) for Linears sharing input ``x``."""
+    mean_abs = x.abs().mean(dim=0)
+    best = None
+    rtn_loss = None
+    for k in range(n_grid):
+        alpha = k / n_grid
+        s = mean_abs.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        loss = sum(
+            _weighted_sq_error(x, w - scaled_rtn_weight(w, s, g), r)
+            for w, r, g in zip(weights, row_weights, grids)
+        )
+        loss = float(loss)
+        if k == 0:
+            rtn_loss = loss
+        if best is None or loss < best[2]:
+            best = (s, alpha, loss)
+    return best[0], best[1], best[2], rtn_loss
+
+
+def apply_fold(fold: FoldSite, s: torch.Tensor, modules: dict[str, nn.Module],
+               current: dict[str, torch.Tensor] | None = None) -> None:
+    """Divide ``fold.prev`` by s and multiply its consumers' input columns by s (exact in FP).
+
+    Weights of Linears present in ``current`` (fp32 working copies) are changed there; everything
+    else is changed in place on the module (norms, biases, Linears that are not quantized)."""
+    current = current if current is not None else {}
+    with torch.no_grad():
+        if isinstance(fold.prev, nn.Linear):
+            rows = fold.rows or slice(None)
+            if fold.prev_name in current:
+                current[fold.prev_name][rows] /= s[:, None].to(current[fold.prev_name].device)
+            else:
+                weight = fold.prev.weight
+                weight[rows] = (weight[rows].float() / s[:, None].to(weight.device)).to(weight.dtype)
+        else:
+            weight = fold.prev.weight
+            weight.copy_((weight.float() / s.to(weight.device)).to(weight.dtype))
+        bias = getattr(fold.prev, "bias", None)
+        if bias is not None:
+            rows = fold.rows if isinstance(fold.prev, nn.Linear) and fold.rows else slice(None)
+            bias[rows] = (bias[rows].float() / s.to(bias.device)).to(bias.dtype)
+        for name in fold.linears:
+            if name in current:
+                current[name] *= s[None, :].to(current[name].device)
+            else:
+                weight = modules[name].weight
+                weight.copy_((weight.float() * s[None, :].to(weight.device)).to(weight.dtype))
+
+
+def _cell_sq_errors(x: torch.Tensor, delta: torch.Tensor, grid: QuantGrid,
+                    row_weight: torch.Tensor | None) -> torch.Tensor:
+    """Output error of each cell's weights alone, shaped like grid.param_shape."""
+    rows, columns = delta.shape
+    weight2 = None if row_weight is None else row_weight.square()
+    if grid.granularity == "tensor":
+        return _weighted_sq_error(x, delta, row_weight).reshape(1, 1)
+    if grid.granularity == "channel":
+        err = (x @ delta.T).square().sum(dim=0)
+        err = err if weight2 is None else err * weight2
+        return err[:, None]
+    g, n = grid.group_size, grid.n_groups(columns)
+    pad = n * g - columns
+    xp = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], n, g)
+    dp = torch.nn.functional.pad(delta, (0, pad)).reshape(rows, n, g)
+    out = torch.empty(rows, n, device=delta.device)
+    chunk = max(1, (1 << 24) // max(1, x.shape[0] * n))
+    for start in range(0, rows, chunk):
+        y = torch.einsum("tgk,ogk->tog", xp, dp[start:start + chunk])
+        out[start:start + chunk] = y.square().sum(dim=0)
+    return out if weight2 is None else out * weight2[:, None]
+
+
+def clip_search(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid,
+                row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-cell range shrink factor in {1, 0.95, ..., 0.55} minimising that cell's output error."""
+    x = x[:CLIP_ROWS]
+    best_err = best_ratio = None
+    for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS)):
+        ratio = 1 - step / CLIP_STEPS
+        clip = torch.full(grid.param_shape(*weight.shape), ratio, device=weight.device)
+        err = _cell_sq_errors(x, weight - quantize_rtn(weight, grid, clip).weight, grid, row_weight)
+        if best_err is None:
+            best_err, best_ratio = err, clip
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_ratio = torch.where(better, clip, best_ratio)
+    return best_ratio
+
+
+def quantize_layer(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, *, clip: bool,
+                   row_weight: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round an (already scaled) weight, with the clip search when asked and when it helps."""
+    plain = quantize_rtn(weight, grid)
+    if not clip:
+        return plain
+    clipped = quantize_rtn(weight, grid, clip_search(weight, x, grid, row_weight))
+    err_plain = _weighted_sq_error(x, weight - plain.weight, row_weight)
+    err_clipped = _weighted_sq_error(x, weight - clipped.weight, row_weight)
+    return clipped if float(err_clipped) < float(err_plain) else plain
+
+
+def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[str]]:
+    targets = {t.name: t for t in unit.targets}
+    modules = {t.name: t.module for t in unit.targets}
+    inputs = {name: stats[name].inputs for name in targets}
+    original = {name: t.module.weight.detach().float().clone() for name, t in targets.items()}
+    current = {name: w.clone() for name, w in original.items()}
+    col_scale: dict[str, torch.Tensor] = {}
+    row_scale: dict[str, torch.Tensor] = {}
+    fold_info: dict[str, dict] = {}
+    notes = []
+
+    for fold in reversed(unit.folds):
+        x = inputs[fold.linears[0]]
+        grids = [targets[n].grid for n in fold.linears]
+        s, alpha, loss, rtn_loss = search_scale(
+            x, [current[n] for n in fold.linears], [row_scale.get(n) for n in fold.linears], grids, plan.awq_grid)
+        apply_fold(fold, s, modules, current)
+        if fold.prev_name in current:
+            scale = row_scale.setdefault(fold.prev_name, torch.ones(current[fold.prev_name].shape[0],
+                                                                     device=s.device))
+            scale[fold.rows or slice(None)] *= s
+        for n in fold.linears:
+            col_scale[n] = s
+            fold_info[n] = {"fold_from": fold.prev_name, "alpha": alpha, "search_loss": loss,
+                            "search_loss_rtn": rtn_loss}
+        notes.append(f"{fold.prev_name} -> {', '.join(fold.linears)}: alpha={alpha:g}")
+
+    results = {}
+    for name, t in targets.items():
+        x = inputs[name]
+        s = col_scale.get(name)
+        r = row_scale.get(name)
+        x_now = x if s is None else x / s[None, :]
+        leaf = t.site.role.split(".")[-1]
+        qweight = quantize_layer(current[name], x_now, t.grid, clip=plan.awq_clip and leaf not in _NO_CLIP_LEAVES,
+                                 row_weight=r)
+        result = LayerResult(qweight, in_scale=s, out_scale=r,
+                             info={"scaled": s is not None, "clip_searched": qweight.clip is not None,
+                                   **fold_info.get(name, {}), "calib_tokens": stats[name].n_calib})
+        effective = result.effective_weight(qweight.weight)
+        result.calib_error = _relative(x, original[name], effective)
+        result.rtn_calib_error = _relative(x, original[name], quantize_rtn(original[name], t.grid).weight)
+        results[name] = result
+    return results, notes
+
+
+def _relative(x: torch.Tensor, reference: torch.Tensor, approx: torch.Tensor) -> float:
+    num = float(_weighted_sq_error(x, reference - approx, None))
+    den = float(_weighted_sq_error(x, reference, None))
+    return (num / den) ** 0.5 if den > 0 else float("nan")

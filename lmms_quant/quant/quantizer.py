@@ -1,0 +1,238 @@
+"""The integer grid every method quantizes onto, and what a quantized weight is.
+
+W is (out_features, in_features). A *cell* is the set of weights that share one (scale, zero):
+the whole tensor, one output row ("channel"), or ``group_size`` consecutive input columns of one
+row ("group"; the last group of a row is narrower when ``group_size`` does not divide in_features).
+
+- asymmetric: min <= 0 <= max are stretched over codes 0..2^b-1, s = (max-min)/(2^b-1), integer
+  zero-point z = round(-min/s); w_hat = (q - z) * s.
+- symmetric: s = max|w| / (2^(b-1)-1), z = 2^(b-1) fixed (not stored); q - z in [-2^(b-1), 2^(b-1)-1].
+
+Scales stay fp32 during simulation; the size accounting (report.py) charges them as fp16, the format
+a packed export stores (the difference is below fp16 resolution of the scale).
+Biases are never quantized.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    bits: int
+    sym: bool
+    granularity: str  # "tensor" | "channel" | "group"
+    group_size: int = -1  # only for granularity == "group"
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits: got {self.bits!r}; valid: 2..8")
+        if self.granularity not in ("tensor", "channel", "group"):
+            raise ValueError(f"granularity: got {self.granularity!r}; valid: tensor, channel, group")
+        if self.granularity == "group" and self.group_size < 1:
+            raise ValueError(f"group_size: got {self.group_size!r}; valid: a positive int for granularity=group")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def n_groups(self, in_features: int) -> int:
+        """Cells per row (1 for tensor and channel)."""
+        return math.ceil(in_features / self.group_size) if self.granularity == "group" else 1
+
+    def param_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
+        rows = 1 if self.granularity == "tensor" else out_features
+        return rows, self.n_groups(in_features)
+
+    def n_cells(self, out_features: int, in_features: int) -> int:
+        rows, cols = self.param_shape(out_features, in_features)
+        return rows * cols
+
+    def column_group(self, in_features: int, device=None) -> torch.Tensor:
+        """For every input column, the index of its cell column."""
+        cols = torch.arange(in_features, device=device)
+        if self.granularity == "group":
+            return cols // self.group_size
+        return torch.zeros_like(cols)
+
+    def overhead_bits(self, out_features: int, in_features: int) -> int:
+        """Storage for the per-cell parameters: an fp16 scale, plus a `bits`-wide zero-point if asymmetric."""
+        per_cell = 16 + (0 if self.sym else self.bits)
+        return self.n_cells(out_features, in_features) * per_cell
+
+    def storage_bits(self, out_features: int, in_features: int) -> int:
+        return self.bits * out_features * in_features + self.overhead_bits(out_features, in_features)
+
+    # ------------------------------------------------------------------ parameters and rounding
+
+    def params_from_range(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) for cells whose weights lie in [xmin, xmax] (fp32 tensors of one shape)."""
+        if self.sym:
+            amax = torch.maximum(xmin.abs(), xmax.abs())
+            scale = amax / (2 ** (self.bits - 1) - 1)
+            zero = torch.full_like(scale, 2 ** (self.bits - 1))
+        else:
+            xmin = torch.clamp(xmin, max=0)
+            xmax = torch.clamp(xmax, min=0)
+            scale = (xmax - xmin) / self.maxq
+            # An all-zero cell: any positive scale represents it exactly (codes == zero).
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            zero = torch.clamp(torch.round(-xmin / scale), 0, self.maxq)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, zero
+
+    def cell_range(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-cell (min, max) of a full weight, shaped like `param_shape`."""
+        out_features, in_features = w.shape
+        if self.granularity == "tensor":
+            return w.min().reshape(1, 1), w.max().reshape(1, 1)
+        if self.granularity == "channel":
+            return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+        g = self.group_size
+        n = self.n_groups(in_features)
+        pad = n * g - in_features
+        if pad:
+            # Pad with a copy of each row's first column: it changes neither min nor max of the last cell.
+            w = torch.cat([w, w[:, :1].expand(out_features, pad)], dim=1)
+        cells = w.reshape(out_features, n, g)
+        return cells.amin(dim=2), cells.amax(dim=2)
+
+    def fit(self, w: torch.Tensor, clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min-max (scale, zero) per cell of w; ``clip`` (per cell, <= 1) shrinks the range."""
+        xmin, xmax = self.cell_range(w.float())
+        if clip is not None:
+            xmin, xmax = xmin * clip, xmax * clip
+        return self.params_from_range(xmin, xmax)
+
+    def expand(self, param: torch.Tensor, in_features: int) -> torch.Tensor:
+        """A per-cell parameter broadcast to (rows or 1, in_features)."""
+        if self.granularity != "group":
+            return param
+        return param[:, self.column_group(in_features, device=param.device)]
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Integer codes (as float) of w for already broadcastable scale/zero."""
+        return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+
+    @staticmethod
+    def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return (codes - zero) * scale
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantize-dequantized weight and the integers that reproduce it.
+
+    ``weight == (codes - expand(zero)) * expand(scale)`` exactly (fp32), in the coordinates of the
+    module that stores it (after any AWQ fold).
+    """
+
+    weight: torch.Tensor  # fp32 (out, in)
+    codes: torch.Tensor  # uint8 (out, in)
+    scale: torch.Tensor  # fp32, grid.param_shape
+    zero: torch.Tensor  # int32, grid.param_shape
+    grid: QuantGrid
+    clip: torch.Tensor | None = None  # AWQ per-cell range shrink, if searched
+
+    def max_levels(self) -> int:
+        """The largest number of distinct codes in any cell."""
+        return max_levels_per_cell(self.codes, self.grid)
+
+    def to_cpu(self) -> "QuantizedWeight":
+        return QuantizedWeight(
+            weight=self.weight.cpu(), codes=self.codes.cpu(), scale=self.scale.cpu(), zero=self.zero.cpu(),
+            grid=self.grid, clip=None if self.clip is None else self.clip.cpu(),
+        )
+
+
+def quantize_with_params(w: torch.Tensor, grid: QuantGrid, scale: torch.Tensor, zero: torch.Tensor,
+                         clip: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round every weight to the nearest level of its cell's grid."""
+    w = w.float()
+    in_features = w.shape[1]
+    s, z = grid.expand(scale, in_features), grid.expand(zero, in_features)
+    codes = grid.quantize(w, s, z)
+    return QuantizedWeight(
+        weight=grid.dequantize(codes, s, z), codes=codes.to(torch.uint8), scale=scale.float(),
+        zero=zero.to(torch.int32), grid=grid, clip=clip,
+    )
+
+
+def quantize_rtn(w: torch.Tensor, grid: QuantGrid, clip: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest with min-max parameters per cell."""
+    scale, zero = grid.fit(w, clip)
+    return quantize_with_params(w, grid, scale, zero, clip)
+
+
+def cells_view(x: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+    """(n_cells, cell_width) view of a (out, in) tensor; a narrow last group is padded with a copy of
+    its row's first element of that cell (adds no new value)."""
+    out_features, in_features = x.shape
+    if grid.granularity == "tensor":
+        return x.reshape(1, -1)
+    if grid.granularity == "channel":
+        return x
+    g = grid.group_size
+    n = grid.n_groups(in_features)
+    pad = n * g - in_features
+    if pad:
+        x = torch.cat([x, x[:, (n - 1) * g:(n - 1) * g + 1].expand(out_features, pad)], dim=1)
+    return x.reshape(out_features * n, g)
+
+
+def max_levels_per_cell(values: torch.Tensor, grid: QuantGrid) -> int:
+    """The largest number of distinct values in any cell of ``values`` (codes or weights)."""
+    cells = cells_view(values, grid)
+    ordered = torch.sort(cells, dim=1).values
+    distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)
+    return int(distinct.max())
+
+
+@dataclass
+class LayerResult:
+    """What a method did to one Linear.
+
+    AWQ folds make the module see ``original input / in_scale`` and produce ``original output /
+    out_scale``; `effective_weight` maps a stored weight back to the original coordinates, where
+    errors are measured."""
+
+    qweight: QuantizedWeight
+    in_scale: torch.Tensor | None = None
+    out_scale: torch.Tensor | None = None
+    calib_error: float | None = None  # relative output error on the calibration inputs
+    rtn_calib_error: float | None = None  # the same for plain RTN of the original weight (GPTQ/AWQ)
+    info: dict | None = None
+
+    def effective_weight(self, stored: torch.Tensor) -> torch.Tensor:
+        weight = stored.float()
+        if self.out_scale is not None:
+            weight = weight * self.out_scale.to(weight.device)[:, None]
+        if self.in_scale is not None:
+            weight = weight / self.in_scale.to(weight.device)[None, :]
+        return weight
+
+
+def relative_output_error(x: torch.Tensor, reference: torch.Tensor, approx: torch.Tensor,
+                          chunk_rows: int = 4096) -> float:
+    """||x (reference - approx)^T|| / ||x reference^T|| (Frobenius), biases excluded."""
+    delta = (reference - approx).float()
+    reference = reference.float()
+    num = den = 0.0
+    for start in range(0, x.shape[0], chunk_rows):
+        xs = x[start:start + chunk_rows].float()
+        num += float((xs @ delta.T).square().sum())
+        den += float((xs @ reference.T).square().sum())
+    return math.sqrt(num / den) if den > 0 else float("nan")
+
+
+def relative_hessian_error(hessian: torch.Tensor, reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """The same ratio from H = sum x x^T: tr(D H D^T) / tr(W H W^T) with D = W - W_hat."""
+    delta = (reference - approx).float()
+    reference = reference.float()
+    num = float(((delta @ hessian) * delta).sum())
+    den = float(((reference @ hessian) * reference).sum())
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else float("nan")

@@ -1,0 +1,182 @@
+"""The quantization report: what was quantized, how well, and what the model now weighs.
+
+Per quantized tensor: name, component, stack/block, role, method, bits, grid, the largest number of
+distinct levels in any cell, relative weight error, relative output error on held-out calibration
+batches (and on the calibration batches themselves, next to plain RTN's for GPTQ/AWQ).
+
+Sizes are computed from the model itself, per component and in total, over every parameter
+(tied parameters once): a quantized weight costs ``bits`` per weight plus an fp16 scale per cell
+and, for an asymmetric grid, a ``bits``-wide zero-point per cell; every other parameter costs its
+stored dtype. Buffers are not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+from .quantizer import QuantGrid, QuantizedWeight
+
+
+@dataclass
+class TensorRecord:
+    name: str
+    component: str
+    stack: str | None
+    block: int | None
+    role: str
+    method: str
+    bits: int
+    granularity: str
+    group_size: int
+    sym: bool
+    shape: tuple[int, int]
+    n_groups: int
+    max_levels: int
+    weight_error: float
+    output_error: float | None  # held-out calibration batches
+    output_error_calib: float | None
+    rtn_output_error_calib: float | None
+    feeds_output: bool = True
+    tied_to: list[str] = field(default_factory=list)
+    holdout_tokens: int = 0
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class SizeRecord:
+    params: int = 0
+    quantized_params: int = 0
+    bits: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.params if self.params else float("nan")
+
+    @property
+    def size_bytes(self) -> int:
+        return math.ceil(self.bits / 8)
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "quantized_params": self.quantized_params,
+                "bits_per_weight": self.bits_per_weight, "size_bytes": self.size_bytes}
+
+
+def account(model, component_of, quantized_grids: dict[int, QuantGrid]) -> dict[str, SizeRecord]:
+    """Sizes per component (and "total") given the grids of the quantized weights, by parameter id."""
+    sizes: dict[str, SizeRecord] = {}
+    total = SizeRecord()
+    for name, param in model.named_parameters():
+        record = sizes.setdefault(component_of(name), SizeRecord())
+        n = param.numel()
+        grid = quantized_grids.get(id(param))
+        if grid is not None:
+            bits = grid.storage_bits(*param.shape)
+            record.quantized_params += n
+            total.quantized_params += n
+        else:
+            bits = n * param.element_size() * 8
+        record.params += n
+        record.bits += bits
+        total.params += n
+        total.bits += bits
+    sizes["total"] = total
+    return sizes
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf become None, tuples lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class QuantReport:
+    """Everything one `quantize_model` run did. ``codes`` (not serialised) holds the integer codes,
+    scales and zeros per tensor when requested, for packed export."""
+
+    def __init__(self, *, plan: dict, digest: str, model: dict, calibration: dict | None,
+                 tensors: list[TensorRecord], sizes: dict[str, SizeRecord], skipped: list[dict],
+                 folds: list[str], notes: list[str], timing: dict, environment: dict,
+                 codes: dict[str, QuantizedWeight] | None = None):
+        self.plan = plan
+        self.digest = digest
+        self.model = model
+        self.calibration = calibration
+        self.tensors = tensors
+        self.sizes = sizes
+        self.skipped = skipped
+        self.folds = folds
+        self.notes = notes
+        self.timing = timing
+        self.environment = environment
+        self.codes = codes or {}
+
+    @property
+    def components(self) -> dict[str, SizeRecord]:
+        return {k: v for k, v in self.sizes.items() if k != "total"}
+
+    @property
+    def total(self) -> SizeRecord:
+        return self.sizes["total"]
+
+    def tensor(self, name: str) -> TensorRecord:
+        for record in self.tensors:
+            if record.name == name:
+                return record
+        raise KeyError(f"{name!r} was not quantized in this run")
+
+    def to_dict(self) -> dict:
+        return _clean({
+            "plan": self.plan,
+            "plan_digest": self.digest,
+            "model": self.model,
+            "calibration": self.calibration,
+            "components": {k: v.to_dict() for k, v in self.components.items()},
+            "total": self.total.to_dict(),
+            "n_quantized_tensors": len(self.tensors),
+            "tensors": [asdict(t) for t in self.tensors],
+            "skipped": self.skipped,
+            "awq_folds": self.folds,
+            "notes": self.notes,
+            "timing": self.timing,
+            "environment": self.environment,
+        })
+
+    def write_json(self, path) -> None:
+        """Write atomically: a temp file in the same directory, then rename."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".quant_report.", suffix=".json.tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.to_dict(), handle, indent=2, sort_keys=False)
+                handle.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def summary(self) -> str:
+        lines = [f"lmms-quant {self.plan.get('method')} ({self.digest}): {len(self.tensors)} tensors quantized"]
+        for comp, size in self.components.items():
+            lines.append(f"  {comp:<10} params {size.params:>13,}  quantized {size.quantized_params:>13,}  "
+                         f"{size.bits_per_weight:6.3f} bpw  {size.size_bytes:>13,} B")
+        total = self.total
+        lines.append(f"  {'total':<10} params {total.params:>13,}  quantized {total.quantized_params:>13,}  "
+                     f"{total.bits_per_weight:6.3f} bpw  {total.size_bytes:>13,} B")
+        errors = [t.output_error for t in self.tensors if t.output_error is not None]
+        if errors:
+            lines.append(f"  held-out relative output error: mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}")
+        if self.skipped:
+            lines.append(f"  SKIPPED {len(self.skipped)}: " + "; ".join(f"{s['name']} ({s['reason']})" for s in self.skipped))
+        return "\n".join(lines)
