@@ -94,7 +94,7 @@ def quantize_model(model, processor, plan: QuantPlan, *, device=None, evaluated_
     tied = _tied_names(model)
     records: list[TensorRecord] = []
     skipped: list[dict] = []
-    folds: list[str] = []
+    folds: list[dict] = []
     codes = {}
     grids = {}
     was_training = model.training
@@ -145,7 +145,7 @@ def quantize_model(model, processor, plan: QuantPlan, *, device=None, evaluated_
     calibration = {"source": plan.calib, "samples": plan.calib_n, "holdout_samples": n_holdout,
                    "batch_size": plan.calib_batch_size, "seed": plan.seed, "prompt_style": style,
                    "used_for_quantization": needs_calibration}
-    notes = [f"{u.name}: AWQ fold dropped: {d}" for u in arch.units for d in u.dropped_folds] if plan.method == "awq" else []
+    notes = [f"AWQ fold not applied: {d}" for u in units for d in u.site.dropped_folds] if plan.method == "awq" else []
     report = QuantReport(plan=plan.as_model_args(), digest=plan.digest(), model=_model_info(model, arch),
                          calibration=calibration, tensors=records, sizes=sizes, skipped=skipped, folds=folds,
                          notes=notes, timing={"total_s": time.perf_counter() - started, "units": len(units)},

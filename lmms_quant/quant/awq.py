@@ -154,7 +154,7 @@ def quantize_layer(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, *, cl
     return clipped if float(err_clipped) < float(err_plain) else plain
 
 
-def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[str]]:
+def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[dict]]:
     targets = {t.name: t for t in unit.targets}
     modules = {t.name: t.module for t in unit.targets}
     inputs = {name: stats[name].inputs for name in targets}
@@ -179,7 +179,8 @@ def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[str]]
             col_scale[n] = s
             fold_info[n] = {"fold_from": fold.prev_name, "alpha": alpha, "search_loss": loss,
                             "search_loss_rtn": rtn_loss}
-        notes.append(f"{fold.prev_name} -> {', '.join(fold.linears)}: alpha={alpha:g}")
+        notes.append({"prev": fold.prev_name, "linears": list(fold.linears), "alpha": alpha,
+                      "search_loss": loss, "search_loss_rtn": rtn_loss})
 
     results = {}
     for name, t in targets.items():
@@ -196,6 +197,8 @@ def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[str]]
         effective = result.effective_weight(qweight.weight)
         result.calib_error = _relative(x, original[name], effective)
         result.rtn_calib_error = _relative(x, original[name], quantize_rtn(original[name], t.grid).weight)
+        # ||X W^T|| turns the relative errors back into the absolute ones the scale search sums.
+        result.info["calib_output_norm"] = float(_weighted_sq_error(x, original[name], None)) ** 0.5
         results[name] = result
     return results, notes
 

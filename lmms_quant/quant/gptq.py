@@ -105,7 +105,7 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid,
     return QuantizedWeight(weight=deq, codes=codes.to(torch.uint8), scale=scale, zero=zero.to(torch.int32), grid=grid)
 
 
-def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[str]]:
+def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[dict]]:
     results = {}
     for t in unit.targets:
         H = stats[t.name].hessian

@@ -86,7 +86,7 @@ def _bad(key: str, value, valid: str, why: str = "") -> PlanError:
 
 def _is_unset(value) -> bool:
     # lmms-eval turns `x=None` into the string "None".
-    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", ""))
+    return value is None or (isinstance(value, str) and value.strip().lower() == "none")
 
 
 def _as_int(key: str, value, valid: str) -> int:
@@ -262,7 +262,9 @@ class QuantPlan:
         if method not in METHODS:
             raise _bad("method", given["method"], ", ".join(METHODS))
         if method == "fp16":
-            extra = sorted(k for k in given if k != "method")
+            # bits=16 says the same as fp16; anything else would be silently ignored.
+            extra = sorted(k for k in given if k != "method" and not (
+                k in ("bits", "vit_bits", "connector_bits", "llm_bits") and _bits(k, given[k]) == FP_BITS))
             if extra:
                 raise PlanError(
                     f"{extra[0]}={given[extra[0]]!r} is invalid (method=fp16 quantizes nothing, so "

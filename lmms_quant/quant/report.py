@@ -104,7 +104,7 @@ class QuantReport:
 
     def __init__(self, *, plan: dict, digest: str, model: dict, calibration: dict | None,
                  tensors: list[TensorRecord], sizes: dict[str, SizeRecord], skipped: list[dict],
-                 folds: list[str], notes: list[str], timing: dict, environment: dict,
+                 folds: list[dict], notes: list[str], timing: dict, environment: dict,
                  codes: dict[str, QuantizedWeight] | None = None):
         self.plan = plan
         self.digest = digest

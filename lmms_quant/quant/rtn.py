@@ -14,6 +14,6 @@ def quantize_layer(weight: torch.Tensor, grid: QuantGrid) -> QuantizedWeight:
     return quantize_rtn(weight.detach().float(), grid)
 
 
-def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[str]]:
+def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[dict]]:
     results = {t.name: LayerResult(quantize_layer(t.module.weight, t.grid)) for t in unit.targets}
     return results, []
