@@ -7,6 +7,7 @@ rule spelt out (on equal scores a wrong candidate goes first).
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -405,3 +406,61 @@ def test_limit_makes_the_first_docs_the_corpus_whatever_the_batching(sharp_itm, 
     )
     assert all(r["n_images"] == n and r["n_texts"] == 5 * n for r in records)
     assert_pipeline_equals(metrics, records, i2t, t2i)
+
+
+# ----------------------------------------------------------------------------- quantized runs
+
+TRAINED_ITM = Path(retrieval.__file__).parent / "assets" / "tiny_blip2_itm"  # trained on the shapes world
+
+
+@pytest.fixture(scope="module")
+def trained_fp_metrics(corpus):
+    return run_task(TRAINED_ITM, corpus[0])[0]
+
+
+@needs_engine
+@pytest.mark.parametrize(
+    "plan,components",
+    [
+        ({"method": "rtn", "component": "vit", "bits": 4}, {"vit"}),
+        ({"method": "gptq", "component": "connector", "bits": 4}, {"connector"}),
+        ({"method": "awq", "component": "vit+connector", "bits": 4}, {"vit", "connector"}),
+    ],
+)
+def test_quantized_plans_run_through_the_same_task(plan, components, corpus, trained_fp_metrics, tmp_path):
+    from lmms_quant.model_wrappers.common import model_name_sanitized
+    from lmms_quant.quant import QuantPlan
+
+    plan = dict(plan, calib_n=8, calib_batch_size=4)
+    args = "".join(f",{k}={v}" for k, v in plan.items())
+    metrics, records = run_task(TRAINED_ITM, corpus[0], f"{args},report_dir={tmp_path}")
+
+    assert len(records) == 13 and all(0.0 <= v <= 100.0 for v in metrics.values())
+    # 4 bits keeps the trained model's retrieval (full precision: r_mean ~90 on this corpus).
+    assert trained_fp_metrics["r_mean"] > 80
+    assert metrics["r_mean"] > trained_fp_metrics["r_mean"] - 10
+    # The report lies beside lmms-eval's results and names only tensors of the chosen components.
+    digest = QuantPlan.from_kwargs(plan).digest()
+    report = json.loads((tmp_path / model_name_sanitized(str(TRAINED_ITM)) / f"quant_report_{digest}.json").read_text())
+    assert report["n_quantized_tensors"] > 0
+    assert {t["component"] for t in report["tensors"]} == components
+    assert not any(t["name"].startswith(("vision_projection", "text_projection", "itm_head")) for t in report["tensors"])
+
+
+@needs_engine
+def test_two_bit_vision_encoder_costs_retrieval(corpus, trained_fp_metrics, tmp_path):
+    metrics, _ = run_task(TRAINED_ITM, corpus[0], f",method=rtn,component=vit,bits=2,report_dir={tmp_path}")
+    assert metrics["r_mean"] < trained_fp_metrics["r_mean"] - 3
+
+
+@needs_engine
+def test_plan_keys_for_a_language_model_are_refused_before_loading():
+    from lmms_eval.models import get_model
+
+    from lmms_quant.quant import PlanError
+
+    model_class = get_model("quant_blip2_itm")
+    for bad, named in [("component=llm", "component='llm'"), ("llm_bits=4", "llm_bits=4"), ("include=lm_head", "include='lm_head'")]:
+        with pytest.raises(PlanError, match=f"{named}.*no language model.*valid: component vit, connector"):
+            # A path that does not exist: the refusal must come before any loading.
+            model_class.create_from_arg_string(f"pretrained=/nonexistent,method=rtn,{bad}", {"batch_size": 1})
