@@ -1,0 +1,272 @@
+"""quantize_model on the tiny BLIP-2 (OPT, T5, ITM) and LLaVA fixtures: it does what the plan says, and proves it."""
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from lmms_quant.fixtures.models import FIXTURE_MODEL_CLASSES, build_tiny_blip2_opt
+from lmms_quant.quant import PlanError, QuantPlan, quantize_model
+from lmms_quant.quant.quantizer import max_levels_per_cell
+
+FAST = {"calib_n": 8, "calib_batch_size": 4}
+COMPONENT_LINEARS = {"blip2_opt": 41, "blip2_t5": 65, "blip2_itm": 32, "llava": 28}
+
+
+def load(path, kind):
+    return FIXTURE_MODEL_CLASSES[kind].from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+def run(path, kind, evaluated_datasets=(), **plan_kwargs):
+    """(model, report, names of the state_dict entries that changed)."""
+    model, processor = load(path, kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = QuantPlan.from_kwargs({**FAST, **plan_kwargs})
+    report = quantize_model(model, processor, plan, progress=False, keep_codes=True,
+                            evaluated_datasets=evaluated_datasets)
+    after = model.state_dict()
+    return model, report, {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoints):
+    """(kind, method) -> (model, report, changed), 3-bit g32, computed once per module."""
+    cache = {}
+
+    def get(kind, method):
+        if (kind, method) not in cache:
+            cache[kind, method] = run(tiny_checkpoints[kind], kind, method=method, bits=3, group_size=32)
+        return cache[kind, method]
+
+    return get
+
+
+CASES = [(k, m) for k in ("blip2_opt", "llava") for m in ("rtn", "gptq", "awq")] + [
+    (k, m) for k in ("blip2_t5", "blip2_itm") for m in ("gptq", "awq")]
+
+
+@pytest.mark.parametrize("kind,method", CASES)
+def test_every_targeted_weight_changes_and_no_other_tensor_does(quantized, kind, method):
+    model, report, changed = quantized(kind, method)
+    targeted = {f"{t.name}.weight" for t in report.tensors}
+    assert len(targeted) == COMPONENT_LINEARS[kind] and not report.skipped
+    assert targeted <= changed
+    if method == "awq":
+        # AWQ also divides the norms / Linear rows it folded its scales into, and nothing else.
+        folded = {f"{f['prev']}.{p}" for f in report.folds for p in ("weight", "bias")}
+        assert report.folds and changed - targeted <= folded
+    else:
+        assert changed == targeted
+
+
+@pytest.mark.parametrize("kind,method", CASES)
+def test_each_group_has_at_most_2_to_the_bits_levels_and_the_codes_reproduce_it(quantized, kind, method):
+    model, report, _ = quantized(kind, method)
+    for record in report.tensors:
+        weight = model.get_submodule(record.name).weight.detach()
+        q = report.codes[record.name]
+        assert max_levels_per_cell(weight, q.grid) <= 2**3 and record.max_levels <= 2**3
+        s, z = q.grid.expand(q.scale, weight.shape[1]), q.grid.expand(q.zero.float(), weight.shape[1])
+        assert torch.equal(weight, (q.codes.float() - z) * s), record.name
+        assert record.output_error is not None and 0 < record.output_error < 1
+
+
+@pytest.mark.parametrize("kind", ["blip2_opt", "llava", "blip2_t5", "blip2_itm"])
+def test_gptq_output_error_on_calibration_data_is_at_most_rtns_for_every_layer(quantized, kind):
+    _, report, _ = quantized(kind, "gptq")
+    for record in report.tensors:
+        assert record.output_error_calib <= record.rtn_output_error_calib, record.name
+    # ... and by a margin overall, on the held-out batches too.
+    rtn_report = quantized(kind, "rtn")[1]
+    mean = lambda r: sum(t.output_error for t in r.tensors) / len(r.tensors)  # noqa: E731
+    assert mean(report) < 0.9 * mean(rtn_report)
+
+
+@pytest.mark.parametrize("kind", ["blip2_opt", "llava", "blip2_t5", "blip2_itm"])
+def test_awq_activation_weighted_error_is_at_most_rtns(quantized, kind):
+    _, report, _ = quantized(kind, "awq")
+    by_fold = {}
+    for record in report.tensors:
+        norm = record.details["calib_output_norm"]
+        key = record.details.get("fold_from", record.name)  # Linears sharing one scale are compared together
+        awq_sq, rtn_sq = by_fold.get(key, (0.0, 0.0))
+        by_fold[key] = (awq_sq + (record.output_error_calib * norm) ** 2,
+                        rtn_sq + (record.rtn_output_error_calib * norm) ** 2)
+    for key, (awq_sq, rtn_sq) in by_fold.items():
+        # Float tolerance: a Linear whose rows a later fold divided is RTN'd in those units.
+        assert awq_sq <= rtn_sq * (1 + 1e-5), key
+    assert sum(a for a, _ in by_fold.values()) < sum(r for _, r in by_fold.values())
+    assert all(f["search_loss"] <= f["search_loss_rtn"] for f in report.folds)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_same_seed_gives_bit_identical_weights(tiny_checkpoints, method):
+    first, _, _ = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method=method, bits=4, group_size=32, seed=3)
+    second, _, _ = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method=method, bits=4, group_size=32, seed=3)
+    other, _, _ = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method=method, bits=4, group_size=32, seed=4)
+    a, b, c = first.state_dict(), second.state_dict(), other.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the seed picks the calibration samples
+
+
+# --------------------------------------------------------------------------- selection
+
+# Written from the module names alone, independently of the architecture tables.
+STACKS = {
+    "vit": re.compile(r"^vision_model\.encoder\.layers\.(\d+)\."),
+    "connector": re.compile(r"^qformer\.encoder\.layer\.(\d+)\."),
+    "llm": re.compile(r"^language_model\.model\.decoder\.layers\.(\d+)\."),
+}
+NON_BLOCK = {"connector": ["language_projection"], "vit": [], "llm": []}
+THIRDS_OF_3 = {"front": {0}, "middle": {1}, "end": {2}, "all": {0, 1, 2}}
+
+
+def expected_weights(model, component, layer_group, layer_type):
+    names = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        match = STACKS[component].match(name)
+        if match:
+            is_attn = any(w in name for w in ("self_attn", "attention"))
+            if int(match.group(1)) in THIRDS_OF_3[layer_group] and layer_type in ("all", "attn" if is_attn else "mlp"):
+                names.add(f"{name}.weight")
+        elif name in NON_BLOCK[component] and layer_group == "all" and layer_type == "all":
+            names.add(f"{name}.weight")
+    return names
+
+
+@pytest.fixture(scope="module")
+def blip2_three_layers(tmp_path_factory):
+    return build_tiny_blip2_opt(tmp_path_factory.mktemp("blip2_3l") / "model", seed=0, num_layers=3)
+
+
+@pytest.mark.parametrize("layer_type", ["attn", "mlp", "all"])
+@pytest.mark.parametrize("layer_group", ["front", "middle", "end", "all"])
+@pytest.mark.parametrize("component", ["vit", "connector", "llm"])
+def test_component_layer_group_and_layer_type_touch_exactly_their_weights(
+        blip2_three_layers, component, layer_group, layer_type):
+    model, report, changed = run(blip2_three_layers, "blip2_opt", method="rtn", bits=4, calib_n=4,
+                                 component=component, layer_group=layer_group, layer_type=layer_type)
+    expected = expected_weights(model, component, layer_group, layer_type)
+    assert expected and changed == expected
+    assert {r.component for r in report.tensors} == {component}
+
+
+@pytest.mark.parametrize("component,prefixes", [
+    ("vit", ("model.vision_tower.",)),
+    ("connector", ("model.multi_modal_projector.",)),
+    ("llm", ("model.language_model.",)),
+    ("vit+llm", ("model.vision_tower.", "model.language_model.")),
+])
+def test_llava_components_touch_only_their_tensors(tiny_checkpoints, component, prefixes):
+    model, report, changed = run(tiny_checkpoints["llava"], "llava", method="rtn", component=component)
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert changed == {n for n in linears if n.startswith(prefixes)}
+
+
+def test_mixed_bits_per_component(tiny_checkpoints):
+    _, report, _ = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method="rtn", vit_bits=2, connector_bits=8,
+                       llm_bits=16)
+    bits = {r.component: r.bits for r in report.tensors}
+    assert bits == {"vit": 2, "connector": 8}
+    assert max(r.max_levels for r in report.tensors if r.component == "vit") <= 4
+
+
+# --------------------------------------------------------------------------- size accounting
+
+
+def test_bits_per_weight_match_a_hand_computation(tiny_checkpoints):
+    # LLaVA projector: two 64x64 Linears with biases; everything else stays fp32.
+    _, channel, _ = run(tiny_checkpoints["llava"], "llava", method="rtn", bits=4, group_size=-1, component="connector")
+    # per channel, asymmetric: 4 bits x 4096 + 64 rows x (16-bit scale + 4-bit zero), twice; biases 2 x 64 x 32.
+    bits = 2 * (4 * 4096 + 64 * (16 + 4)) + 2 * 64 * 32
+    connector = channel.components["connector"]
+    assert (connector.params, connector.quantized_params, connector.bits) == (8320, 8192, bits)
+    assert connector.bits_per_weight == pytest.approx(39424 / 8320)
+    assert connector.size_bytes == 4928
+    assert channel.total.bits == (channel.total.params - 8320) * 32 + bits
+
+    _, grouped, _ = run(tiny_checkpoints["llava"], "llava", method="rtn", bits=4, group_size=32, sym=True,
+                        component="connector")
+    # groups of 32, symmetric: 4 bits x 4096 + 64 rows x 2 groups x 16-bit scale (no zero-point), twice.
+    assert grouped.components["connector"].bits == 2 * (4 * 4096 + 64 * 2 * 16) + 2 * 64 * 32 == 40960
+    assert grouped.components["connector"].bits_per_weight == pytest.approx(40960 / 8320)
+
+
+def test_fp16_plan_quantizes_nothing_and_sizes_the_model(tiny_checkpoints):
+    model, report, changed = run(tiny_checkpoints["llava"], "llava", method="fp16", calib_n=None,
+                                 calib_batch_size=None)
+    assert not changed and not report.tensors
+    assert report.total.params == sum(p.numel() for p in model.parameters())
+    assert report.total.bits_per_weight == 32.0
+
+
+def test_tied_lm_head_is_quantized_only_when_asked_and_counted_once(tiny_checkpoints):
+    _, default, changed = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method="rtn", component="llm")
+    assert "language_model.lm_head.weight" not in changed
+    _, report, changed = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method="gptq", component="llm",
+                             include="lm_head")
+    embed = "language_model.model.decoder.embed_tokens.weight"
+    assert {"language_model.lm_head.weight", embed} <= changed  # tied: the embeddings change with it
+    assert report.tensor("language_model.lm_head").tied_to == [embed]
+    llm = report.components["llm"]
+    assert llm.quantized_params == default.components["llm"].quantized_params + 400 * 64
+    assert llm.params == default.components["llm"].params
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_a_layer_that_gets_no_calibration_data_is_skipped_not_zeroed(tiny_checkpoints):
+    model, processor = load(tiny_checkpoints["blip2_opt"], "blip2_opt")
+    silent = model.get_submodule("vision_model.encoder.layers.1.mlp.fc2")
+    original = silent.weight.detach().clone()
+    silent.register_forward_pre_hook(lambda module, args: (args[0] * 0,))
+    report = quantize_model(model, processor, QuantPlan.from_kwargs({"method": "gptq", "component": "vit", **FAST}),
+                            progress=False)
+    assert [s["name"] for s in report.skipped] == ["vision_model.encoder.layers.1.mlp.fc2"]
+    assert "zero" in report.skipped[0]["reason"]
+    assert torch.equal(silent.weight, original)
+    assert len(report.tensors) == 7
+
+
+def test_calibrating_on_an_evaluated_split_is_refused_before_anything_changes(tiny_checkpoints, data_root):
+    coco = data_root / "coco2017_cap_val" / "val.parquet"
+    model, processor = load(tiny_checkpoints["blip2_opt"], "blip2_opt")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for evaluated in ([(str(coco), None, "val")], [(str(data_root / "coco2017_cap_val"), None, "val")]):
+        with pytest.raises(PlanError, match="evaluated split"):
+            quantize_model(model, processor, QuantPlan.from_kwargs({"method": "rtn", "calib": str(coco), **FAST}),
+                           evaluated_datasets=evaluated, progress=False)
+    with pytest.raises(PlanError, match="evaluated split"):
+        quantize_model(model, processor, QuantPlan.from_kwargs({"method": "rtn", "calib": "hf:lmms-lab/COCO:val"}),
+                       evaluated_datasets=[("lmms-lab/COCO", None, "val")], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_calibration_from_a_local_parquet_file(tiny_checkpoints, data_root):
+    vqa = data_root / "vqav2_val" / "validation.parquet"
+    _, report, changed = run(tiny_checkpoints["llava"], "llava", method="gptq", component="llm", calib=str(vqa),
+                             calib_n=4, evaluated_datasets=[(str(data_root / "coco2017_cap_val"), None, "val")])
+    assert report.calibration["source"] == str(vqa) and len(report.tensors) == 14
+    with pytest.raises(PlanError, match="rows"):
+        run(tiny_checkpoints["llava"], "llava", method="gptq", calib=str(vqa), calib_n=10_000)
+
+
+def test_report_json_is_complete_and_written_atomically(quantized, tmp_path):
+    _, report, _ = quantized("blip2_opt", "gptq")
+    path = tmp_path / "out" / "quant_report.json"
+    report.write_json(path)
+    data = json.loads(path.read_text())
+    assert [p.name for p in path.parent.iterdir()] == ["quant_report.json"]
+    assert data["plan"] == QuantPlan.from_kwargs(data["plan"]).as_model_args()
+    assert data["plan_digest"] == report.digest and data["n_quantized_tensors"] == 41
+    assert set(data["components"]) == {"vit", "connector", "llm"}
+    tensor = data["tensors"][0]
+    for key in ("name", "component", "block", "role", "method", "bits", "group_size", "max_levels", "weight_error",
+                "output_error", "output_error_calib", "rtn_output_error_calib"):
+        assert key in tensor
+    assert data["total"]["bits_per_weight"] < 32 and data["calibration"]["holdout_samples"] == 2
