@@ -124,7 +124,8 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         f"float32, shortlist k = {meta['k']}. Inputs: {rows[0]['inputs_mib']:.0f} MiB. The naive "
         f"(images, queries, texts) similarity tensor alone is {meta['dense_tensor_mib']:.0f} MiB.",
         "",
-        f"torch {meta['torch']}, {meta['machine']}; CUDA device: {meta['cuda_device'] or 'none'}. "
+        f"torch {meta['torch']}, {meta['machine']}, {meta['threads']} CPU thread(s); CUDA device: "
+        f"{meta['cuda_device'] or 'none'}. "
         "CPU: peak RSS of a fresh process minus RSS with the inputs loaded; CUDA: allocator peak minus "
         "allocated inputs.",
         "",
