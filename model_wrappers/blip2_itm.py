@@ -119,6 +119,8 @@ def itm_match_logits(
 
 
 class QuantBlip2ITM(QuantVLM):
+    """lmms-eval model ``quant_blip2_itm``: ranks retrieval corpora (see the module docstring)."""
+
     model_class = Blip2ForImageTextRetrieval
     model_keys = (
         "itm_top_k", "rerank", "max_text_tokens", "caption_preprocess", "text_batch_size", "itm_batch_size",
@@ -247,15 +249,13 @@ class QuantBlip2ITM(QuantVLM):
                 captions_per_image.append(len(doc_captions))
                 captions.extend(doc_captions)
         input_ids, attention_mask = self._tokenize(captions)
-        text_feats = torch.cat(
-            [
-                itc_text_features(self.model, input_ids[s : s + self.text_batch_size], attention_mask[s : s + self.text_batch_size]).float()
-                for s in range(0, len(captions), self.text_batch_size)
-            ]
-        )
+        text_feats = []
+        for start in range(0, len(captions), self.text_batch_size):
+            rows = slice(start, start + self.text_batch_size)
+            text_feats.append(itc_text_features(self.model, input_ids[rows], attention_mask[rows]).float())
         scorer = self._itm_scorer(corpus_args, input_ids, attention_mask) if self.rerank == "itm" else None
         ranks = retrieval.rank_corpus(
-            torch.cat(image_feats), text_feats, captions_per_image, self.itm_top_k, pair_scorer=scorer
+            torch.cat(image_feats), torch.cat(text_feats), captions_per_image, self.itm_top_k, pair_scorer=scorer
         )
         metrics = ranks.metrics()
         eval_logger.info(f"{type(self).__name__}: " + ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))

@@ -231,15 +231,6 @@ TASK = "flickr30k_retrieval_local"
 N_SCENES = 12  # + one duplicate doc: 13 images, 65 captions
 
 
-def _engine_ready():
-    import lmms_quant.quant as quant
-
-    return hasattr(quant, "QuantPlan") and hasattr(quant, "quantize_model")
-
-
-needs_engine = pytest.mark.skipif(not _engine_ready(), reason="lmms_quant.quant (QuantPlan, quantize_model) not written yet")
-
-
 @pytest.fixture(scope="module")
 def sharp_itm(tiny_checkpoints, tmp_path_factory):
     """The tiny ITM checkpoint with its random weights scaled up: scores then depend strongly on the
@@ -369,7 +360,6 @@ def test_feature_passes_equal_the_transformers_forward(sharp_itm, corpus):
     torch.testing.assert_close(itm, expected_itm, rtol=0, atol=1e-6)
 
 
-@needs_engine
 @pytest.mark.parametrize("top_k", [10, 128])  # a shortlist smaller than both sides / the whole corpus
 def test_task_pipeline_equals_brute_force_ranking(top_k, sharp_itm, corpus, dense_scores):
     include, _, captions = corpus
@@ -393,7 +383,6 @@ def test_task_pipeline_equals_brute_force_ranking(top_k, sharp_itm, corpus, dens
     assert 0 < metrics["t2i_r1"] < 100 and 0 < metrics["i2t_r10"] < 100  # ranks vary: the test can tell
 
 
-@needs_engine
 def test_limit_makes_the_first_docs_the_corpus_whatever_the_batching(sharp_itm, corpus, dense_scores):
     include, _, captions = corpus
     itc, itm = dense_scores
@@ -418,7 +407,6 @@ def trained_fp_metrics(corpus):
     return run_task(TRAINED_ITM, corpus[0])[0]
 
 
-@needs_engine
 @pytest.mark.parametrize(
     "plan,components",
     [
@@ -447,13 +435,11 @@ def test_quantized_plans_run_through_the_same_task(plan, components, corpus, tra
     assert not any(t["name"].startswith(("vision_projection", "text_projection", "itm_head")) for t in report["tensors"])
 
 
-@needs_engine
 def test_two_bit_vision_encoder_costs_retrieval(corpus, trained_fp_metrics, tmp_path):
     metrics, _ = run_task(TRAINED_ITM, corpus[0], f",method=rtn,component=vit,bits=2,report_dir={tmp_path}")
     assert metrics["r_mean"] < trained_fp_metrics["r_mean"] - 3
 
 
-@needs_engine
 def test_plan_keys_for_a_language_model_are_refused_before_loading():
     from lmms_eval.models import get_model
 
