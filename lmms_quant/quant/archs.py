@@ -51,6 +51,8 @@ class Fold:
     linears: tuple[str, ...]
     prev_rows: tuple[int, int] | None = None
     when: str | None = None
+    # A bias of those rows kept outside ``prev`` (older BLIP-2 code adds a separate v_bias); divided too.
+    prev_bias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ BLIP2_VIT_BLOCK = BlockSpec(
     folds=(
         Fold("layer_norm1", ("self_attn.qkv",)),
         # qkv rows are [q; k; v]; the v chunk (and its bias) feeds projection linearly.
-        Fold("self_attn.qkv", ("self_attn.projection",), prev_rows=(2, 3)),
+        Fold("self_attn.qkv", ("self_attn.projection",), prev_rows=(2, 3), prev_bias="self_attn.v_bias"),
         Fold("layer_norm2", ("mlp.fc1",)),
         # fc1 -> fc2 has GELU in between: not exact, not folded.
     ),
@@ -454,6 +456,7 @@ class FoldSite:
     prev: nn.Module
     rows: slice | None  # rows of prev that feed the linears (None: all)
     linears: tuple[str, ...]  # full names
+    extra_bias: nn.Parameter | None = None  # a separate bias of those rows (see Fold.prev_bias)
 
 
 @dataclass
@@ -532,7 +535,15 @@ def _fold_sites(spec: BlockSpec, block_path: str, block_modules: Mapping[str, nn
         if any(c.in_features != n_rows for c in consumers):
             dropped.append(f"{label}: widths differ ({n_rows} vs {[c.in_features for c in consumers]})")
             continue
-        sites.append(FoldSite(f"{block_path}.{fold.prev}", prev, rows, tuple(f"{block_path}.{l}" for l in fold.linears)))
+        extra_bias = None
+        if fold.prev_bias:
+            owner, _, attr = fold.prev_bias.rpartition(".")
+            extra_bias = getattr(block_modules.get(owner), attr, None)
+            if extra_bias is not None and getattr(extra_bias, "shape", None) != (n_rows,):
+                dropped.append(f"{label}: {fold.prev_bias} is not a bias of the folded rows")
+                continue
+        sites.append(FoldSite(f"{block_path}.{fold.prev}", prev, rows,
+                              tuple(f"{block_path}.{name}" for name in fold.linears), extra_bias))
     return sites, dropped
 
 

@@ -93,6 +93,8 @@ def apply_fold(fold: FoldSite, s: torch.Tensor, modules: dict[str, nn.Module],
         if bias is not None:
             rows = fold.rows if isinstance(fold.prev, nn.Linear) and fold.rows else slice(None)
             bias[rows] = (bias[rows].float() / s.to(bias.device)).to(bias.dtype)
+        if fold.extra_bias is not None:
+            fold.extra_bias.copy_((fold.extra_bias.float() / s.to(fold.extra_bias.device)).to(fold.extra_bias.dtype))
         for name in fold.linears:
             if name in current:
                 current[name] *= s[None, :].to(current[name].device)
