@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "make-data": ("lmms_quant.cli", "make_data_main", "write the synthetic datasets the *_local tasks read"),
     "make-fixtures": ("lmms_quant.cli", "make_fixtures_main", "write tiny hub-free checkpoints (BLIP-2, LLaVA)"),
     "quantize": ("lmms_quant.quant.cli", "main", "quantize a model by a plan and write the report, without evaluating"),
+    "sweep": ("lmms_quant.sweep", "main", "run a grid of configurations (resumable) from a grid YAML"),
+    "leaderboard": ("lmms_quant.leaderboard", "main", "Markdown/CSV/HTML leaderboard of a runs directory"),
 }
 
 
@@ -148,15 +150,15 @@ def eval_main(argv: list[str]) -> int:
         print("lmms-quant eval: --config is not supported; use `lmms-quant sweep` for several configurations",
               file=sys.stderr)
         return 2
-    missing = _missing_local_data(include_dir, args.tasks)
-    if missing:
-        print("lmms-quant eval: local task data missing (run `lmms-quant make-data` or pass --data-root):\n  "
-              + "\n  ".join(missing), file=sys.stderr)
-        return 2
     try:
         args.model_args = canonical_model_args(args.model, args.model_args or "")
     except ValueError as err:
         print(f"lmms-quant eval: {err}", file=sys.stderr)
+        return 2
+    missing = _missing_local_data(include_dir, args.tasks)
+    if missing:
+        print("lmms-quant eval: local task data missing (run `lmms-quant make-data` or pass --data-root):\n  "
+              + "\n  ".join(missing), file=sys.stderr)
         return 2
     args.include_path = [str(include_dir)] + ([args.include_path] if args.include_path else [])
     # The model wrappers read --output_path from the command line to put the quantization report
