@@ -119,3 +119,23 @@ def test_tasks_path_renders_absolute_includes_and_data(data_root, tmp_path):
         assert all(p.is_absolute() and p.exists() and p.is_relative_to(data_root) for p in files[task]), files[task]
     text = (rendered / "coco2017_cap_val_local.yaml").read_text()
     assert f"include: {lmms_eval_tasks_dir() / 'coco_cap' / 'coco2017_cap_val.yaml'}" in text
+
+
+@pytest.mark.slow
+def test_quantized_run_through_lmms_eval_writes_the_report_beside_the_results(tiny_checkpoints, include_path, tmp_path):
+    out = tmp_path / "out"
+    cmd = [
+        _bin("lmms-eval"), "--model", "quant_blip2",
+        "--model_args", f"pretrained={tiny_checkpoints['blip2_opt']},method=gptq,bits=4,component=vit,calib_n=8",
+        "--tasks", "coco2017_cap_val_local", "--include_path", str(include_path), "--output_path", str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results_path = _results_file(out)
+    assert isinstance(json.loads(results_path.read_text())["results"]["coco2017_cap_val_local"]["coco_CIDEr,none"], float)
+    reports = list(results_path.parent.glob("quant_report_*.json"))
+    assert len(reports) == 1, reports
+    report = json.loads(reports[0].read_text())
+    tensors = report["tensors"]
+    assert tensors and all(t["component"] == "vit" and t["method"] == "gptq" and t["bits"] == 4 for t in tensors)
+    assert {t["name"].split(".")[0] for t in tensors} == {"vision_model"}
