@@ -10,6 +10,9 @@ A grid file names one model, its fixed arguments, the tasks, and the axes to var
     seed: "0,1234,1234,1234"     # optional: lmms-eval --seed
     data_root: /data/lmms        # optional: where the *_local tasks read their parquet files
     output_dir: runs/blip2       # optional: default runs/<grid file stem>
+
+Relative paths (data_root, output_dir, a pretrained starting with ./ ../ or ~) are relative to the
+grid file.
     processes_per_config: 1      # optional: >1 runs one configuration on several GPUs via accelerate
     axes:                        # the product of these lists
       method: [rtn, gptq]
@@ -51,6 +54,7 @@ import ctypes
 import dataclasses
 import difflib
 import fcntl
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -65,6 +69,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -83,7 +88,7 @@ GRID_KEYS = {
     "batch_size": "lmms-eval --batch_size (an integer >= 1)",
     "seed": "lmms-eval --seed, e.g. '0,1234,1234,1234'",
     "data_root": "directory the *_local tasks read their parquet files from",
-    "output_dir": "where runs/ is written (default runs/<grid file stem>)",
+    "output_dir": "where runs/ is written (default runs/<grid file stem> beside the grid file)",
     "processes_per_config": "GPUs (accelerate processes) per configuration; default 1",
 }
 BASELINE_ARGS = {"method": "fp16"}
@@ -185,7 +190,8 @@ def _list_of_mappings(where: str, value: Any) -> list[dict]:
     return [_mapping(f"{where}[{i}]", item) for i, item in enumerate(value)]
 
 
-def known_task_names() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def known_task_names() -> frozenset[str]:
     """Task, group and tag names that lmms-eval can resolve with lmms-quant's tasks on the include path.
 
     A text scan of the YAML files (a fraction of a second) instead of lmms-eval's TaskManager, which
@@ -213,7 +219,7 @@ def known_task_names() -> set[str]:
                     names.add(item.group(1))
                 elif line and not line[0].isspace():
                     in_tag_list = False
-    return names
+    return frozenset(names)
 
 
 def _validate_tasks(value: Any, known: Callable[[], set[str]]) -> tuple[str, ...]:
@@ -381,17 +387,25 @@ def _load_grid(path, data, output_dir, known_tasks, checker_factory) -> Grid:
     batch_size = _positive_int("batch_size", data["batch_size"]) if data.get("batch_size") is not None else None
     seed = _validate_seed(data.get("seed"))
     processes = _positive_int("processes_per_config", data.get("processes_per_config", 1))
+    # Paths in a grid file are relative to the file, so a sweep resumed from another working
+    # directory finds the same data, checkpoints and run directories.
+    here = Path(path).resolve().parent if path is not None else Path.cwd()
     data_root = data.get("data_root")
     if data_root is not None:
-        if not isinstance(data_root, str) or not Path(data_root).expanduser().is_dir():
+        if not isinstance(data_root, str) or not (here / Path(data_root).expanduser()).is_dir():
             raise GridError(f"data_root: {data_root!r} is not a directory")
-        data_root = str(Path(data_root).expanduser().resolve())
-    out = output_dir if output_dir is not None else data.get("output_dir")
-    if out is None:
-        stem = Path(path).stem if path is not None else "grid"
-        out = Path("runs") / stem
-    elif not isinstance(out, (str, os.PathLike)):
-        raise GridError(f"output_dir: value {out!r} must be a path")
+        data_root = str((here / Path(data_root).expanduser()).resolve())
+    pretrained = fixed.get("pretrained")
+    if isinstance(pretrained, str) and pretrained.startswith(("./", "../", "~")):
+        fixed["pretrained"] = str((here / Path(pretrained).expanduser()).resolve())
+    if output_dir is not None:
+        out = Path(output_dir)
+    elif data.get("output_dir") is not None:
+        if not isinstance(data["output_dir"], str):
+            raise GridError(f"output_dir: value {data['output_dir']!r} must be a path")
+        out = here / Path(data["output_dir"]).expanduser()
+    else:
+        out = here / "runs" / (Path(path).stem if path is not None else "grid")
 
     try:
         checker = checker_factory(model, fixed)
@@ -549,14 +563,14 @@ def make_slots(gpus: Sequence[int], processes_per_config: int = 1) -> list[Slot]
     return [Slot(tuple(gpus[i * processes_per_config:(i + 1) * processes_per_config])) for i in range(n)]
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """In the child before exec: get SIGKILLed when the sweep dies, so no orphan writes into a run dir."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.getppid() != parent_pid:  # the sweep died before prctl took effect
         os._exit(1)
 
 
@@ -672,7 +686,8 @@ class SweepRunner:
         def on_term(signum, frame):
             raise KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGTERM, on_term)
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
         try:
             while pending or running:
                 for slot in self.slots:
@@ -695,11 +710,12 @@ class SweepRunner:
                         f"{'done' if status == 'ok' else 'FAILED (see ' + str(job.run_dir / LOG_FILE) + ')'}"
                         f" in {_fmt_duration(duration)}; elapsed {_fmt_duration(progress.elapsed())}, "
                         f"ETA {_fmt_duration(eta) if (pending or running) else '0m00s'}")
-        except KeyboardInterrupt:
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM) or broken: leave no evaluation running
             interrupted = True
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
             if interrupted:
                 for job in running.values():
                     self._stop(job)
@@ -723,7 +739,8 @@ class SweepRunner:
         log.flush()
         env = {**os.environ, **self.extra_env, **slot.env()}
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   preexec_fn=_die_with_parent, start_new_session=True)
+                                   preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+                                   start_new_session=True)
         return _Running(index, config, run_dir, process, time.monotonic(), time.time(), log, command)
 
     def _stop(self, job: _Running) -> None:
@@ -803,8 +820,11 @@ def main(argv: list[str] | None = None) -> int:
     except GridError as err:
         print(f"lmms-quant sweep: {err}", file=sys.stderr)
         return 2
-    runner = SweepRunner(grid.output_dir, slots=slots,
-                         eval_command=shlex.split(args.eval_command) if args.eval_command else None)
+    eval_command = shlex.split(args.eval_command) if args.eval_command else None
+    if eval_command and shutil.which(eval_command[0]) is None:
+        print(f"lmms-quant sweep: --eval-command: {eval_command[0]!r} is not an executable", file=sys.stderr)
+        return 2
+    runner = SweepRunner(grid.output_dir, slots=slots, eval_command=eval_command)
     n = len(grid.configurations)
     print(f"{n} configurations ({n - 1} + the fp16 baseline) on {len(slots)} slot(s): "
           f"{', '.join(map(str, slots))}; output {grid.output_dir}", flush=True)

@@ -22,7 +22,7 @@ quantize once: the second waits and then reads the first one's entry.
 Use::
 
     cache = WeightCache()                     # $LMMS_QUANT_CACHE/weights (default ~/.cache/lmms_quant)
-    key = cache_key(model_identity(pretrained), plan.digest(), calibration_fingerprint(plan.calib))
+    key = cache_key(model_identity(pretrained), plan.digest(), calibration_fingerprint(plan.calib), dtype=dtype)
     entry, hit = cache.get_or_build(key, lambda: quantize_and_collect(model))   # -> (tensors, report)
     if hit:
         load_into(model, entry.tensors)
@@ -117,10 +117,15 @@ def calibration_fingerprint(calib: str) -> str:
     return calib
 
 
-def cache_key(model_id: str, plan_digest: str, calibration: str, version: str | None = None) -> str:
-    """The entry name: sha256 over model identity, plan digest, calibration fingerprint and version."""
+def cache_key(model_id: str, plan_digest: str, calibration: str, version: str | None = None, **load) -> str:
+    """The entry name: sha256 over model identity, plan digest, calibration fingerprint and version.
+
+    ``load``: how the model was loaded where that changes the quantized weights, e.g. dtype="float16"
+    (GPTQ/AWQ run in the model's dtype).
+    """
     identity = {"model": model_id, "plan": plan_digest, "calibration": calibration,
-                "lmms_quant": version or _lmms_quant_version(), "format": FORMAT}
+                "lmms_quant": version or _lmms_quant_version(), "format": FORMAT,
+                "load": {k: str(v) for k, v in sorted(load.items())}}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 

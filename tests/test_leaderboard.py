@@ -8,7 +8,6 @@ eval` subprocess that writes lmms-eval's output layout and a quantization report
 
 import csv
 import io
-import json
 import re
 import shutil
 import subprocess

@@ -398,3 +398,20 @@ def test_real_sweep_killed_and_resumed_matches_an_uninterrupted_one(tmp_path, ti
     assert len(table.rows) == 3
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html"):
         assert mine[name].read_bytes() == theirs[name].read_bytes(), name
+
+
+def test_relative_paths_in_a_grid_file_are_relative_to_the_file(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "ckpt").mkdir()
+    grid = write_grid(project, output_dir="sweeps/a", data_root="data",
+                      model_args={"pretrained": "./ckpt", "dtype": "float32"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_grid(grid)
+    assert loaded.output_dir == project / "sweeps" / "a"
+    assert all(c.data_root == str(project / "data") for c in loaded.configurations)
+    assert all(c.model_args.startswith(f"pretrained={project / 'ckpt'},") for c in loaded.configurations)
+    default = load_grid(write_grid(project, name="other.yaml", output_dir=None))
+    assert default.output_dir == project / "runs" / "other"

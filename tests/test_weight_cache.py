@@ -138,6 +138,7 @@ def test_key_changes_with_model_plan_calibration_and_version():
     assert base != cache_key("dir:abc", "0123456789ac", "synthetic", version="0.1.0")
     assert base != cache_key("dir:abc", "0123456789ab", "local:0f", version="0.1.0")
     assert base != cache_key("dir:abc", "0123456789ab", "synthetic", version="0.1.1")
+    assert base != cache_key("dir:abc", "0123456789ab", "synthetic", version="0.1.0", dtype="float16")
 
 
 def test_model_identity_follows_the_checkpoint_contents(tmp_path):
