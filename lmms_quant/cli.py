@@ -94,7 +94,7 @@ def make_fixtures_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- eval
 
 def _model_class(model_id: str):
-    from lmms_quant.registry import MODEL_CLASSES
+    from lmms_quant.model_ids import MODEL_CLASSES
 
     module, _, name = MODEL_CLASSES[model_id].rpartition(".")
     return getattr(importlib.import_module(module), name)
@@ -107,7 +107,7 @@ def canonical_model_args(model_id: str, model_args: str) -> str:
     string. Folding the resolved plan (defaults included) and the lmms-quant version into it means two
     configurations can never share cached responses, even across versions with other defaults.
     """
-    from lmms_quant.registry import MODEL_CLASSES
+    from lmms_quant.model_ids import MODEL_CLASSES
 
     if model_id not in MODEL_CLASSES:
         return model_args

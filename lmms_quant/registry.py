@@ -6,11 +6,7 @@ neither torch nor ``lmms_eval.models`` itself: only the manifest dataclass, and 
 
 from lmms_eval.models.registry_v2 import ModelManifest
 
-MODEL_CLASSES = {
-    "quant_blip2": "lmms_quant.model_wrappers.blip2.QuantBlip2",
-    "quant_llava": "lmms_quant.model_wrappers.llava.QuantLlava",
-    "quant_blip2_itm": "lmms_quant.model_wrappers.blip2_itm.QuantBlip2ITM",
-}
+from lmms_quant.model_ids import MODEL_CLASSES
 
 
 def manifests():

@@ -267,10 +267,7 @@ def _validate_seed(value: Any) -> str | None:
 
 
 def _model_classes() -> dict[str, str]:
-    # lmms_eval.models first: importing lmms_quant.registry first would make lmms-eval load our entry
-    # point while the registry module is still half-initialised (a logged circular-import warning).
-    importlib.import_module("lmms_eval.models")
-    from lmms_quant.registry import MODEL_CLASSES
+    from lmms_quant.model_ids import MODEL_CLASSES
 
     return MODEL_CLASSES
 
