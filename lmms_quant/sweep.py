@@ -77,6 +77,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
+from lmms_quant.atomic import fsync_dir as _fsync_dir, write_json_atomic
+
 GRID_KEYS = {
     "model": "lmms-eval model id of an lmms-quant wrapper (quant_blip2, quant_llava, quant_blip2_itm)",
     "model_args": "mapping of fixed model arguments (pretrained, dtype, fixed plan keys, ...)",
@@ -446,32 +448,6 @@ def _load_grid(path, data, output_dir, known_tasks, checker_factory) -> Grid:
 
 
 # --------------------------------------------------------------------------- run directories
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON so that readers see either nothing or the whole file, even across a crash."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def find_results_files(eval_output: Path) -> list[Path]:

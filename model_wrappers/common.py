@@ -34,6 +34,7 @@ from tqdm import tqdm
 from transformers import AutoProcessor, GenerationConfig
 
 import lmms_quant
+from lmms_quant.atomic import write_json_atomic
 
 DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -42,7 +43,7 @@ DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, 
 # so that lmms-eval's response cache never mixes results of two lmms-quant versions.
 BASE_WRAPPER_KEYS = (
     "pretrained", "dtype", "device", "device_map", "trust_remote_code",
-    "batch_size", "max_batch_size", "report_dir", "lmms_quant_version",
+    "batch_size", "max_batch_size", "report_dir", "weight_cache", "lmms_quant_version",
 )
 
 # Used when a task sets neither max_new_tokens nor max_length (transformers' own default,
@@ -124,6 +125,7 @@ class WrapperArgs:
     trust_remote_code: bool
     batch_size: int
     report_dir: str | None
+    weight_cache: str | None  # a WeightCache root: reuse quantized weights across tasks/runs
 
 
 def split_model_args(kwargs: dict, wrapper_keys: Sequence[str]) -> tuple[dict, dict]:
@@ -142,6 +144,7 @@ def parse_wrapper_args(own: dict) -> WrapperArgs:
         raise ValueError(f"lmms_quant_version: got {version!r}; valid: {lmms_quant.__version__!r} "
                          f"(the installed lmms-quant; results of another version must not be mixed)")
     report_dir = _none(own.get("report_dir"))
+    weight_cache = _none(own.get("weight_cache"))
     return WrapperArgs(
         pretrained=_unquote(str(pretrained)),
         dtype=parse_dtype(own.get("dtype", "auto")),
@@ -150,6 +153,7 @@ def parse_wrapper_args(own: dict) -> WrapperArgs:
         trust_remote_code=parse_bool("trust_remote_code", own.get("trust_remote_code", False)),
         batch_size=parse_batch_size(own.get("batch_size", 1)),
         report_dir=None if report_dir is None else _unquote(str(report_dir)),
+        weight_cache=None if weight_cache is None else _unquote(str(weight_cache)),
     )
 
 
@@ -424,20 +428,59 @@ class QuantVLM(lmms):
         """Quantize once, before the first request is served, knowing which datasets are scored."""
         if not self._quantization_pending:
             return
-        from lmms_quant.quant import quantize_model
+        from lmms_quant.quant.calibration import check_not_evaluated
 
         datasets = evaluated_datasets(requests, self.task_dict)
+        # Before any cache lookup: a cache hit must not let a leaking calibration source through.
+        check_not_evaluated(self.plan.calib, datasets)
         eval_logger.info(f"lmms-quant: quantizing {self.args.pretrained} ({self.plan.digest()}); evaluated datasets {datasets}")
-        report = quantize_model(self.model, self.processor, self.plan, device=self.device, evaluated_datasets=datasets)
+        if self.args.weight_cache:
+            report = self._quantize_through_cache(datasets)
+        else:
+            report = self._quantize(datasets).to_dict()
         path = self.report_path()
         if path is None:
             eval_logger.warning("lmms-quant: no --output_path and no report_dir: the quantization report is not written")
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            report.write_json(path)
+            write_json_atomic(path, report)
             eval_logger.info(f"lmms-quant: quantization report written to {path}")
         self.quant_report = report
         self._quantization_pending = False
+
+    def _quantize(self, datasets):
+        from lmms_quant.quant import quantize_model
+
+        return quantize_model(self.model, self.processor, self.plan, device=self.device, evaluated_datasets=datasets)
+
+    def _quantize_through_cache(self, datasets) -> dict:
+        """Quantized weights from the weight cache, or quantize and store them there.
+
+        The entry holds every parameter of each block that had a tensor quantized (AWQ also rescales
+        the norms and biases that feed it, always inside the same block) and of each quantized
+        non-block module, so loading it onto the FP checkpoint reproduces the quantized model exactly.
+        """
+        from lmms_quant import weight_cache as wc
+
+        identity = wc.model_identity(self.args.pretrained)
+        if identity is None:
+            eval_logger.warning(f"lmms-quant: cannot identify {self.args.pretrained} offline; weight cache not used")
+            return self._quantize(datasets).to_dict()
+        key = wc.cache_key(identity, self.plan.digest(), wc.calibration_fingerprint(self.plan.calib),
+                           dtype=str(self.model.dtype))
+
+        def build():
+            report = self._quantize(datasets)
+            prefixes = tuple(sorted({f"{t.stack}.{t.block}." if t.block is not None and t.stack else f"{t.name}."
+                                     for t in report.tensors}))
+            tensors = {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()
+                       if name.startswith(prefixes)}
+            return tensors, report.to_dict()
+
+        entry, hit = wc.WeightCache(self.args.weight_cache).get_or_build(key, build)
+        if hit:
+            wc.load_into(self.model, entry.tensors)
+        eval_logger.info(f"lmms-quant: weight cache {'hit' if hit else 'miss'} ({key})")
+        return {**entry.report, "weight_cache": {"key": key, "hit": hit}}
 
     # ------------------------------------------------------------------ requests
 

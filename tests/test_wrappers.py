@@ -16,15 +16,6 @@ TASKS = ("coco2017_cap_val_local", "flickr30k_test_local", "vqav2_val_local", "g
 DOCS_PER_TASK = 4  # COCO and Flickr30k share generation settings: 8 requests, batches of 3 mix them
 
 
-def _engine_has_plan():
-    import lmms_quant.quant as quant
-
-    return hasattr(quant, "QuantPlan") and hasattr(quant, "quantize_model")
-
-
-needs_engine = pytest.mark.skipif(not _engine_has_plan(), reason="lmms_quant.quant (QuantPlan, quantize_model) not written yet")
-
-
 @pytest.fixture(scope="module")
 def tasks(include_path):
     """lmms-eval chat task objects on local data, their requests built as the evaluator builds them."""
@@ -79,7 +70,6 @@ def test_model_ids_resolve_to_chat_models():
     assert QuantBlip2.is_simple is False and QuantLlava.is_simple is False
 
 
-@needs_engine
 @pytest.mark.parametrize("model_id,kind", MODELS)
 def test_batched_generation_equals_batch_size_one(model_id, kind, tiny_checkpoints, tasks):
     requests = all_requests(tasks)
@@ -93,7 +83,6 @@ def test_batched_generation_equals_batch_size_one(model_id, kind, tiny_checkpoin
     assert all(r.token_counts.output_tokens > 0 for r in one)
 
 
-@needs_engine
 @pytest.mark.parametrize("kind,vqa_prompt", [("blip2_opt", "Question: {} Answer:"), ("blip2_t5", "Question: {} Short answer:")])
 def test_blip2_answers_continue_blip2s_own_prompts(kind, vqa_prompt, tiny_checkpoints, tasks):
     """VQA: "Question: {q} Answer:" (OPT) / "... Short answer:" (Flan-T5) from doc["question"]; captions: no prompt.
@@ -114,7 +103,6 @@ def test_blip2_answers_continue_blip2s_own_prompts(kind, vqa_prompt, tiny_checkp
         assert answer.token_counts.input_tokens == int(inputs["attention_mask"].sum())
 
 
-@needs_engine
 def test_blip2_tells_captioning_from_vqa(tiny_checkpoints, tasks):
     from lmms_quant.model_wrappers.blip2 import blip2_prompt
 
@@ -134,7 +122,6 @@ def test_blip2_tells_captioning_from_vqa(tiny_checkpoints, tasks):
     assert blip2_prompt(request, custom.vqa_prompt, custom.caption_prompt) == "a photo of"
 
 
-@needs_engine
 def test_llava_prompts_through_its_chat_template(tiny_checkpoints, tasks):
     lm = load("quant_llava", tiny_checkpoints["llava"], tasks)
     request = tasks["vqav2_val_local"].instances[0]
@@ -150,7 +137,6 @@ def test_llava_prompts_through_its_chat_template(tiny_checkpoints, tasks):
     assert expected and answer.text == expected
 
 
-@needs_engine
 def test_until_truncates_the_answer(tiny_checkpoints, tasks):
     lm = load("quant_llava", tiny_checkpoints["llava"], tasks)
     request = tasks["vqav2_val_local"].instances[0]
@@ -182,7 +168,6 @@ def test_generation_settings_become_transformers_kwargs():
     assert kwargs == {"temperature": 0.7, "do_sample": True, "max_new_tokens": 128}
 
 
-@needs_engine
 def test_a_generation_error_raises(tiny_checkpoints, tasks, monkeypatch):
     lm = load("quant_blip2", tiny_checkpoints["blip2_opt"], tasks)
 
@@ -194,7 +179,6 @@ def test_a_generation_error_raises(tiny_checkpoints, tasks, monkeypatch):
         lm.generate_until(tasks["vqav2_val_local"].instances[:1])
 
 
-@needs_engine
 def test_unsupported_request_types_raise(tiny_checkpoints):
     lm = load("quant_llava", tiny_checkpoints["llava"])
     with pytest.raises(NotImplementedError, match="loglikelihood"):
@@ -203,7 +187,6 @@ def test_unsupported_request_types_raise(tiny_checkpoints):
         lm.generate_until_multi_round([])
 
 
-@needs_engine
 def test_a_wrong_model_args_key_fails_naming_it_before_loading(tmp_path):
     # The checkpoint does not exist: the error must come from the argument check, not from loading.
     with pytest.raises(ValueError, match="bitz") as raised:
@@ -224,7 +207,6 @@ def test_bad_wrapper_values_fail_before_loading(tmp_path, model_args, extra, mat
         QuantBlip2(pretrained=str(tmp_path / "absent"), **{"batch_size": 1, **model_args, **extra})
 
 
-@needs_engine
 def test_the_fp16_plan_never_quantizes(tiny_checkpoints, tasks, monkeypatch):
     import lmms_quant.quant as quant
 
@@ -237,7 +219,6 @@ def test_the_fp16_plan_never_quantizes(tiny_checkpoints, tasks, monkeypatch):
     assert len(lm.generate_until(tasks["vqav2_val_local"].instances[:1])) == 1
 
 
-@needs_engine
 def test_quantization_runs_once_before_the_first_request_and_reports(tiny_checkpoints, tasks, data_root, tmp_path, monkeypatch):
     import lmms_quant.quant as quant
 
@@ -264,7 +245,7 @@ def test_quantization_runs_once_before_the_first_request_and_reports(tiny_checkp
     # <report_dir>/<model_name_sanitized>/quant_report_<digest>.json, the name lmms-eval gives the results dir
     sanitized = f"{Path(tiny_checkpoints['blip2_opt']).parent.name}__{Path(tiny_checkpoints['blip2_opt']).name}"
     assert lm.report_path() == tmp_path / "out" / sanitized / f"quant_report_{lm.plan.digest()}.json"
-    assert json.loads(lm.report_path().read_text()) == json.loads(json.dumps(lm.quant_report.to_dict()))
+    assert json.loads(lm.report_path().read_text()) == json.loads(json.dumps(lm.quant_report))
 
 
 def test_report_sits_beside_lmms_evals_results(monkeypatch):
@@ -282,7 +263,6 @@ def test_report_sits_beside_lmms_evals_results(monkeypatch):
     assert cli_output_path() is None
 
 
-@needs_engine
 def test_canonical_model_args_spell_out_the_plan(tmp_path):
     from lmms_eval.utils import simple_parse_args_string
 
@@ -300,3 +280,24 @@ def test_canonical_model_args_spell_out_the_plan(tmp_path):
         QuantBlip2.canonical_model_args(f"pretrained={tmp_path},bitz=4")
     with pytest.raises(ValueError, match="lmms_quant_version"):
         QuantBlip2.canonical_model_args(f"pretrained={tmp_path},lmms_quant_version=0.0.1")
+
+
+def test_a_weight_cache_hit_reproduces_the_quantized_model_without_quantizing(tiny_checkpoints, tasks, tmp_path, monkeypatch):
+    import lmms_quant.quant as quant
+
+    calls = []
+    real_quantize = quant.quantize_model
+    monkeypatch.setattr(quant, "quantize_model", lambda *a, **k: calls.append(1) or real_quantize(*a, **k))
+    args = dict(method="awq", bits=3, component="all", calib_n=4, weight_cache=tmp_path / "cache")
+    first = load("quant_blip2", tiny_checkpoints["blip2_opt"], tasks, report_dir=tmp_path / "a", **args)
+    first.ensure_quantized(tasks["vqav2_val_local"].instances)
+    second = load("quant_blip2", tiny_checkpoints["blip2_opt"], tasks, report_dir=tmp_path / "b", **args)
+    second.ensure_quantized(tasks["gqa_local"].instances)  # another task: the same quantized weights
+    assert len(calls) == 1
+    assert first.quant_report["weight_cache"]["hit"] is False and second.quant_report["weight_cache"]["hit"] is True
+    fresh = load("quant_blip2", tiny_checkpoints["blip2_opt"]).model.state_dict()
+    first_state, second_state = first.model.state_dict(), second.model.state_dict()
+    changed = [name for name, tensor in fresh.items() if not torch.equal(tensor, first_state[name])]
+    assert changed  # the plan did change the model ...
+    assert all(torch.equal(first_state[name], second_state[name]) for name in fresh)  # ... and the hit reproduces it
+    assert first.quant_report["tensors"] == second.quant_report["tensors"]
