@@ -51,7 +51,7 @@ BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 # Wrapper keys that place or batch the computation but do not change what is computed: a run on
 # cuda:1 still compares with the baseline that ran on cuda:0.
-PLACEMENT_KEYS = {"device", "device_map", "batch_size", "max_batch_size", "report_dir"}
+PLACEMENT_KEYS = {"device", "device_map", "batch_size", "max_batch_size", "report_dir", "weight_cache"}
 # The metric a task is plotted by, the first found (else the task's first metric).
 PRIMARY_METRIC_ORDER = ("CIDEr", "exact_match", "accuracy", "acc", "R@1", "recall@1", "r_mean", "METEOR")
 STORAGE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}

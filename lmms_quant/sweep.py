@@ -472,9 +472,18 @@ def completed_run(run_dir: Path, run_id: str | None = None) -> dict | None:
     return record
 
 
+WEIGHT_CACHE_DIR = "weight_cache"
+
+
 def eval_arguments(config: Configuration, run_dir: Path) -> list[str]:
     """The `lmms-quant eval` arguments for one configuration (everything after the command itself)."""
-    argv = ["--model", config.model, "--model_args", config.model_args, "--tasks", ",".join(config.tasks),
+    model_args = config.model_args
+    if not config.is_baseline and "weight_cache" not in (part.split("=", 1)[0] for part in model_args.split(",")):
+        # Quantized weights are kept under the sweep's output directory, so a configuration interrupted
+        # after quantizing, or scored on other tasks later, does not quantize again. Not part of the
+        # configuration (nor of its run id): where weights are cached does not change results.
+        model_args += f",weight_cache={Path(run_dir).resolve().parent.parent / WEIGHT_CACHE_DIR}"
+    argv = ["--model", config.model, "--model_args", model_args, "--tasks", ",".join(config.tasks),
             "--output_path", str(Path(run_dir) / EVAL_OUTPUT), "--log_samples"]
     if config.limit is not None:
         argv += ["--limit", str(config.limit)]

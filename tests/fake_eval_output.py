@@ -38,7 +38,7 @@ TASK_METRICS = {
     "gqa_local": ("exact_match", "mean"),
     "coco2017_cap_val_local": ("coco_CIDEr", "corpus"),
 }
-WRAPPER_KEYS = {"pretrained", "dtype", "device", "device_map", "trust_remote_code", "batch_size",
+WRAPPER_KEYS = {"pretrained", "dtype", "device", "device_map", "trust_remote_code", "batch_size", "weight_cache",
                 "max_batch_size", "report_dir", "lmms_quant_version", "vqa_prompt", "caption_prompt"}
 COMPONENT_PARAMS = {"vit": 4000, "connector": 1000, "llm": 5000}
 OTHER_PARAMS = 500
