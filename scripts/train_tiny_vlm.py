@@ -89,8 +89,10 @@ LLAVA_VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 @dataclass(frozen=True)
 class Recipe:
     image_size: int = 64
-    hidden: int = 128
-    ffn: int = 512
+    # Hidden 64 rather than 128: the same held-out scores, a quarter of the weights (a faster CPU demo),
+    # and per-tensor round-to-nearest at 3 bits visibly hurts it (TRAINING.md), as it does not at 128.
+    hidden: int = 64
+    ffn: int = 256
     heads: int = 4
     vision_layers: int = 3
     qformer_layers: int = 2
@@ -107,14 +109,15 @@ class Recipe:
     vision_batch: int = 256
     vision_lr: float = 1e-3
     lm_steps: int = 4000
+    llava_lm_steps: int = 5000  # LLaVA learns colour and position questions later than BLIP-2
     lm_batch: int = 128
     lm_lr: float = 1e-3
     caption_fraction: float = 0.3
     # Bounds the answer-token logit margins; an over-confident model shrugs off any weight noise.
     label_smoothing: float = 0.0
-    itm_steps: int = 2000
+    itm_steps: int = 3000
     itm_batch: int = 128
-    itm_lr: float = 5e-4
+    itm_lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
     eval_every: int = 500
@@ -123,12 +126,12 @@ class Recipe:
     retrieval_pool: int = 100
     # Wall-clock caps per stage, so that one remote command always finishes with its checkpoints.
     vision_time_limit_s: float = 90.0
-    lm_time_limit_s: float = 200.0
-    itm_time_limit_s: float = 150.0
+    lm_time_limit_s: float = 260.0
+    itm_time_limit_s: float = 240.0
 
     @classmethod
     def smoke(cls) -> "Recipe":
-        return cls(pool_scenes=96, vision_steps=3, vision_batch=8, lm_steps=4, lm_batch=8, itm_steps=3,
+        return cls(pool_scenes=96, vision_steps=3, vision_batch=8, lm_steps=4, llava_lm_steps=4, lm_batch=8, itm_steps=3,
                    itm_batch=8, warmup=2, eval_every=2, curve_images=4, heldout_images=6, retrieval_pool=6)
 
 
@@ -582,7 +585,8 @@ def train_generative(vlm: GenerativeVLM, pool: Pool, images_dev, heldout: Pool, 
                                label_smoothing=recipe.label_smoothing)
         return {"lm": loss}
 
-    train_loop("language", recipe.lm_steps, recipe.lm_lr, recipe.lm_time_limit_s, recipe, vlm.stage2_parameters(), device, log, step,
+    steps = recipe.llava_lm_steps if vlm.name == "llava" else recipe.lm_steps
+    train_loop("language", steps, recipe.lm_lr, recipe.lm_time_limit_s, recipe, vlm.stage2_parameters(), device, log, step,
                eval_fn=lambda: evaluate_generative(vlm, curve, device, cider=False))
 
 
@@ -593,6 +597,19 @@ def subset(pool: Pool, n: int) -> Pool:
     return Pool(pool.images[:n], pool.scenes[:n], pool.questions[:n],
                 {g: v[:n] for g, v in pool.patch_colour.items()}, {g: v[:n] for g, v in pool.patch_shape.items()},
                 pool.scene_labels[:n])
+
+
+def distinct_subset(pool: Pool, n: int) -> Pool:
+    """The first `n` scenes whose captions differ from every earlier one's (a retrieval pool with no twins)."""
+    seen, keep = set(), []
+    for i, s in enumerate(pool.scenes):
+        if description(s) not in seen:
+            seen.add(description(s))
+            keep.append(i)
+    keep = keep[:n]
+    return Pool(pool.images[keep], [pool.scenes[i] for i in keep], [pool.questions[i] for i in keep],
+                {g: v[keep] for g, v in pool.patch_colour.items()}, {g: v[keep] for g, v in pool.patch_shape.items()},
+                pool.scene_labels[keep])
 
 
 def normalise_answer(text: str) -> str:
@@ -717,6 +734,28 @@ def caption_for(desc: tuple, order: int) -> str:
     return f"a {second[0]} {second[1]} {relation[1]} a {first[0]} {first[1]}"
 
 
+BACKGROUND = " on a grey background"
+
+
+def retrieval_texts(scene: shapes.Scene) -> list[str]:
+    """Five true captions, phrased as the retrieval tasks' data phrases them
+    (``fixtures.retrieval_data.retrieval_captions``, which needs the `datasets` package): both
+    references, then "there is ..." and "... on a grey background" forms (one shape: "only ...")."""
+    first, second = shapes.captions(scene)
+    if scene.relation is None:
+        return [first, second, f"there is {first}", f"there is {second}", f"only {first}"]
+    return [first, second, f"there is {first}", first + BACKGROUND, second + BACKGROUND]
+
+
+def augmented_caption(desc: tuple, rng: random.Random) -> str:
+    """A training caption: either object order, optionally prefixed and/or with the background named."""
+    text = caption_for(desc, rng.randrange(2))
+    if not text.endswith(BACKGROUND) and rng.random() < 0.3:
+        text += BACKGROUND
+    prefix = rng.random()
+    return ("there is " if prefix < 0.25 else "only " if prefix < 0.35 else "") + text
+
+
 def near_miss(desc: tuple, rng: random.Random) -> tuple:
     """A description one edit away: another colour or shape, swapped colours/shapes, or the other axis."""
     if len(desc) == 1:
@@ -755,10 +794,10 @@ def train_itm(model, processor, pool: Pool, images_dev, heldout: Pool, recipe, d
     def step(_):
         idx = torch.randint(0, len(pool.scenes), (recipe.itm_batch,), generator=gen).tolist()
         img_desc = [descs[i] for i in idx]
-        texts = [caption_for(d, rng.randrange(2)) for d in img_desc]
+        texts = [augmented_caption(d, rng) for d in img_desc]
         extra = [near_miss(d, rng) for d in img_desc[: len(idx) // 2]]
         txt_desc = img_desc + extra
-        texts += [caption_for(d, rng.randrange(2)) for d in extra]
+        texts += [augmented_caption(d, rng) for d in extra]
         enc = tok(texts, padding=True, return_tensors="pt").to(device)
         pv = pixel_values(images_dev[torch.tensor(idx, device=device)])
         model.train()
@@ -792,7 +831,7 @@ def train_itm(model, processor, pool: Pool, images_dev, heldout: Pool, recipe, d
 
 @torch.no_grad()
 def evaluate_retrieval(model, processor, pool: Pool, device, rerank: int = 128) -> dict:
-    """Text->image and image->text R@1 over a pool; every image brings both of its references.
+    """Text->image and image->text R@1 over a pool; every image brings five captions (retrieval_texts).
 
     ITC ranks by the model's own similarity (the best query's cosine). The ITM figure re-ranks each
     text's top `rerank` ITC images by the ``quant_blip2_itm`` wrapper's score: the ITM "match" logit
@@ -805,7 +844,7 @@ def evaluate_retrieval(model, processor, pool: Pool, device, rerank: int = 128) 
     pil = [shapes.render(s, 64) for s in pool.scenes]
     texts, owner = [], []
     for i, s in enumerate(pool.scenes):
-        for ref in shapes.captions(s):
+        for ref in retrieval_texts(s):
             texts.append(ref)
             owner.append(i)
     pv = processor(images=pil, return_tensors="pt")["pixel_values"].to(device)
@@ -876,7 +915,13 @@ def load_or_train_tokenizers(source: Path | None, r: Recipe) -> dict:
     for key, sub in (("bpe_blip2", "tiny_blip2"), ("wordpiece", "tiny_blip2_itm"), ("bpe_llava", "tiny_llava")):
         path = None if source is None else source / sub
         if path is not None and (path / "tokenizer.json").is_file():
-            found[key] = AutoTokenizer.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path)
+            # from_pretrained keeps its own arguments (local_files_only, ...) as init kwargs, which
+            # save_pretrained would then write into the shipped config: keep only what was committed.
+            committed = json.loads((path / "tokenizer_config.json").read_text())
+            for extra in set(tok.init_kwargs) - set(committed):
+                tok.init_kwargs.pop(extra)
+            found[key] = tok
     if "bpe_blip2" not in found:
         # Blip2Processor (transformers 5.24) breaks on a string `image_token` attribute after a reload.
         found["bpe_blip2"] = train_bpe_tokenizer(corpus, vocab_size=r.bpe_vocab, image_token_attribute=False)
@@ -911,6 +956,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="blip2,itm,llava",
                         help=f"comma-separated subset of {list(MODEL_NAMES)} (itm needs blip2 in the same run)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--blip2-from", type=Path, default=None,
+                        help="BLIP-2 checkpoint the ITM model starts from when 'blip2' is not trained in this run")
     parser.add_argument("--tokenizers-from", type=Path, default=None,
                         help="assets dir whose committed tokenizers to reuse (default: train new ones)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -931,9 +978,9 @@ def main(argv=None) -> int:
     for m in models:
         if m not in MODEL_NAMES:
             parser.error(f"--models: got {m!r}; valid: {list(MODEL_NAMES)}")
-    if "itm" in models and "blip2" not in models:
-        parser.error(f"--models: got {args.models!r}; 'itm' starts from the BLIP-2 trained in the same run, "
-                     f"so it needs 'blip2' too")
+    if "itm" in models and "blip2" not in models and args.blip2_from is None:
+        parser.error(f"--models: got {args.models!r}; 'itm' starts from a BLIP-2 captioning model: train "
+                     f"'blip2' in the same run or name a checkpoint with --blip2-from")
 
     recipe = Recipe.smoke() if args.smoke else Recipe()
     fields = {f.name: f.type for f in dataclasses.fields(Recipe)}
@@ -990,13 +1037,15 @@ def main(argv=None) -> int:
             if name == "blip2":
                 blip2 = vlm
         else:
-            model, processor, loaded = build_itm(recipe, blip2.model, tokenizers["wordpiece"],
-                                                 tokenizers["bpe_blip2"])
+            source = blip2.model if blip2 is not None else Blip2ForConditionalGeneration.from_pretrained(args.blip2_from)
+            model, processor, loaded = build_itm(recipe, source, tokenizers["wordpiece"], tokenizers["bpe_blip2"])
             model.to(device)
             log(stage="build", name=name, parameters=parameter_counts(model), initialised_from_blip2=len(loaded))
             train_itm(model, processor, pool, images_dev, heldout, recipe, device, log, args.seed)
             final = {f"pool_{n}": evaluate_retrieval(model, processor, subset(heldout, n), device)
                      for n in sorted({8, recipe.retrieval_pool, recipe.heldout_images})}
+            final[f"distinct_pool_{recipe.retrieval_pool}"] = evaluate_retrieval(
+                model, processor, distinct_subset(heldout, recipe.retrieval_pool), device)
             log(stage="final", name=name, eval=final)
             model.to("cpu").eval()
             out_dir = save_atomically(args.out / ASSET_DIRS[name], model, processor)
