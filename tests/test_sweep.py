@@ -368,8 +368,9 @@ def test_real_sweep_killed_and_resumed_matches_an_uninterrupted_one(tmp_path, ti
         dirs = run_dirs(out)
         done = [d for d in dirs.values() if sweep.completed_run(d)]
         running = [d for d in dirs.values() if not (d / "run.json").exists()]
-        if len(done) == 1 and running and (time.time() - (running[0] / "config.json").stat().st_mtime) > 5:
-            proc.send_signal(signal.SIGKILL)  # 5 s into configuration 2: model loaded or quantizing
+        log = running[0] / "log.txt" if running else None
+        if len(done) == 1 and log and log.exists() and b"lmms-quant: quantizing" in log.read_bytes():
+            proc.send_signal(signal.SIGKILL)  # configuration 2 has loaded its model and is quantizing
             killed = True
             break
         time.sleep(0.2)
