@@ -306,9 +306,14 @@ class ConfigurationChecker:
 
 
 def expand(varied_axes: dict[str, list], include: list[dict], exclude: list[dict]) -> list[dict[str, Any]]:
-    """The axis product, less what ``exclude`` matches, plus ``include`` (in file order, no repeats)."""
+    """The axis product, less what ``exclude`` matches, plus ``include`` (in file order, no repeats).
+
+    Without axes the product is the fixed arguments alone, one configuration, unless ``include`` lists
+    the configurations: then those are the grid."""
     keys = list(varied_axes)
     product = [dict(zip(keys, values)) for values in itertools.product(*(varied_axes[k] for k in keys))]
+    if not keys and include:
+        product = []
     kept = [c for c in product if not any(all(c.get(k) == v for k, v in rule.items()) for rule in exclude)]
     return kept + [dict(extra) for extra in include]
 

@@ -115,6 +115,14 @@ def test_grid_expands_product_minus_exclude_plus_include_with_the_baseline_first
     assert len({c.run_id for c in grid.configurations}) == 5
 
 
+def test_a_grid_without_axes_is_its_include_list_plus_the_baseline(tmp_path):
+    grid = load_grid(write_grid(
+        tmp_path, model_args={"pretrained": "/ckpt", "dtype": "float32", "calib_n": 8}, axes=None,
+        include=[{"method": "gptq", "bits": 3, "component": "vit"}, {"method": "awq", "bits": 4}]))
+    assert [c.label for c in grid.configurations] == [
+        "fp16 baseline", "method=gptq bits=3 component=vit", "method=awq bits=4"]
+
+
 def test_run_id_changes_with_everything_that_changes_the_result(tmp_path):
     def ids(**change):
         return [c.run_id for c in load_grid(write_grid(tmp_path, **change)).configurations]
