@@ -64,45 +64,45 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid,
         raise HessianNotPositiveDefinite(f"the damped Hessian is not positive definite (damp={damp}); increase damp")
     U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
-    deq = torch.zeros_like(W)
-    codes = torch.zeros_like(W)
-    g = grid.group_size
+    # Transposed: a weight column is a contiguous row here, and every per-column step below is an
+    # in-place kernel on contiguous memory, with no host synchronisation.
+    WT = W.T.contiguous()
+    scaleT, zeroT = scale.T.contiguous(), zero.T.contiguous()
+    deqT, codesT = torch.empty_like(WT), torch.empty_like(WT)
+    g, maxq = grid.group_size, grid.maxq
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        C1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
+        Q1, C1 = deqT[i1:i2], codesT[i1:i2]
         U1 = U[i1:i2, i1:i2]
-        for i in range(count):
+        for i in range(i2 - i1):
             col = i1 + i
             if not static and col % g == 0:
                 end = min(col + g, columns)
-                current = W1[:, i:min(end, i2) - i1]
+                current = W1[i:min(end, i2) - i1]
                 if end > i2:
                     # Columns past this block still lack this block's lazy update: apply it for them.
-                    tail = W[:, i2:end] - Err1[:, :i] @ U[i1:col, i2:end]
-                    current = torch.cat([current, tail], dim=1)
-                s, z = grid.params_from_range(current.amin(dim=1, keepdim=True), current.amax(dim=1, keepdim=True))
-                scale[:, column_group[col]] = s[:, 0]
-                zero[:, column_group[col]] = z[:, 0]
+                    tail = WT[i2:end] - U[i1:col, i2:end].T @ Err1[:i]
+                    current = torch.cat([current, tail], dim=0)
+                s, z = grid.params_from_range(current.amin(dim=0), current.amax(dim=0))
+                scaleT[column_group[col]], zeroT[column_group[col]] = s, z
             group = column_group[col]
-            s, z = scale[:, group], zero[:, group]
-            w = W1[:, i]
-            q = grid.quantize(w, s, z)
-            dq = grid.dequantize(q, s, z)
-            Q1[:, i], C1[:, i] = dq, q
-            err = (w - dq) / U1[i, i]
-            W1[:, i:] -= err[:, None] @ U1[i:i + 1, i:]
-            Err1[:, i] = err
-        deq[:, i1:i2], codes[:, i1:i2] = Q1, C1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            s, z = scaleT[group], zeroT[group]
+            w, q, dq, err = W1[i], C1[i], Q1[i], Err1[i]
+            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
+            torch.sub(q, z, out=dq).mul_(s)
+            torch.sub(w, dq, out=err).div_(U1[i, i])
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+        WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
+    scale, zero = scaleT.T.contiguous(), zeroT.T.contiguous()
+    deq, codes = deqT.T, codesT.T
 
     if perm is not None:
         inverse = torch.argsort(perm)
         deq, codes = deq[:, inverse], codes[:, inverse]
-    return QuantizedWeight(weight=deq, codes=codes.to(torch.uint8), scale=scale, zero=zero.to(torch.int32), grid=grid)
+    return QuantizedWeight(weight=deq.contiguous(), codes=codes.to(torch.uint8).contiguous(), scale=scale,
+                           zero=zero.to(torch.int32), grid=grid)
 
 
 def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[dict]]:
