@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .plan import COMPONENTS, FP_BITS, LAYER_GROUPS, LAYER_TYPES, PlanError, QuantPlan
+from .plan import COMPONENTS, LAYER_GROUPS, LAYER_TYPES, PlanError, QuantPlan
 from .quantizer import QuantGrid
 
 
@@ -705,5 +705,5 @@ def select(arch: Arch, plan: QuantPlan, model) -> list[Unit]:
 
 __all__ = [
     "ArchitectureError", "Arch", "BlockSpec", "FAMILIES", "Family", "Fold", "FoldSite", "LinearSite", "Part",
-    "Target", "Unit", "UnitSite", "detect_family", "generic_family", "resolve", "select", "third_of", "FP_BITS",
+    "Target", "Unit", "UnitSite", "detect_family", "generic_family", "resolve", "select", "third_of",
 ]

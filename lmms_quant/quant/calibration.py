@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
@@ -28,8 +27,6 @@ import torch
 
 from .archs import Unit
 from .plan import PlanError, parse_calib_source
-
-log = logging.getLogger(__name__)
 
 CAPTION_INSTRUCTION = "Provide a one-sentence caption for the provided image."
 _QA = re.compile(r"^\s*Question:\s*(?P<q>.*?)\s*Answer:\s*(?P<a>.*?)\s*$", re.S)
