@@ -115,7 +115,7 @@ class Recipe:
     caption_fraction: float = 0.3
     # Bounds the answer-token logit margins; an over-confident model shrugs off any weight noise.
     label_smoothing: float = 0.0
-    itm_steps: int = 3000
+    itm_steps: int = 5000
     itm_batch: int = 128
     itm_lr: float = 1e-3
     warmup: int = 100
@@ -127,7 +127,7 @@ class Recipe:
     # Wall-clock caps per stage, so that one remote command always finishes with its checkpoints.
     vision_time_limit_s: float = 90.0
     lm_time_limit_s: float = 260.0
-    itm_time_limit_s: float = 240.0
+    itm_time_limit_s: float = 260.0
 
     @classmethod
     def smoke(cls) -> "Recipe":
