@@ -155,7 +155,11 @@ class QuantBlip2ITM(QuantVLM):
         inapplicable = []
         if "llm" in plan.components:
             inapplicable.append(f"component={kwargs.get('component')!r}")
-        if _none(kwargs.get("llm_bits")) is not None:
+        # llm_bits alone asks for a language model this model lacks. Spelt out beside vit_bits and
+        # connector_bits for component=all (as canonical model_args always are) it has nothing to reach
+        # and is ignored, as `all` skips the components a model does not have.
+        full_spelling = not plan.components and all(_none(kwargs.get(k)) is not None for k in ("vit_bits", "connector_bits"))
+        if _none(kwargs.get("llm_bits")) is not None and not full_spelling:
             inapplicable.append(f"llm_bits={kwargs['llm_bits']!r}")
         if plan.include:
             inapplicable.append(f"include={kwargs.get('include')!r}")

@@ -450,3 +450,16 @@ def test_plan_keys_for_a_language_model_are_refused_before_loading():
         with pytest.raises(PlanError, match=f"{named}.*no language model.*valid: component vit, connector"):
             # A path that does not exist: the refusal must come before any loading.
             model_class.create_from_arg_string(f"pretrained=/nonexistent,method=rtn,{bad}", {"batch_size": 1})
+
+
+def test_canonical_model_args_of_a_whole_model_plan_are_accepted_again():
+    # `lmms-quant eval` and sweeps pass the canonical string, which spells out llm_bits for component=all
+    from lmms_eval.utils import simple_parse_args_string
+
+    from lmms_quant.model_wrappers.blip2_itm import QuantBlip2ITM
+
+    for given in ("pretrained=/x,method=rtn,bits=3,granularity=uniform", "pretrained=/x,method=awq,bits=4,component=all"):
+        canonical = QuantBlip2ITM.canonical_model_args(given)
+        assert "llm_bits=" in canonical
+        _, _, plan = QuantBlip2ITM.validate_model_args(simple_parse_args_string(canonical))
+        assert plan.digest() == QuantBlip2ITM.validate_model_args(simple_parse_args_string(given))[2].digest()
