@@ -26,44 +26,51 @@ METHODS = {
     "gptq": {"method": "gptq"},
     "awq": {"method": "awq"},
 }
-CAPTION_COMPONENTS = ("vit", "connector", "llm", "all")
-RETRIEVAL_COMPONENTS = ("vit", "connector", "all")
-QUICK_COMPONENTS = ("all",)
+# bfloat16 halves what the unquantized weights cost (bits per weight are counted at the stored dtype)
+# and runs on any CPU; the demo's FP baseline is this dtype's.
+DTYPE = "bfloat16"
+CAPTION_COMPONENTS = ("vit", "connector", "llm")
+RETRIEVAL_COMPONENTS = ("vit", "connector")
 
 
-def _configurations(components, bits_list, methods=METHODS) -> list[dict]:
-    return [{**plan, "bits": bits, "component": component}
-            for name, plan in methods.items() for bits in bits_list for component in components]
+def _configurations(components: tuple[str, ...], bits_list: tuple[int, ...], full: bool) -> list[dict]:
+    """Every method at every bit width on the whole model; per component, every method (``full``) or
+    only per-tensor RTN at the lowest bit width — the cheapest view of which part is sensitive."""
+    whole = [{**plan, "bits": bits, "component": "all"} for plan in METHODS.values() for bits in bits_list]
+    per_component_methods = METHODS.values() if full else [METHODS["rtn_tensor"]]
+    per_component_bits = bits_list if full else (min(bits_list),)
+    parts = [{**plan, "bits": bits, "component": component} for plan in per_component_methods
+             for bits in per_component_bits for component in components]
+    return whole + parts
 
 
-def demo_grids(out: Path, data_root: Path, components: tuple[str, ...], bits: tuple[int, ...], calib_n: int,
-               retrieval_components: tuple[str, ...]) -> list[dict]:
+def demo_grids(out: Path, data_root: Path, bits: tuple[int, ...], calib_n: int, full: bool) -> list[dict]:
     """The two grid definitions the demo runs (the same schema as a `lmms-quant sweep` YAML file)."""
     common = {"data_root": str(data_root), "batch_size": 16}
     return [
         {
             **common,
             "model": "quant_blip2",
-            "model_args": {"pretrained": str(ASSETS / "tiny_blip2"), "dtype": "float32", "calib_n": calib_n},
+            "model_args": {"pretrained": str(ASSETS / "tiny_blip2"), "dtype": DTYPE, "calib_n": calib_n},
             "tasks": ["coco2017_cap_val_local", "vqav2_val_local"],
-            "include": _configurations(components, bits),
+            "include": _configurations(CAPTION_COMPONENTS, bits, full),
             "output_dir": str(out / "runs" / "blip2"),
         },
         {
             **common,
             "model": "quant_blip2_itm",
-            "model_args": {"pretrained": str(ASSETS / "tiny_blip2_itm"), "dtype": "float32", "calib_n": calib_n},
+            "model_args": {"pretrained": str(ASSETS / "tiny_blip2_itm"), "dtype": DTYPE, "calib_n": calib_n},
             "tasks": ["flickr30k_retrieval_local"],
-            "include": _configurations(retrieval_components, bits),
+            "include": _configurations(RETRIEVAL_COMPONENTS, bits, full),
             "output_dir": str(out / "runs" / "blip2_itm"),
         },
     ]
 
 
 SUMMARY_METRICS = (
-    ("coco2017_cap_val_local", "coco_CIDEr,none", "CIDEr"),
-    ("vqav2_val_local", "exact_match,none", "VQA acc"),
-    ("flickr30k_retrieval_local", "t2i_r1,none", "text→image R@1"),
+    ("coco2017_cap_val_local", "coco_CIDEr", "CIDEr"),
+    ("vqav2_val_local", "exact_match", "VQA acc"),
+    ("flickr30k_retrieval_local", "t2i_r1", "text→image R@1"),
 )
 
 
@@ -96,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                     "then write the leaderboard (Markdown, CSV, HTML).")
     parser.add_argument("--out", default="lmms-quant-demo", help="output directory (default ./lmms-quant-demo)")
     parser.add_argument("--n-images", type=int, default=40, help="held-out images per task (default 40)")
-    parser.add_argument("--bits", default="4,3", help="bit widths, comma-separated (default 4,3)")
+    parser.add_argument("--bits", default="4,3,2", help="bit widths, comma-separated (default 4,3,2)")
     parser.add_argument("--calib-n", type=int, default=32, help="calibration samples (default 32)")
-    parser.add_argument("--quick", action="store_true",
-                        help="component=all only (skip the per-component rows): about a third of the time")
+    parser.add_argument("--full", action="store_true",
+                        help="every method at every bit width per component too (about 2.5x the configurations)")
     args = parser.parse_args(argv)
     try:
         bits = tuple(int(b) for b in args.bits.split(","))
@@ -126,10 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     # from other streams). Rewritten identically on every run, so a rerun resumes the same sweep.
     write_lmms_eval_datasets(data_root, n_images=args.n_images, seed=0)
     write_retrieval_datasets(data_root, n_images=args.n_images, seed=0)
-    components = QUICK_COMPONENTS if args.quick else CAPTION_COMPONENTS
-    retrieval_components = QUICK_COMPONENTS if args.quick else RETRIEVAL_COMPONENTS
     failed = 0
-    for spec in demo_grids(out, data_root, components, bits, args.calib_n, retrieval_components):
+    for spec in demo_grids(out, data_root, bits, args.calib_n, args.full):
         try:
             grid = load_grid(data=spec)
         except GridError as err:
