@@ -17,9 +17,14 @@ columns once per block.
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
 from .quantizer import (LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, relative_hessian_error)
+
+log = logging.getLogger(__name__)
 
 NEEDS_HESSIAN = True
 NEEDS_INPUTS = False
@@ -69,31 +74,19 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid,
     WT = W.T.contiguous()
     scaleT, zeroT = scale.T.contiguous(), zero.T.contiguous()
     deqT, codesT = torch.empty_like(WT), torch.empty_like(WT)
-    g, maxq = grid.group_size, grid.maxq
+    g = grid.group_size
+    # A "regular" block is full and every group that starts in it also ends in it: its column loop
+    # has one fixed kernel sequence, run on fixed buffers (`_BlockLoop`), which on CUDA is captured
+    # once per layer shape as a graph and replayed (the loop is launch-bound: ~9 tiny kernels a column).
+    regular_ok = static or (block_size % g == 0)
+    loop = _BlockLoop.get(WT, scaleT.shape[1], block_size, grid, static) if regular_ok else None
+    group_index = torch.tensor(column_group, device=WT.device) if loop is not None and static else None
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        W1 = WT[i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Q1, C1 = deqT[i1:i2], codesT[i1:i2]
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not static and col % g == 0:
-                end = min(col + g, columns)
-                current = W1[i:min(end, i2) - i1]
-                if end > i2:
-                    # Columns past this block still lack this block's lazy update: apply it for them.
-                    tail = WT[i2:end] - U[i1:col, i2:end].T @ Err1[:i]
-                    current = torch.cat([current, tail], dim=0)
-                s, z = grid.params_from_range(current.amin(dim=0), current.amax(dim=0))
-                scaleT[column_group[col]], zeroT[column_group[col]] = s, z
-            group = column_group[col]
-            s, z = scaleT[group], zeroT[group]
-            w, q, dq, err = W1[i], C1[i], Q1[i], Err1[i]
-            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
-            torch.sub(q, z, out=dq).mul_(s)
-            torch.sub(w, dq, out=err).div_(U1[i, i])
-            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+        if loop is not None and i2 - i1 == block_size:
+            Err1 = loop.run(WT, U, scaleT, zeroT, deqT, codesT, i1, i2, column_group, group_index)
+        else:
+            Err1 = _irregular_block(WT, U, scaleT, zeroT, deqT, codesT, i1, i2, column_group, grid, static)
         WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
     scale, zero = scaleT.T.contiguous(), zeroT.T.contiguous()
     deq, codes = deqT.T, codesT.T
@@ -103,6 +96,129 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid,
         deq, codes = deq[:, inverse], codes[:, inverse]
     return QuantizedWeight(weight=deq.contiguous(), codes=codes.to(torch.uint8).contiguous(), scale=scale,
                            zero=zero.to(torch.int32), grid=grid)
+
+
+def _round_column(w, q, dq, err, s, z, d, maxq, rest, u_row):
+    """Column i of a block: codes q, dequantized dq, scaled error err; spread err over the rest."""
+    torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
+    torch.sub(q, z, out=dq).mul_(s)
+    torch.sub(w, dq, out=err).div_(d)
+    rest.addr_(u_row, err, alpha=-1)
+
+
+def _irregular_block(WT, U, scaleT, zeroT, deqT, codesT, i1, i2, column_group, grid, static):
+    """A block whose groups spill past its end, or the last partial block: run kernel by kernel."""
+    columns = WT.shape[0]
+    g, maxq = grid.group_size, grid.maxq
+    W1 = WT[i1:i2].clone()
+    Err1 = torch.zeros_like(W1)
+    Q1, C1 = deqT[i1:i2], codesT[i1:i2]
+    U1 = U[i1:i2, i1:i2]
+    for i in range(i2 - i1):
+        col = i1 + i
+        if not static and col % g == 0:
+            end = min(col + g, columns)
+            current = W1[i:min(end, i2) - i1]
+            if end > i2:
+                # Columns past this block still lack this block's lazy update: apply it for them.
+                tail = WT[i2:end] - U[i1:col, i2:end].T @ Err1[:i]
+                current = torch.cat([current, tail], dim=0)
+            s, z = grid.params_from_range(current.amin(dim=0), current.amax(dim=0))
+            scaleT[column_group[col]], zeroT[column_group[col]] = s, z
+        group = column_group[col]
+        _round_column(W1[i], C1[i], Q1[i], Err1[i], scaleT[group], zeroT[group], U1[i, i], maxq,
+                      W1[i + 1:], U1[i, i + 1:])
+    return Err1
+
+
+class _BlockLoop:
+    """The column loop of one full block on fixed buffers; on CUDA a captured graph.
+
+    Static parameters: per-column (scale, zero) rows are gathered into ``s_buf``/``z_buf`` before the
+    loop. Groups: the loop fits group k (columns k*g.. of the block) into row k when it enters it, and
+    the rows are copied out after. Every kernel and operand is the one the kernel-by-kernel loop uses,
+    so the codes are the same."""
+
+    _cache: dict = {}
+    _MAX_CACHED = 16
+    graphs_disabled = os.environ.get("LMMS_QUANT_CUDA_GRAPHS", "1") == "0"
+
+    def __init__(self, rows, prow, block, grid, static, device):
+        self.block, self.grid, self.static = block, grid, static
+        f32 = dict(device=device, dtype=torch.float32)
+        self.W1 = torch.zeros(block, rows, **f32)
+        self.Err1 = torch.zeros(block, rows, **f32)
+        self.Q1 = torch.zeros(block, rows, **f32)
+        self.C1 = torch.zeros(block, rows, **f32)
+        self.U1 = torch.eye(block, **f32)
+        n_params = block if static else block // grid.group_size
+        self.s_buf = torch.ones(n_params, prow, **f32)
+        self.z_buf = torch.zeros(n_params, prow, **f32)
+        self.graph = None
+        if torch.device(device).type == "cuda" and not _BlockLoop.graphs_disabled:
+            try:
+                self.graph = self._capture()
+            except Exception as err:  # a capture failure must not cost the result: run kernel by kernel
+                log.warning("lmms-quant gptq: CUDA graph capture failed (%s); running the column loop eagerly", err)
+                _BlockLoop.graphs_disabled = True
+                self.graph = None
+
+    @classmethod
+    def get(cls, WT, prow, block, grid, static):
+        key = (tuple(WT.shape), prow, block, grid, static, str(WT.device))
+        loop = cls._cache.get(key)
+        if loop is None:
+            if len(cls._cache) >= cls._MAX_CACHED:
+                cls._cache.pop(next(iter(cls._cache)))
+            loop = cls._cache[key] = cls(WT.shape[1], prow, block, grid, static, WT.device)
+        return loop
+
+    def _columns(self):
+        g, maxq = self.grid.group_size, self.grid.maxq
+        W1, Err1, Q1, C1, U1 = self.W1, self.Err1, self.Q1, self.C1, self.U1
+        for i in range(self.block):
+            if self.static:
+                k = i
+            else:
+                k = i // g
+                if i % g == 0:
+                    current = W1[i:i + g]
+                    s, z = self.grid.params_from_range(current.amin(dim=0), current.amax(dim=0))
+                    self.s_buf[k].copy_(s)
+                    self.z_buf[k].copy_(z)
+            _round_column(W1[i], C1[i], Q1[i], Err1[i], self.s_buf[k], self.z_buf[k], U1[i, i], maxq,
+                          W1[i + 1:], U1[i, i + 1:])
+
+    def _capture(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._columns()  # warm-up outside capture (lazy initialisations)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._columns()
+        return graph
+
+    def run(self, WT, U, scaleT, zeroT, deqT, codesT, i1, i2, column_group, group_index):
+        self.W1.copy_(WT[i1:i2])
+        self.Err1.zero_()
+        self.U1.copy_(U[i1:i2, i1:i2])
+        if self.static:
+            index = group_index[i1:i2]
+            torch.index_select(scaleT, 0, index, out=self.s_buf)
+            torch.index_select(zeroT, 0, index, out=self.z_buf)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._columns()
+        deqT[i1:i2].copy_(self.Q1)
+        codesT[i1:i2].copy_(self.C1)
+        if not self.static:
+            first = column_group[i1]
+            scaleT[first:first + self.s_buf.shape[0]].copy_(self.s_buf)
+            zeroT[first:first + self.z_buf.shape[0]].copy_(self.z_buf)
+        return self.Err1
 
 
 def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[dict]]:
