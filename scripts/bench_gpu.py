@@ -227,7 +227,9 @@ def main(argv=None) -> int:
         import datasets  # noqa: F401
         samples_from = "lmms_quant.fixtures calibration_samples"
     except ImportError:
-        calibration.load_samples = lambda calib, n, seed: _shapes_samples(n, seed)
+        from lmms_quant.quant import api
+
+        calibration.load_samples = api.load_samples = lambda calib, n, seed: _shapes_samples(n, seed)
         samples_from = "shapes world (datasets not installed)"
 
     import transformers
