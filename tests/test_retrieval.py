@@ -436,8 +436,9 @@ def test_quantized_plans_run_through_the_same_task(plan, components, corpus, tra
 
 
 def test_two_bit_vision_encoder_costs_retrieval(corpus, trained_fp_metrics, tmp_path):
-    metrics, _ = run_task(TRAINED_ITM, corpus[0], f",method=rtn,component=vit,bits=2,report_dir={tmp_path}")
-    assert metrics["r_mean"] < trained_fp_metrics["r_mean"] - 3
+    # the paper's uniform quantizer (per-tensor min-max) at 2 bits on the ViT of the trained model
+    metrics, _ = run_task(TRAINED_ITM, corpus[0], f",method=rtn,granularity=uniform,component=vit,bits=2,report_dir={tmp_path}")
+    assert metrics["r_mean"] < trained_fp_metrics["r_mean"] - 10
 
 
 def test_plan_keys_for_a_language_model_are_refused_before_loading():
