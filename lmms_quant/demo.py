@@ -5,7 +5,7 @@ BLIP-2 image-text-retrieval model, trained by ``scripts/train_tiny_vlm.py`` on a
 coloured shapes. The demo writes held-out data of that world in lmms-eval's schemas, runs two sweeps
 through lmms-eval (captions + VQA with ``quant_blip2``; retrieval with ``quant_blip2_itm``) at FP16
 and a grid of quantization plans, then prints the leaderboard and writes the HTML page. These are
-the numbers of a ~2M-parameter model on synthetic data — a demonstration of the pipeline and of
+the numbers of ~0.5M-parameter models on synthetic data — a demonstration of the pipeline and of
 real quantization effects, not the paper's numbers.
 """
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     minutes = (time.monotonic() - started) / 60
     print(f"{len(table.rows)} configurations in {math.floor(minutes)}m{round(minutes % 1 * 60):02d}s. "
-          f"A ~2M-parameter model on synthetic data: these are not the paper's numbers.")
+          f"Models of ~0.5M parameters on synthetic data: these are not the paper's numbers.")
     for path in written.values():
         print(f"wrote {path}")
     if failed:
