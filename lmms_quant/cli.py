@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "demo": ("lmms_quant.demo", "main", "the shipped tiny VLMs through lmms-eval at FP16 and a quantization grid"),
     "sweep": ("lmms_quant.sweep", "main", "run a grid of configurations (resumable) from a grid YAML"),
     "leaderboard": ("lmms_quant.leaderboard", "main", "Markdown/CSV/HTML leaderboard of a runs directory"),
+    "weight-cache": ("lmms_quant.weight_cache", "main", "list, verify or clear a cache of quantized weights"),
 }
 
 

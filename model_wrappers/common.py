@@ -465,8 +465,9 @@ class QuantVLM(lmms):
         if identity is None:
             eval_logger.warning(f"lmms-quant: cannot identify {self.args.pretrained} offline; weight cache not used")
             return self._quantize(datasets).to_dict()
-        key = wc.cache_key(identity, self.plan.digest(), wc.calibration_fingerprint(self.plan.calib),
-                           dtype=str(self.model.dtype))
+        described = {"pretrained": self.args.pretrained, "model": identity, "plan": self.plan.as_model_args(),
+                     "calibration": wc.calibration_fingerprint(self.plan.calib), "dtype": str(self.model.dtype)}
+        key = wc.cache_key(identity, self.plan.digest(), described["calibration"], dtype=described["dtype"])
 
         def build():
             report = self._quantize(datasets)
@@ -476,7 +477,7 @@ class QuantVLM(lmms):
                        if name.startswith(prefixes)}
             return tensors, report.to_dict()
 
-        entry, hit = wc.WeightCache(self.args.weight_cache).get_or_build(key, build)
+        entry, hit = wc.WeightCache(self.args.weight_cache).get_or_build(key, build, identity=described)
         if hit:
             wc.load_into(self.model, entry.tensors)
         eval_logger.info(f"lmms-quant: weight cache {'hit' if hit else 'miss'} ({key})")
