@@ -9,7 +9,7 @@ k-best lists. This script measures the peak memory above the inputs for several 
 CPU (peak RSS of a fresh child process per run) and/or CUDA (the caching allocator's peak), and with
 ``--dense`` also the naive whole-tensor computation for comparison.
 
-    python scripts/bench_retrieval_memory.py --devices cpu cuda --out results/bench_retrieval_memory
+    python scripts/bench_retrieval_memory.py --devices cpu cuda --out benchmarks/retrieval_memory
 
 Writes ``<out>/bench_retrieval_memory.json`` and ``.md`` (each atomically: temp file, then rename).
 """
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-elements", type=int, nargs="+", default=[2**22, 2**24, 2**26])
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     parser.add_argument("--dense", action="store_true", help="also the naive whole-tensor computation")
-    parser.add_argument("--out", default="results/bench_retrieval_memory")
+    parser.add_argument("--out", default="benchmarks/retrieval_memory")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
