@@ -139,3 +139,23 @@ def test_quantized_run_through_lmms_eval_writes_the_report_beside_the_results(ti
     tensors = report["tensors"]
     assert tensors and all(t["component"] == "vit" and t["method"] == "gptq" and t["bits"] == 4 for t in tensors)
     assert {t["name"].split(".")[0] for t in tensors} == {"vision_model"}
+
+
+def test_the_wheel_puts_everything_under_the_lmms_quant_namespace_with_task_yamls_and_models(tmp_path):
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(repo), "-w", str(tmp_path)],
+                   check=True, capture_output=True, timeout=600)
+    names = zipfile.ZipFile(next(tmp_path.glob("lmms_quant-*.whl"))).namelist()
+    assert {n.split("/")[0] for n in names} == {"lmms_quant", f"lmms_quant-{_version()}.dist-info"}
+    for shipped in ("lmms_quant/model_wrappers/blip2.py", "lmms_quant/tasks/coco2017_cap_val_local.yaml",
+                    "lmms_quant/tasks/flickr30k_retrieval_local.yaml", "lmms_quant/assets/tiny_blip2/model.safetensors",
+                    "lmms_quant/assets/tiny_blip2_itm/tokenizer.json", "lmms_quant/scripts/train_tiny_vlm.py"):
+        assert shipped in names, shipped
+
+
+def _version():
+    import lmms_quant
+
+    return lmms_quant.__version__
