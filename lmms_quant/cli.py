@@ -95,13 +95,6 @@ def make_fixtures_main(argv: list[str]) -> int:
 
 # --------------------------------------------------------------------------- eval
 
-def _model_class(model_id: str):
-    from lmms_quant.model_ids import MODEL_CLASSES
-
-    module, _, name = MODEL_CLASSES[model_id].rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def canonical_model_args(model_id: str, model_args: str) -> str:
     """Validate an lmms-quant model's arguments and spell out every quantization setting.
 
@@ -109,11 +102,11 @@ def canonical_model_args(model_id: str, model_args: str) -> str:
     string. Folding the resolved plan (defaults included) and the lmms-quant version into it means two
     configurations can never share cached responses, even across versions with other defaults.
     """
-    from lmms_quant.model_ids import MODEL_CLASSES
+    from lmms_quant.model_ids import MODEL_CLASSES, model_class
 
     if model_id not in MODEL_CLASSES:
         return model_args
-    return _model_class(model_id).canonical_model_args(model_args)
+    return model_class(model_id).canonical_model_args(model_args)
 
 
 def _missing_local_data(include_dir: Path, tasks: str | None) -> list[str]:

@@ -44,7 +44,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lmms_quant.sweep import CONFIG_FILE, RUN_FILE, _model_class, completed_run, find_results_files
+from lmms_quant.model_ids import model_class
+from lmms_quant.sweep import CONFIG_FILE, RUN_FILE, completed_run, find_results_files
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -156,7 +157,7 @@ def parse_model_args(text: str) -> dict[str, str]:
 @functools.lru_cache(maxsize=None)
 def _wrapper_keys(model: str) -> tuple[str, ...] | None:
     try:
-        return tuple(_model_class(model).wrapper_keys())
+        return tuple(model_class(model).wrapper_keys())
     except (KeyError, ImportError, AttributeError):
         return None
 

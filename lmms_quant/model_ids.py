@@ -7,3 +7,11 @@ MODEL_CLASSES = {
     "quant_llava": "lmms_quant.model_wrappers.llava.QuantLlava",
     "quant_blip2_itm": "lmms_quant.model_wrappers.blip2_itm.QuantBlip2ITM",
 }
+
+
+def model_class(model_id: str):
+    """The wrapper class of an lmms-quant model id (imports it: torch, transformers, lmms-eval)."""
+    import importlib
+
+    module, _, name = MODEL_CLASSES[model_id].rpartition(".")
+    return getattr(importlib.import_module(module), name)

@@ -68,7 +68,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -77,7 +76,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import yaml
 
-from lmms_quant.atomic import fsync_dir as _fsync_dir, write_json_atomic
+from lmms_quant.atomic import write_json_atomic
+from lmms_quant.model_ids import MODEL_CLASSES, model_class
 
 GRID_KEYS = {
     "model": "lmms-eval model id of an lmms-quant wrapper (quant_blip2, quant_llava, quant_blip2_itm)",
@@ -268,15 +268,6 @@ def _validate_seed(value: Any) -> str | None:
     return ",".join(p.strip() for p in parts)
 
 
-def _model_classes() -> dict[str, str]:
-    from lmms_quant.model_ids import MODEL_CLASSES
-
-    return MODEL_CLASSES
-
-
-def _model_class(model: str):
-    module, _, name = _model_classes()[model].rpartition(".")
-    return getattr(importlib.import_module(module), name)
 
 
 class ConfigurationChecker:
@@ -292,7 +283,7 @@ class ConfigurationChecker:
         from lmms_quant.quant import QuantPlan
 
         self.quant_plan = QuantPlan
-        self.wrapper = _model_class(model)
+        self.wrapper = model_class(model)
         self.wrapper_keys = tuple(self.wrapper.wrapper_keys())
 
     def plan_keys(self, args: dict[str, Any]) -> set[str]:
@@ -341,7 +332,6 @@ def load_grid(path: str | os.PathLike | None = None, *, data: dict | None = None
 
 
 def _load_grid(path, data, output_dir, known_tasks, checker_factory) -> Grid:
-    MODEL_CLASSES = _model_classes()
     unknown = [k for k in data if k not in GRID_KEYS]
     if unknown:
         raise GridError(f"unknown key {unknown[0]!r}; valid keys: {', '.join(GRID_KEYS)}")
