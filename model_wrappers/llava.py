@@ -23,12 +23,16 @@ class QuantLlava(QuantVLM):
                              f"valid: a llava-hf checkpoint (chat_template.jinja or processor chat_template)")
         self.tokenizer.padding_side = "left"
 
+    def prompt_and_images(self, request: ChatRequest) -> tuple[str, list]:
+        """The text and RGB images the processor gets for one request (both generation paths use it)."""
+        prompt = self.processor.apply_chat_template(request.messages.to_hf_messages(), add_generation_prompt=True,
+                                                    tokenize=False)
+        return prompt, [image.convert("RGB") for image in request.images]
+
     def generate_batch(self, requests: list[ChatRequest], gen_kwargs: dict):
-        prompts = [
-            self.processor.apply_chat_template(r.messages.to_hf_messages(), add_generation_prompt=True, tokenize=False)
-            for r in requests
-        ]
-        images = [image.convert("RGB") for r in requests for image in r.images]
+        prepared = [self.prompt_and_images(r) for r in requests]
+        prompts = [prompt for prompt, _ in prepared]
+        images = [image for _, found in prepared for image in found]
         inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
         inputs = inputs.to(self.device).to(self.model.dtype)
         output_ids = self.model.generate(**inputs, **gen_kwargs)
