@@ -73,7 +73,8 @@ class Row:
     request: ChatRequest
     prompt: str
     image: object
-    image_key: str
+    image_key: str  # content hash: what the feature caches are keyed by
+    group: str  # rows of one group share one vision pass and one prefix (the image key, unless share_images is off)
     ids: list[int]
 
 
@@ -81,7 +82,7 @@ def order_rows(rows: list[Row]) -> list[Row]:
     """Image by image (each image's questions together), images with the longest prompts first."""
     groups: dict[str, list[Row]] = {}
     for row in rows:
-        groups.setdefault(row.image_key, []).append(row)
+        groups.setdefault(row.group, []).append(row)
     for group in groups.values():
         group.sort(key=lambda r: -len(r.ids))
     return [r for group in sorted(groups.values(), key=lambda g: -len(g[0].ids)) for r in group]
@@ -109,6 +110,9 @@ class GenerationPath:
             self.parts, why = None, f"{type(wrapper).__name__} has no prompt_and_images"
         self.why_stock = why
         self.device = device
+        # Ablation switches (tests and benchmarks): each fast-path idea can be turned off on its own.
+        self.share_images = True  # one vision pass per distinct image (off: one per request)
+        self.share_prefix = True  # the shared prompt prefix prefilled once per image (off: whole prompts)
         self.batch_sizes: dict[str, int] = {}
         wrapper.batch_sizes = self.batch_sizes  # lmms-eval records lm.batch_sizes in its results
         self._vision: VisionFeatures | None = None
@@ -166,7 +170,9 @@ class GenerationPath:
             if len(images) != 1:
                 stock.append(i)
                 continue
-            rows.append(Row(i, request, prompt, images[0], image_key(images[0]), self._prompt_ids(prompt, images[0])))
+            key = image_key(images[0])
+            group = key if self.share_images else f"request:{i}"
+            rows.append(Row(i, request, prompt, images[0], key, group, self._prompt_ids(prompt, images[0])))
         if stock:
             self._count_stock(len(stock), "requests without exactly one image")
         return ((rows, greedy, stops) if rows else None), stock
@@ -267,15 +273,16 @@ class GenerationPath:
     def _lookup(self, batch: list[Row]):
         keys, images, prompts = [], [], []
         for row in batch:
-            if row.image_key not in keys:
-                keys.append(row.image_key)
+            if row.group not in keys:
+                keys.append(row.group)
                 images.append(row.image)
                 prompts.append(row.prompt)
-        return self._vision.lookup(keys, images, prompts)
+        # Without image sharing every request is encoded (and nothing cached under a request's key).
+        return self._vision.lookup(keys, images, prompts, cached=self.share_images)
 
     def _generate(self, batch: list[Row], greedy: Greedy, size: int, pending) -> torch.Tensor:
         looked_up = pending.result() if pending is not None else None
-        keys = list(dict.fromkeys(r.image_key for r in batch))
+        keys = list(dict.fromkeys(r.group for r in batch))
         if looked_up is None or looked_up.keys != keys:
             looked_up = self._lookup(batch)
         features = self._vision.finish(looked_up)
@@ -290,14 +297,14 @@ class GenerationPath:
         """The batch as `Prompts`: the prefix all rows share (when it holds every image token), then suffixes."""
         parts, device = self.parts, self.device
         ids = [r.ids for r in batch]
-        group = torch.tensor([keys.index(r.image_key) for r in batch], device=device)
+        group = torch.tensor([keys.index(r.group) for r in batch], device=device)
         image_at = [[i for i, t in enumerate(row) if t == parts.image_token_id] for row in ids]
         for row, at in zip(batch, image_at):
             if len(at) != features.shape[1]:
                 raise ValueError(f"{row.request.where}: {len(at)} image tokens in the prompt, but the image gives "
                                  f"{features.shape[1]} features")
         prefix = min(common_prefix_len(ids), min(len(r) for r in ids) - 1)
-        if prefix and all(at[-1] < prefix for at in image_at):
+        if prefix and self.share_prefix and all(at[-1] < prefix for at in image_at):
             embeds = parts.embed(torch.tensor(ids[0][:prefix], device=device))
             prefix_embeds = embeds[None].repeat(len(keys), 1, 1)
             prefix_embeds[:, image_at[0]] = features.to(prefix_embeds.dtype)

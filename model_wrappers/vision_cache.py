@@ -169,8 +169,9 @@ class FeatureMemory:
 class Pending:
     """A batch's images split into features already known and pixel values still to encode."""
 
-    def __init__(self, keys, known, missing, pixel_values):
+    def __init__(self, keys, known, missing, pixel_values, cached):
         self.keys, self.known, self.missing, self.pixel_values = keys, known, missing, pixel_values
+        self.cached = cached
 
 
 class VisionFeatures:
@@ -204,18 +205,19 @@ class VisionFeatures:
         self.full_processor = not (alone.shape == stock.shape and torch.equal(alone, stock))
         return not self.full_processor
 
-    def lookup(self, keys: list[str], images: list, prompts: list[str]) -> Pending:
+    def lookup(self, keys: list[str], images: list, prompts: list[str], cached: bool = True) -> Pending:
+        """``keys``: the images' content hashes (``cached=False``: any unique names; nothing is cached)."""
         known, missing = {}, []
         for key, image, prompt in zip(keys, images, prompts):
-            tensor = self.memory.get(key)
-            if tensor is None and self.disk is not None:
+            tensor = self.memory.get(key) if cached else None
+            if tensor is None and cached and self.disk is not None:
                 tensor = self.disk.get(key)
             if tensor is None:
                 missing.append((key, image, prompt))
             else:
                 known[key] = tensor
         pixel_values = self._pixels([m[1] for m in missing], [m[2] for m in missing]) if missing else None
-        return Pending(keys, known, missing, pixel_values)
+        return Pending(keys, known, missing, pixel_values, cached)
 
     def finish(self, pending: Pending) -> torch.Tensor:
         """(distinct images, tokens, hidden) features in the order of ``pending.keys``."""
@@ -226,10 +228,11 @@ class VisionFeatures:
             self.tower_calls += 1
             for (key, _, _), tensor in zip(pending.missing, encoded):
                 found[key] = tensor.clone()  # its own storage: the LRU counts what it keeps alive
-                if self.disk is not None:
+                if self.disk is not None and pending.cached:
                     self.disk.put(key, found[key])
-        for key, tensor in found.items():
-            self.memory.put(key, tensor)
+        if pending.cached:
+            for key, tensor in found.items():
+                self.memory.put(key, tensor)
         return torch.stack([found[k] for k in pending.keys])
 
     def flush(self) -> None:
