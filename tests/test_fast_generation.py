@@ -204,3 +204,122 @@ def test_fast_generate_and_feature_cache_are_wrapper_keys_outside_the_recipe(tmp
     canonical = simple_parse_args_string(QuantBlip2.canonical_model_args(fast))
     assert canonical["fast_generate"] is False  # ... but lmms-eval's response cache key sees the kill switch
     assert canonical["feature_cache"] == str(tmp_path / "f")
+
+
+def _evaluate(model_id, include_path, tasks, fast, tmp_path):
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    results = simple_evaluate(
+        model=model_id, model_args=f"pretrained={SHIPPED[model_id]},dtype=float32,fast_generate={fast}",
+        tasks=list(tasks), task_manager=TaskManager(include_path=str(include_path), model_name=model_id),
+        batch_size=4, log_samples=True)
+    responses = {task: [(s["doc_id"], s["filtered_resps"]) for s in samples] for task, samples in results["samples"].items()}
+    return results["results"], responses
+
+
+def _scores_are_the_same_through_lmms_eval(model_id, eval_tasks, include_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # COCO's aggregation writes submissions/ into the working directory
+    stock_scores, stock_responses = _evaluate(model_id, include_path, eval_tasks, "false", tmp_path)
+    fast_scores, fast_responses = _evaluate(model_id, include_path, eval_tasks, "true", tmp_path)
+    assert fast_responses == stock_responses
+    assert fast_scores == stock_scores
+    assert set(fast_scores) == set(eval_tasks)
+
+
+@pytest.mark.parametrize("model_id", SHIPPED)
+def test_lmms_eval_scores_vqa_the_same_with_the_fast_path(model_id, include_path, tmp_path, monkeypatch):
+    _scores_are_the_same_through_lmms_eval(model_id, ("vqav2_val_local", "gqa_local"), include_path, tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_id", SHIPPED)
+def test_lmms_eval_scores_captions_the_same_with_the_fast_path(model_id, include_path, tmp_path, monkeypatch):
+    _scores_are_the_same_through_lmms_eval(model_id, ("coco2017_cap_val_local", "flickr30k_test_local"), include_path,
+                                           tmp_path, monkeypatch)
+
+
+def _oom_above(limit, real):
+    def generate(*args, rows=None, **kwargs):
+        if rows > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (test: {rows} rows > {limit})")
+        return real(*args, rows=rows, **kwargs)
+    return generate
+
+
+def test_batch_size_auto_halves_until_the_batch_fits_and_keeps_that_size(tasks, stock, monkeypatch):
+    from lmms_eval.models import get_model
+
+    from lmms_quant.model_wrappers import decoding
+
+    monkeypatch.setattr(decoding.StaticCacheDecoder, "generate",
+                        _oom_above(3, decoding.StaticCacheDecoder.generate))
+    lm = get_model("quant_blip2").create_from_arg_string(
+        f"pretrained={SHIPPED['quant_blip2']},dtype=float32,fast_generate=true",
+        {"batch_size": "auto", "max_batch_size": 8, "device": None})  # what lmms-eval passes for --batch_size auto
+    for name, task in tasks.items():
+        lm.task_dict[name] = task.dataset
+    assert answers(lm.generate_until(requests_of(tasks))) == stock["quant_blip2"]
+    # 8 and 4 do not fit, 2 does: found once per task shape (captions, VQA questions), then kept.
+    assert lm.batch_sizes and set(lm.batch_sizes.values()) == {2}
+
+
+def test_batch_size_auto_also_sizes_the_stock_path(tasks, stock, monkeypatch):
+    from lmms_eval.models import get_model
+
+    lm = get_model("quant_llava").create_from_arg_string(
+        f"pretrained={SHIPPED['quant_llava']},dtype=float32,fast_generate=false",
+        {"batch_size": "auto", "max_batch_size": 8, "device": None})
+    for name, task in tasks.items():
+        lm.task_dict[name] = task.dataset
+    real = lm.generate_batch
+
+    def generate_batch(requests, gen_kwargs):
+        if len(requests) > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real(requests, gen_kwargs)
+
+    monkeypatch.setattr(lm, "generate_batch", generate_batch)
+    assert answers(lm.generate_until(requests_of(tasks))) == stock["quant_llava"]
+    assert set(lm.batch_sizes.values()) == {4}
+
+
+def test_batch_size_values():
+    from lmms_quant.model_wrappers.loading import parse_batch_size, parse_wrapper_args
+
+    assert parse_batch_size("auto") == "auto" and parse_batch_size("3") == 3
+    with pytest.raises(ValueError, match="batch_size.*'auto:4'.*positive integer or 'auto'"):
+        parse_batch_size("auto:4")
+    args = parse_wrapper_args({"pretrained": "x", "batch_size": "auto", "max_batch_size": 32})
+    assert args.auto_batch and args.batch_size == 32
+    assert parse_wrapper_args({"pretrained": "x", "batch_size": "auto"}).batch_size == 64
+    with pytest.raises(ValueError, match="max_batch_size"):
+        parse_wrapper_args({"pretrained": "x", "max_batch_size": 0})
+
+
+def test_only_plain_greedy_search_is_served_fast():
+    from transformers import GenerationConfig
+
+    from lmms_quant.model_wrappers.decoding import Greedy, greedy_settings
+
+    base = GenerationConfig(eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    assert greedy_settings(base, {"max_new_tokens": 16, "do_sample": False, "temperature": 0}) == Greedy(16, (1,), 0)
+    assert greedy_settings(GenerationConfig(eos_token_id=[1, 5]), {"max_new_tokens": 4}) == Greedy(4, (1, 5), 1)
+    assert "sampling" in greedy_settings(base, {"max_new_tokens": 4, "do_sample": True})
+    assert "beam" in greedy_settings(base, {"max_new_tokens": 4, "num_beams": 3})
+    assert "repetition_penalty" in greedy_settings(base, {"max_new_tokens": 4, "repetition_penalty": 1.2})
+    assert "max_new_tokens" in greedy_settings(base, {"max_length": 30})
+    with_processor = GenerationConfig(eos_token_id=1, no_repeat_ngram_size=3)  # from a checkpoint's generation_config
+    assert "no_repeat_ngram_size" in greedy_settings(with_processor, {"max_new_tokens": 4})
+
+
+def test_rows_are_ordered_image_by_image_longest_prompts_first():
+    from lmms_quant.model_wrappers.generation import Row, common_prefix_len, order_rows
+
+    def row(i, key, n):
+        return Row(i, None, "", None, key, key, list(range(n)))
+
+    rows = [row(0, "a", 5), row(1, "b", 9), row(2, "a", 7), row(3, "c", 3), row(4, "b", 2)]
+    assert [r.index for r in order_rows(rows)] == [1, 4, 2, 0, 3]
+    assert common_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_len([[7, 8], [7, 8]]) == 2
