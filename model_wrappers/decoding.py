@@ -123,9 +123,6 @@ class _State:
         self.graph = None
         self.graph_error: str | None = None
 
-    def key(self):
-        return self.rows, self.length, self.greedy
-
     def mutable(self) -> list[torch.Tensor]:
         counters = [layer.cumulative_length for layer in self.cache.layers]
         return [self.tokens, self.positions, self.slot, self.step, self.out, self.kv_valid, self.finished, *counters]
@@ -153,7 +150,12 @@ class StaticCacheDecoder:
         return self.parts.lm(**kwargs).logits[:, -1]
 
     def _state_for(self, rows: int, length: int, greedy: Greedy) -> _State:
-        if self._state is None or self._state.key() != (rows, length, greedy):
+        """The current state if it fits (a longer cache only adds masked slots), else a new one.
+
+        Rows come longest prompts first, so the first batch of a task sizes the cache for the rest and the
+        graph is captured once per task."""
+        state = self._state
+        if state is None or (state.rows, state.greedy) != (rows, greedy) or state.length < length:
             self._state = None  # free the old cache before allocating the new one
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -218,7 +220,7 @@ class StaticCacheDecoder:
         state.step.fill_(1)
         state.out.fill_(state.greedy.pad_token_id)
         state.out[:, 0] = first
-        state.finished.copy_(torch.isin(first, state.eos))
+        state.finished.copy_(_is_eos(first, state.eos))
 
     # ------------------------------------------------------------------ the decode step
 
@@ -229,7 +231,7 @@ class StaticCacheDecoder:
         logits = self._logits(state.cache, input_ids=state.tokens, attention_mask=mask, position_ids=state.positions)
         token = torch.where(state.finished, state.pad, logits.argmax(-1))
         state.out.index_copy_(1, state.step, token[:, None])
-        state.finished |= torch.isin(token, state.eos)
+        state.finished |= _is_eos(token, state.eos)
         state.tokens.copy_(token[:, None])
         state.positions.add_(1)
         state.slot.add_(1)
@@ -267,6 +269,11 @@ class StaticCacheDecoder:
         finally:
             for tensor, value in zip(state.mutable(), saved):
                 tensor.copy_(value)
+
+
+def _is_eos(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """(rows,) bool; a broadcast compare (always graph-capturable; False for every row when there is no EOS)."""
+    return (tokens[:, None] == eos[None, :]).any(dim=1)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -100,11 +100,13 @@ def common_prefix_len(sequences: list[list[int]]) -> int:
 class GenerationPath:
     """Serves one wrapper's generate_until requests (see the module docstring)."""
 
-    def __init__(self, wrapper):
+    def __init__(self, wrapper, fast: bool | None = None):
+        """``fast``: force the fast path on or off (benchmarks); by default the wrapper's fast_generate."""
         self.wrapper = wrapper
         args = wrapper.args
         device = torch.device(wrapper.device)
-        enabled = args.fast_generate if args.fast_generate is not None else device.type == "cuda"
+        enabled = fast if fast is not None else args.fast_generate
+        enabled = enabled if enabled is not None else device.type == "cuda"
         self.parts, why = (None, "fast_generate=false") if not enabled else parts_for(wrapper.model)
         if self.parts is not None and not hasattr(wrapper, "prompt_and_images"):
             self.parts, why = None, f"{type(wrapper).__name__} has no prompt_and_images"
@@ -120,7 +122,7 @@ class GenerationPath:
         self._prompt_ids = PromptIds(wrapper.processor)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmms-quant-prefetch")
         self.stats = {"fast_requests": 0, "stock_requests": 0, "stock_reasons": {}, "batches": 0,
-                      "distinct_images": 0, "prefix_tokens": 0, "suffix_tokens": 0}
+                      "distinct_images": 0, "prefix_tokens": 0, "suffix_tokens": 0, "prompt_tokens": 0}
 
     # ------------------------------------------------------------------ entry point
 
@@ -291,6 +293,7 @@ class GenerationPath:
         self.stats["distinct_images"] += len(keys)
         self.stats["prefix_tokens"] += prompts.prefix_len * len(keys)
         self.stats["suffix_tokens"] += int(prompts.suffix_valid.sum())
+        self.stats["prompt_tokens"] += sum(len(r.ids) for r in batch)
         return self._decoder.generate(prompts, greedy, rows=size)
 
     def layout(self, batch: list[Row], keys: list[str], features: torch.Tensor) -> Prompts:
