@@ -139,10 +139,19 @@ class Bench:
             for path_name, fast in (("stock", False), ("fast", True)):
                 if self.late(f"{name} {kind} {path_name}"):
                     continue
-                lm._generation_path = GenerationPath(lm, fast=fast)
-                self.evaluate(lm, task, limit=batch)  # warm-up
-                lm._generation_path = GenerationPath(lm, fast=fast)
-                measured = self.evaluate(lm, task)
+                try:
+                    lm._generation_path = GenerationPath(lm, fast=fast)
+                    self.evaluate(lm, task, limit=batch)  # warm-up
+                    lm._generation_path = GenerationPath(lm, fast=fast)
+                    measured = self.evaluate(lm, task)
+                except Exception as err:  # noqa: BLE001 - recorded; the other measurements still run
+                    import traceback
+
+                    traceback.print_exc()
+                    run["tasks"].setdefault(kind, {})[path_name] = {"error": f"{type(err).__name__}: {err}"}
+                    lm._generation_path = None
+                    self.free()
+                    continue
                 images = measured["requests"] / (5 if kind == "vqa" else 1)
                 measured.update(images=images, images_per_s=images / measured["generate_s"],
                                 path=lm._generation_path.summary())
@@ -151,7 +160,7 @@ class Bench:
                       f"({measured['requests']} requests in {measured['generate_s']:.1f} s)", flush=True)
                 self.write()
         fast = run["tasks"].get("caption", {}).get("fast")
-        if fast:
+        if fast and "path" in fast:
             run["caption_prompt_tokens"] = fast["path"]["prompt_tokens"] / max(1, fast["path"]["fast_requests"])
         del lm
         self.free()
@@ -197,7 +206,8 @@ class Bench:
             for dtype in ("float32", "float16") if self.device.type == "cuda" else ("float32",):
                 if self.late(f"agreement {name} {dtype}"):
                     continue
-                out[f"{name}/{dtype}"] = token_agreement(self, spec["model_id"], assets / spec["asset"], include, dtype)
+                yamls = [self.tasks / "bench_caption.yaml", include / "vqav2_val_local.yaml", include / "gqa_local.yaml"]
+                out[f"{name}/{dtype}"] = token_agreement(self, spec["model_id"], assets / spec["asset"], yamls, dtype)
                 print(f"agreement {name} {dtype}: {out[f'{name}/{dtype}']}", flush=True)
                 self.write()
 
@@ -255,7 +265,8 @@ def decode_exactly_max_new_tokens(lm) -> None:
             config.eos_token_id = None
 
 
-def token_agreement(bench: Bench, model_id: str, checkpoint: Path, include: Path, dtype: str) -> dict:
+def token_agreement(bench: Bench, model_id: str, checkpoint: Path, yamls: list[Path], dtype: str) -> dict:
+    """Per request: the fast path's new tokens vs transformers generate's on the same batch of 16."""
     from lmms_eval.api.task import ConfigurableMessagesTask
     from lmms_eval.utils import load_yaml_config
 
@@ -265,11 +276,10 @@ def token_agreement(bench: Bench, model_id: str, checkpoint: Path, include: Path
     lm = bench.load(model_id, checkpoint, 16, dtype=dtype)
     rows_equal = rows_total = tokens_equal = tokens_total = 0
     pad = lm.tokenizer.pad_token_id
-    for name in ("coco2017_cap_val_local", "vqav2_val_local", "gqa_local"):
-        task = ConfigurableMessagesTask(config=load_yaml_config(str(include / f"{name}.yaml"), mode="full"),
-                                        model_name=model_id)
-        task.build_all_requests(limit=None, rank=0, world_size=1)
-        lm.task_dict[name] = task.dataset
+    for yaml_path in yamls:  # captions through the bench's task: COCO's metric needs pycocoevalcap and Java
+        task = ConfigurableMessagesTask(config=load_yaml_config(str(yaml_path), mode="full"), model_name=model_id)
+        task.build_all_requests(limit=bench.args.agreement_images * 5, rank=0, world_size=1)
+        lm.task_dict[task.config.task] = task.dataset
         path = GenerationPath(lm, fast=True)
         (rows, greedy, _), _ = path._split(task.instances, list(range(len(task.instances))))
         path._setup()
@@ -301,7 +311,7 @@ def table(result: dict) -> str:
     for run in result["runs"]:
         for kind, paths in run["tasks"].items():
             stock, fast = paths.get("stock"), paths.get("fast")
-            if not (stock and fast):
+            if not (stock and fast) or "error" in stock or "error" in fast:
                 continue
             speedup = fast["images_per_s"] / stock["images_per_s"]
             bound = roofline(run["model"], run["batch"]).get(kind) if result["arch"] == "real" else None
@@ -319,6 +329,13 @@ def table(result: dict) -> str:
         sweep = result["sweep"]
         lines.append(f"\nsweep (4 LLM-only configurations, shared feature cache): the vision tower saw "
                      f"{sweep['vision_forward_images']} images for {sweep['distinct_images']} distinct images")
+    for what, error in result.get("errors", {}).items():
+        lines.append(f"error in {what}: {error}")
+    for run in result["runs"]:
+        for kind, paths in run["tasks"].items():
+            for path_name, measured in paths.items():
+                if "error" in measured:
+                    lines.append(f"error in {run['model']} {kind} {path_name}: {measured['error']}")
     for key, value in result.get("agreement", {}).items():
         lines.append(f"agreement {key}: rows {value['row_agreement']:.4f}, tokens {value['token_agreement']:.4f} "
                      f"({value['rows']} requests)")
@@ -356,12 +373,21 @@ def main(argv=None) -> int:
     bench = Bench(args)
     bench.tasks = write_bench_tasks(bench.scratch / "bench_tasks", bench.sizes["caption_images"],
                                     bench.sizes["vqa_images"], image_size=bench.sizes["image_size"])
-    bench.agreement()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
-    for name in names:
-        bench.throughput(name)
-        if name == "blip2":
-            bench.sweep()
+    # Most telling first: a step that fails is recorded and the next one runs.
+    steps = [("agreement", bench.agreement)] + [(f"throughput {n}", lambda n=n: bench.throughput(n)) for n in names]
+    if "blip2" in names:
+        steps.append(("sweep", bench.sweep))
+    for what, step in steps:
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001 - a benchmark reports what broke and goes on
+            import traceback
+
+            traceback.print_exc()
+            bench.result.setdefault("errors", {})[what] = f"{type(err).__name__}: {err}"
+            bench.free()
+        bench.write()
     bench.result["total_s"] = time.perf_counter() - bench.started
     bench.result["table"] = table(bench.result)
     bench.write()
