@@ -165,16 +165,18 @@ class GenerationPath:
         if isinstance(greedy, str):
             self._count_stock(len(indices), greedy)
             return None, indices
-        rows, stock = [], []
+        single, stock = [], []
         for i in indices:
             request = wrapper.chat_request(requests[i].args)
             prompt, images = wrapper.prompt_and_images(request)
-            if len(images) != 1:
-                stock.append(i)
-                continue
+            (single if len(images) == 1 else stock).append((i, request, prompt, images))
+        ids = self._prompt_ids.many([s[2] for s in single], [s[3][0] for s in single])
+        rows = []
+        for (i, request, prompt, images), row_ids in zip(single, ids):
             key = image_key(images[0])
             group = key if self.share_images else f"request:{i}"
-            rows.append(Row(i, request, prompt, images[0], key, group, self._prompt_ids(prompt, images[0])))
+            rows.append(Row(i, request, prompt, images[0], key, group, row_ids))
+        stock = [s[0] for s in stock]
         if stock:
             self._count_stock(len(stock), "requests without exactly one image")
         return ((rows, greedy, stops) if rows else None), stock

@@ -20,24 +20,48 @@ log = logging.getLogger(__name__)
 
 
 class _TransformOnce:
-    """Stands in for an image processor: the same answer for the same image objects, computed once."""
+    """Stands in for an image processor: each image object is transformed once, and a call with the same
+    object repeated (a batch of prompts sharing one stand-in) repeats that one result."""
 
     def __init__(self, real, memo: dict):
         self._real, self._memo = real, memo
 
     def __call__(self, *args, **kwargs):
-        images = kwargs.get("images", args[0] if args else None)
-        flat = images if isinstance(images, (list, tuple)) else [images]
-        key = (tuple(id(image) for image in flat), len(args), repr(sorted(kwargs.items(), key=lambda kv: kv[0])))
+        images = kwargs.pop("images", None) if "images" in kwargs else (args[0] if args else None)
+        args = args[1:] if args and images is args[0] else args
+        flat = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not flat or any(image is not flat[0] for image in flat):
+            return self._real(images, *args, **kwargs)
+        key = (id(flat[0]), len(args), repr(sorted(kwargs.items(), key=lambda kv: kv[0])))
         if key not in self._memo:
-            self._memo[key] = (flat, self._real(*args, **kwargs))  # keeps the images alive: ids stay unique
-        return copy.copy(self._memo[key][1])
+            self._memo[key] = (flat[0], self._real([flat[0]], *args, **kwargs))  # keeps the image alive: its id stays unique
+        one = self._memo[key][1]
+        repeated = copy.copy(one)
+        for name, value in one.items():
+            repeated[name] = _repeat(value, len(flat))
+        return repeated
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
 
+def _repeat(value, n: int):
+    """``value`` (one image's entry) for n identical images."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.expand(n, *value.shape[1:]) if value.shape[0] == 1 else value.repeat(n, *[1] * (value.dim() - 1))
+    if isinstance(value, np.ndarray):
+        return np.repeat(value, n, axis=0)
+    if isinstance(value, list):
+        return value * n
+    raise TypeError(f"cannot repeat an image processor output of type {type(value).__name__}")
+
+
 class PromptIds:
+    CHUNK = 256  # prompts per processor call
+
     def __init__(self, processor):
         self.processor = processor
         self.exact = False
@@ -62,28 +86,44 @@ class PromptIds:
         finally:
             self.processor.image_processor = real
 
-    def _call(self, prompt: str, image) -> list[int]:
-        return self.processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
+    def _call(self, prompts: list[str], images: list) -> list[list[int]]:
+        batch = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
 
     def __call__(self, prompt: str, image) -> list[int]:
+        return self.many([prompt], [image])[0]
+
+    def many(self, prompts: list[str], images: list) -> list[list[int]]:
+        """The processor's input_ids (unpadded) of each (prompt, one image) request."""
+        if not prompts:
+            return []
         if not self._checked:
-            self.check(prompt, image)
+            self.check(prompts[0], images[0])
         if self.exact:
-            return self._call(prompt, image)
+            return [self._call([p], [i])[0] for p, i in zip(prompts, images)]
+        out: list = [None] * len(prompts)
+        by_stand_in: dict = {}
+        for index, image in enumerate(images):
+            by_stand_in.setdefault(id(self._stand_in(image)), (self._stand_in(image), []))[1].append(index)
         with self._transform_once():
-            return self._call(prompt, self._stand_in(image))
+            for stand_in, indices in by_stand_in.values():
+                for start in range(0, len(indices), self.CHUNK):
+                    chunk = indices[start:start + self.CHUNK]
+                    for index, ids in zip(chunk, self._call([prompts[i] for i in chunk], [stand_in] * len(chunk))):
+                        out[index] = ids
+        return out
 
     def check(self, prompt: str, image) -> bool:
         """Compare the stand-in path with the real call on one request; use the real call if they differ."""
         self._checked = True
-        real = self._call(prompt, image)
+        real = self._call([prompt], [image])[0]
         try:
             with self._transform_once():
-                fast = self._call(prompt, self._stand_in(image))
+                fast = self._call([prompt, prompt], [self._stand_in(image)] * 2)
         except Exception as err:  # noqa: BLE001 - a processor that cannot take the stand-in keeps the real call
             log.warning("lmms-quant: prompt ids through a stand-in image failed (%s); using the full processor", err)
             fast = None
-        self.exact = fast != real
+        self.exact = fast != [real, real]
         if self.exact and fast is not None:
             log.warning("lmms-quant: prompt ids depend on image content here; using the full processor per request")
         return not self.exact

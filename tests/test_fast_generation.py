@@ -323,3 +323,23 @@ def test_rows_are_ordered_image_by_image_longest_prompts_first():
     assert [r.index for r in order_rows(rows)] == [1, 4, 2, 0, 3]
     assert common_prefix_len([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert common_prefix_len([[7, 8], [7, 8]]) == 2
+
+
+@pytest.mark.parametrize("model_id", SHIPPED)
+def test_prompt_ids_without_transforming_each_image_are_the_processors(model_id, tasks, monkeypatch):
+    from lmms_quant.model_wrappers.prompt_ids import PromptIds
+
+    lm = load(model_id, tasks)
+    chat = [lm.chat_request(r.args) for r in requests_of(tasks)]
+    prompts, images = zip(*[(p, i[0]) for p, i in (lm.prompt_and_images(r) for r in chat)])
+    expected = [lm.processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
+                for prompt, image in zip(prompts, images)]
+    transformed = []
+    image_processor = type(lm.processor.image_processor)
+    real = image_processor.__call__
+    monkeypatch.setattr(image_processor, "__call__", lambda self, *a, **k: transformed.append(1) or real(self, *a, **k))
+    encoder = PromptIds(lm.processor)
+    assert encoder.many(list(prompts), list(images)) == expected
+    assert not encoder.exact
+    # One real call (the check) and one stand-in transform, whatever the number of requests.
+    assert len(transformed) == 2 < len(prompts)
