@@ -40,6 +40,8 @@ from .vlm_parts import parts_for
 log = logging.getLogger(__name__)
 
 DEFAULT_AUTO_START = 64
+# Requests are prepared (docs fetched, images decoded and hashed) this many batches ahead, in threads.
+CHUNK_BATCHES, CHUNK_MIN, PREP_THREADS = 8, 256, 4
 OOM_MESSAGES = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "DefaultCPUAllocator: can't allocate memory")
 FEATURE_MEMORY_BYTES = {"cuda": 2 << 30, "cpu": 256 << 20}
 
@@ -121,6 +123,9 @@ class GenerationPath:
         self._decoder: StaticCacheDecoder | None = None
         self._prompt_ids = PromptIds(wrapper.processor)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmms-quant-prefetch")
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmms-quant-prepare")
+        self._prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="lmms-quant-docs")
+        self._prefetch: bool | None = None
         self.stats = {"fast_requests": 0, "stock_requests": 0, "stock_reasons": {}, "batches": 0,
                       "distinct_images": 0, "prefix_tokens": 0, "suffix_tokens": 0, "prompt_tokens": 0}
 
@@ -137,9 +142,12 @@ class GenerationPath:
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[2], sort_keys=True, default=str), []).append(i)
         for indices in groups.values():
-            fast, stock = self._split(requests, indices)
-            if fast is not None:
-                self._serve_fast(*fast, results)
+            greedy, stops = self._greedy(requests[indices[0]])
+            if isinstance(greedy, str):
+                self._count_stock(len(indices), greedy)
+                stock = indices
+            else:
+                stock = self._serve_fast_streamed(requests, indices, greedy, stops, results)
             if stock:
                 for i, result in zip(stock, self._serve_stock([requests[i] for i in stock])):
                     results[i] = result
@@ -154,32 +162,66 @@ class GenerationPath:
             log.info("lmms-quant: stock generation for %s", why)
         reasons[why] = reasons.get(why, 0) + n
 
-    def _split(self, requests, indices):
-        """((fast rows, greedy, stop strings) or None, indices for the stock path)."""
+    def _greedy(self, instance) -> tuple[Greedy | str, list[str]]:
+        """The plain-greedy settings of a request's generation kwargs (or why the stock path serves it)."""
         if self.parts is None:
-            self._count_stock(len(indices), self.why_stock)
-            return None, indices
+            return self.why_stock, []
+        kwargs, stops = hf_generate_kwargs(instance.args[2], self.wrapper.tokenizer.pad_token_id)
+        return greedy_settings(self.parts.generation_config, kwargs), stops
+
+    def _prepare(self, requests, indices: list[int]) -> list[tuple]:
+        """(index, ChatRequest, prompt, images, image key or None) per request; CPU work (doc lookup and
+        image decoding, chat template, content hash) spread over threads. No tokenizer here: a
+        tokenizer is not shared safely between threads (the main thread decodes meanwhile)."""
         wrapper = self.wrapper
-        kwargs, stops = hf_generate_kwargs(requests[indices[0]].args[2], wrapper.tokenizer.pad_token_id)
-        greedy = greedy_settings(self.parts.generation_config, kwargs)
+
+        def one(i):
+            request = wrapper.chat_request(requests[i].args)
+            prompt, images = wrapper.prompt_and_images(request)
+            return i, request, prompt, images, image_key(images[0]) if len(images) == 1 else None
+
+        return list(self._prep_pool.map(one, indices))
+
+    def _rows(self, prepared: list[tuple]) -> tuple[list[Row], list[int]]:
+        """Rows for the fast path (prompt ids on this thread) and the indices of requests it cannot take."""
+        single = [p for p in prepared if p[4] is not None]
+        ids = self._prompt_ids.many([p[2] for p in single], [p[3][0] for p in single])
+        rows = [Row(i, request, prompt, images[0], key, key if self.share_images else f"request:{i}", row_ids)
+                for (i, request, prompt, images, key), row_ids in zip(single, ids)]
+        stock = [p[0] for p in prepared if p[4] is None]
+        if stock:
+            self._count_stock(len(stock), "requests without exactly one image")
+        return rows, stock
+
+    def _split(self, requests, indices):
+        """((fast rows, greedy, stop strings) or None, indices for the stock path), all at once."""
+        greedy, stops = self._greedy(requests[indices[0]])
         if isinstance(greedy, str):
             self._count_stock(len(indices), greedy)
             return None, indices
-        single, stock = [], []
-        for i in indices:
-            request = wrapper.chat_request(requests[i].args)
-            prompt, images = wrapper.prompt_and_images(request)
-            (single if len(images) == 1 else stock).append((i, request, prompt, images))
-        ids = self._prompt_ids.many([s[2] for s in single], [s[3][0] for s in single])
-        rows = []
-        for (i, request, prompt, images), row_ids in zip(single, ids):
-            key = image_key(images[0])
-            group = key if self.share_images else f"request:{i}"
-            rows.append(Row(i, request, prompt, images[0], key, group, row_ids))
-        stock = [s[0] for s in stock]
-        if stock:
-            self._count_stock(len(stock), "requests without exactly one image")
+        rows, stock = self._rows(self._prepare(requests, indices))
         return ((rows, greedy, stops) if rows else None), stock
+
+    def _serve_fast_streamed(self, requests, indices, greedy: Greedy, stops: list[str], results: list) -> list[int]:
+        """Serve ``indices`` chunk by chunk: the next chunk is prepared on the CPU while the GPU serves this
+        one. Rows are grouped by image and sorted within a chunk; an image whose questions straddle two
+        chunks still goes through the tower once (the features stay in memory). Returns the indices left
+        for the stock path."""
+        chunk = max(CHUNK_MIN, CHUNK_BATCHES * (self.wrapper.args.max_batch_size or self.wrapper.batch_size))
+        chunks = [indices[i:i + chunk] for i in range(0, len(indices), chunk)]
+        leftover = []
+        bar = tqdm(total=len(indices), disable=self.wrapper.rank != 0, desc="Model Responding (fast)")
+        pending = self._prep.submit(self._prepare, requests, chunks[0])
+        for k in range(len(chunks)):
+            prepared = pending.result()
+            if k + 1 < len(chunks):
+                pending = self._prep.submit(self._prepare, requests, chunks[k + 1])
+            rows, stock = self._rows(prepared)
+            leftover += stock
+            if rows:
+                self._serve_fast(rows, greedy, stops, results, bar)
+        bar.close()
+        return leftover
 
     # ------------------------------------------------------------------ stock path
 
@@ -245,15 +287,16 @@ class GenerationPath:
         self._vision = VisionFeatures(parts, wrapper.processor, self.device, memory, disk)
         self._decoder = StaticCacheDecoder(parts, self.device, use_graph=self.device.type == "cuda")
 
-    def _serve_fast(self, rows: list[Row], greedy: Greedy, stops: list[str], results: list) -> None:
+    def _serve_fast(self, rows: list[Row], greedy: Greedy, stops: list[str], results: list, bar=None) -> None:
         self._setup()
         rows = order_rows(rows)
         first = rows[0]
-        prefetch = self._vision.check_pixels(first.image, first.prompt)  # else the processor stays on this thread
-        shape = f"fast:{greedy.max_new_tokens}:{math.ceil(len(first.ids) / 64) * 64}"
+        if self._prefetch is None:  # the processor's image transform alone may leave this thread
+            self._prefetch = self._vision.check_pixels(first.image, first.prompt)
+        prefetch = self._prefetch
+        shape = f"fast:{greedy.max_new_tokens}:{math.ceil(len(first.ids) / 256) * 256}"
         size = self.batch_sizes.get(shape, self._start_size()) if self.wrapper.args.auto_batch else self.wrapper.batch_size
         pos, pending = 0, None
-        bar = tqdm(total=len(rows), disable=self.wrapper.rank != 0, desc="Model Responding (fast)")
         while pos < len(rows):
             batch = rows[pos:pos + size]
             try:
@@ -271,8 +314,8 @@ class GenerationPath:
             pending = self._worker.submit(self._lookup, nxt) if nxt and prefetch else None
             self._finish(batch, tokens.cpu(), stops, results)
             pos += len(batch)
-            bar.update(len(batch))
-        bar.close()
+            if bar is not None:
+                bar.update(len(batch))
 
     def _lookup(self, batch: list[Row]):
         keys, images, prompts = [], [], []

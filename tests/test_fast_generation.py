@@ -343,3 +343,16 @@ def test_prompt_ids_without_transforming_each_image_are_the_processors(model_id,
     assert not encoder.exact
     # One real call (the check) and one stand-in transform, whatever the number of requests.
     assert len(transformed) == 2 < len(prompts)
+
+
+def test_chunked_serving_prepares_ahead_and_still_encodes_each_image_once(tasks, stock, monkeypatch):
+    from lmms_quant.model_wrappers import generation
+
+    monkeypatch.setattr(generation, "CHUNK_MIN", 7)  # several chunks per task: the next one is prepared meanwhile
+    monkeypatch.setattr(generation, "CHUNK_BATCHES", 1)
+    requests = requests_of(tasks)
+    lm = load("quant_llava", tasks, batch_size=3, fast_generate="true")
+    assert answers(lm.generate_until(requests)) == stock["quant_llava"]
+    summary = lm._generation_path.summary()
+    assert summary["images_encoded"] == len(distinct_images(tasks))
+    assert summary["batches"] > len(requests) / 3  # questions of one image split over chunks: more, smaller batches
