@@ -258,7 +258,8 @@ class StaticCacheDecoder:
                 self._step(state)  # warm-up: lazy allocations and kernel selection happen outside the capture
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the threads preparing the next requests (CPU work) must not void this capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._step(state)
             state.graph = graph
             self.stats["graph_captures"] += 1
