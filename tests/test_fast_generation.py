@@ -356,3 +356,34 @@ def test_chunked_serving_prepares_ahead_and_still_encodes_each_image_once(tasks,
     summary = lm._generation_path.summary()
     assert summary["images_encoded"] == len(distinct_images(tasks))
     assert summary["batches"] > len(requests) / 3  # questions of one image split over chunks: more, smaller batches
+
+
+@pytest.mark.parametrize("model_id", SHIPPED)
+def test_the_decode_step_never_reads_a_tensor_on_the_host(model_id):
+    """What CUDA graph capture needs: the step (and the set-up before its replays) runs on meta tensors,
+    which hold no data, so any .item(), bool() or copy to the CPU would raise."""
+    from transformers import AutoConfig, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+
+    from lmms_quant.model_wrappers.decoding import Greedy, Prompts, StaticCacheDecoder, _State
+    from lmms_quant.model_wrappers.vlm_parts import parts_for
+
+    config = AutoConfig.from_pretrained(SHIPPED[model_id])
+    cls = Blip2ForConditionalGeneration if model_id == "quant_blip2" else LlavaForConditionalGeneration
+    with torch.device("meta"):
+        model = cls(config).eval()
+    parts, why = parts_for(model)
+    assert parts is not None, why
+    decoder = StaticCacheDecoder(parts, torch.device("meta"), use_graph=False)
+    text = config.get_text_config()
+    heads, head_dim = text.num_key_value_heads if hasattr(text, "num_key_value_heads") else text.num_attention_heads, \
+        getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    rows, meta = 3, dict(device="meta")
+    state = _State(parts, rows, 32, Greedy(8, (1,), 0), torch.device("meta"), decoder.dtype)
+    for layer in state.cache.layers:  # a prefilled cache of 6 slots (prefill itself runs before capture)
+        layer.update(torch.zeros(rows, heads, 6, head_dim, **meta), torch.zeros(rows, heads, 6, head_dim, **meta))
+    prompts = Prompts(None, torch.zeros(rows, dtype=torch.long, **meta), torch.zeros(rows, 6, text.hidden_size, **meta),
+                      torch.ones(rows, 6, dtype=torch.bool, **meta))
+    with torch.no_grad():
+        decoder._start_decode(state, prompts, torch.zeros(rows, dtype=torch.long, **meta))
+        decoder._step(state)
+        decoder._step(state)
