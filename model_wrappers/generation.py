@@ -14,9 +14,7 @@ generation settings; each group is served by
 - the **stock path** otherwise: the wrapper's own ``generate_batch`` (transformers' ``generate``),
   batched exactly as before.
 
-``batch_size=auto`` (lmms-eval's ``--batch_size auto``): the first batch of each task shape is tried at
-``max_batch_size`` (default 64) and halved on out-of-memory until it fits, as lm-eval-harness does;
-the size found is kept for that shape (and shown in lmms-eval's results as ``batch_sizes``).
+``batch_size=auto`` (lmms-eval's ``--batch_size auto``) sizes the batches of both paths (`batch_size`).
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from tqdm import tqdm
 
+from .batch_size import BatchSizes
 from .decoding import Greedy, Prompts, StaticCacheDecoder, greedy_settings
 from .prompt_ids import PromptIds
 from .requests import ChatRequest, count_generated, hf_generate_kwargs, truncate_at
@@ -39,10 +38,8 @@ from .vlm_parts import parts_for
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AUTO_START = 64
 # Requests are prepared (docs fetched, images decoded and hashed) this many batches ahead, in threads.
 CHUNK_BATCHES, CHUNK_MIN, PREP_THREADS = 8, 256, 4
-OOM_MESSAGES = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "DefaultCPUAllocator: can't allocate memory")
 FEATURE_MEMORY_BYTES = {"cuda": 2 << 30, "cpu": 256 << 20}
 
 
@@ -56,15 +53,6 @@ def vision_recipe(recipe) -> dict:
 def vision_in_fp(recipe) -> bool:
     """The vision tower and connector stay in floating point: their features are every such configuration's."""
     return all(bits == 16 for bits in vision_recipe(recipe).values())
-
-
-def is_out_of_memory(err: BaseException | None) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    while err is not None:
-        if isinstance(err, oom) or isinstance(err, MemoryError) or any(m in str(err) for m in OOM_MESSAGES):
-            return True
-        err = err.__cause__
-    return False
 
 
 @dataclass
@@ -113,12 +101,14 @@ class GenerationPath:
         if self.parts is not None and not hasattr(wrapper, "prompt_and_images"):
             self.parts, why = None, f"{type(wrapper).__name__} has no prompt_and_images"
         self.why_stock = why
+        if self.parts is None and args.feature_cache:
+            log.info("lmms-quant: feature_cache=%s unused: it serves the fast path, and here %s", args.feature_cache, why)
         self.device = device
         # Ablation switches (tests and benchmarks): each fast-path idea can be turned off on its own.
         self.share_images = True  # one vision pass per distinct image (off: one per request)
         self.share_prefix = True  # the shared prompt prefix prefilled once per image (off: whole prompts)
-        self.batch_sizes: dict[str, int] = {}
-        wrapper.batch_sizes = self.batch_sizes  # lmms-eval records lm.batch_sizes in its results
+        self.sizing = BatchSizes(args.auto_batch, wrapper.batch_size, args.max_batch_size, self._release)
+        wrapper.batch_sizes = self.sizing.sizes  # lmms-eval records lm.batch_sizes in its results
         self._vision: VisionFeatures | None = None
         self._decoder: StaticCacheDecoder | None = None
         self._prompt_ids = PromptIds(wrapper.processor)
@@ -207,7 +197,7 @@ class GenerationPath:
         one. Rows are grouped by image and sorted within a chunk; an image whose questions straddle two
         chunks still goes through the tower once (the features stay in memory). Returns the indices left
         for the stock path."""
-        chunk = max(CHUNK_MIN, CHUNK_BATCHES * (self.wrapper.args.max_batch_size or self.wrapper.batch_size))
+        chunk = max(CHUNK_MIN, CHUNK_BATCHES * self.sizing.largest)
         chunks = [indices[i:i + chunk] for i in range(0, len(indices), chunk)]
         leftover = []
         bar = tqdm(total=len(indices), disable=self.wrapper.rank != 0, desc="Model Responding (fast)")
@@ -232,40 +222,17 @@ class GenerationPath:
                                        desc="Model Responding")
         order = sorted(range(len(instances)), key=lambda i: -len(instances[i].args[0]))
         shape = f"stock:{json.dumps(instances[0].args[2], sort_keys=True, default=str)}"
-        out = self._auto_batched([instances[i].args for i in order], shape, wrapper._serve_generation)
+        out = self.sizing.serve([instances[i].args for i in order], shape, wrapper._serve_generation)
         results = [None] * len(instances)
         for i, result in zip(order, out):
             results[i] = result
         return results
 
-    def _auto_batched(self, items: list, shape: str, serve) -> list:
-        """serve(batch) over ``items`` in order, halving the batch size on out-of-memory (auto)."""
-        size = self.batch_sizes.get(shape, self._start_size())
-        out, pos = [], 0
-        while pos < len(items):
-            batch = items[pos:pos + size]
-            try:
-                results = serve(batch)
-            except Exception as err:
-                if not is_out_of_memory(err) or size == 1:
-                    raise
-                size = self._smaller(size, shape, err)
-                continue
-            self.batch_sizes.setdefault(shape, size)
-            out.extend(results)
-            pos += len(batch)
-        return out
-
-    def _start_size(self) -> int:
-        return self.wrapper.args.max_batch_size or DEFAULT_AUTO_START
-
-    def _smaller(self, size: int, shape: str, err) -> int:
-        log.info("lmms-quant: batch of %d does not fit (%s); trying %d", size, type(err).__name__, size // 2)
+    def _release(self) -> None:
         if self._decoder is not None:
             self._decoder.release()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        return size // 2
 
     # ------------------------------------------------------------------ fast path
 
@@ -295,20 +262,19 @@ class GenerationPath:
             self._prefetch = self._vision.check_pixels(first.image, first.prompt)
         prefetch = self._prefetch
         shape = f"fast:{greedy.max_new_tokens}:{math.ceil(len(first.ids) / 256) * 256}"
-        size = self.batch_sizes.get(shape, self._start_size()) if self.wrapper.args.auto_batch else self.wrapper.batch_size
+        size = self.sizing.size(shape)
         pos, pending = 0, None
         while pos < len(rows):
             batch = rows[pos:pos + size]
             try:
                 tokens = self._generate(batch, greedy, size, pending)
             except Exception as err:
-                if not (self.wrapper.args.auto_batch and is_out_of_memory(err)) or size == 1:
+                if not self.sizing.can_retry(err, size):
                     where = ", ".join(r.request.where for r in batch)
                     raise RuntimeError(f"{type(self.wrapper).__name__}: generation failed for {where}: {err}") from err
-                size, pending = self._smaller(size, shape, err), None
+                size, pending = self.sizing.smaller(size, err), None
                 continue
-            if self.wrapper.args.auto_batch:
-                self.batch_sizes.setdefault(shape, size)
+            self.sizing.fits(shape, size)
             nxt = rows[pos + len(batch):pos + len(batch) + size]
             # The next batch's image lookups and transforms run while this batch's tokens come back.
             pending = self._worker.submit(self._lookup, nxt) if nxt and prefetch else None
@@ -391,7 +357,7 @@ class GenerationPath:
                                         "writes": disk.writes}
         if self._decoder is not None:
             out["decoder"] = dict(self._decoder.stats)
-        out["batch_sizes"] = dict(self.batch_sizes)
+        out["batch_sizes"] = dict(self.sizing.sizes)
         return out
 
 
@@ -403,5 +369,5 @@ def generation_path(wrapper) -> GenerationPath:
     return path
 
 
-__all__ = ["GenerationPath", "Row", "common_prefix_len", "generation_path", "is_out_of_memory", "order_rows",
+__all__ = ["GenerationPath", "Row", "common_prefix_len", "generation_path", "order_rows",
            "vision_in_fp", "vision_recipe"]

@@ -387,3 +387,33 @@ def test_the_decode_step_never_reads_a_tensor_on_the_host(model_id):
         decoder._start_decode(state, prompts, torch.zeros(rows, dtype=torch.long, **meta))
         decoder._step(state)
         decoder._step(state)
+
+
+def test_auto_sizing_halves_on_out_of_memory_only_and_keeps_the_size_per_shape():
+    from lmms_quant.model_wrappers.batch_size import BatchSizes, is_out_of_memory
+
+    released, tried = [], []
+
+    def serve(batch):
+        tried.append(len(batch))
+        if len(batch) > 5:  # wrapped, as the wrappers re-raise generation errors
+            raise RuntimeError("generation failed") from torch.OutOfMemoryError("CUDA out of memory")
+        return [x * 2 for x in batch]
+
+    sizes = BatchSizes(auto=True, fixed=1, start=32, release=lambda: released.append(1))
+    assert sizes.serve(list(range(30)), "a", serve) == [x * 2 for x in range(30)]
+    assert tried == [30, 16, 8] + [4] * 7 + [2]  # 32 > 30 items, so the first try is all of them
+    assert sizes.sizes == {"a": 4} and len(released) == 3
+    tried.clear()
+    sizes.serve(list(range(8)), "a", serve)
+    assert tried == [4, 4]  # found once, then kept for that shape
+
+    def not_memory(batch):
+        raise ValueError("a bug, not a full GPU")
+
+    with pytest.raises(ValueError):
+        sizes.serve([1], "b", not_memory)
+    assert not is_out_of_memory(ValueError("a bug"))
+    fixed = BatchSizes(auto=False, fixed=8, start=None, release=lambda: None)
+    with pytest.raises(RuntimeError, match="generation failed"):  # a fixed batch size is not searched
+        fixed.serve(list(range(9)), "a", serve)
