@@ -16,15 +16,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path, data: dict, *, sort_keys: bool = True) -> None:
-    """Write JSON so that readers see either nothing or the whole file, even across a crash."""
+def write_text_atomic(path, text: str) -> None:
+    """Write text so that readers see either nothing or the whole file, even across a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=sort_keys)
-            handle.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -33,3 +32,8 @@ def write_json_atomic(path, data: dict, *, sort_keys: bool = True) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path, data: dict, *, sort_keys: bool = True) -> None:
+    """Write JSON so that readers see either nothing or the whole file, even across a crash."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
