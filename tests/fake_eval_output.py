@@ -12,7 +12,7 @@ Scores are a deterministic function of the plan and the document (fewer bits -> 
 runs of one configuration give identical files apart from the timestamp in their names. What is logged
 per document is what the real tasks log: a VQA score; for captions the scorer's inputs (prediction and
 references, already in PTB-tokenized form: lower case, no punctuation) with the corpus scores computed
-by pycocoevalcap's own scorers; for retrieval a rank record (lmms_quant.retrieval) and R@K over them.
+by pycocoevalcap's own scorers; for retrieval a rank record (docs/retrieval.md) and R@K over them.
 
 Environment knobs (test instrumentation, not behaviour under test):
     FAKE_EVAL_LOG      append a JSON line when an invocation starts and when it finishes (event, pid,
@@ -116,6 +116,22 @@ def rank_record(plan: dict[str, str], task: str, doc_id: int, n_docs: int) -> di
             "n_images": n_docs, "n_texts": 2 * n_docs}
 
 
+RETRIEVAL_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r_mean", "t2i_r_mean", "r_mean")
+
+
+def recall_scores(records: list[dict]) -> dict[str, float]:
+    """R@K as lmms_quant.retrieval.recall_metrics defines it (not imported here: it imports torch,
+    seconds per fake run; tests/test_leaderboard_stats.py checks the leaderboard against it)."""
+    ranks = {"i2t": [r["i2t_rank"] for r in records], "t2i": [t for r in records for t in r["t2i_ranks"]]}
+    out = {}
+    for direction, found in ranks.items():
+        for k in (1, 5, 10):
+            out[f"{direction}_r{k}"] = 100.0 * sum(r < k for r in found) / len(found)
+        out[f"{direction}_r_mean"] = sum(out[f"{direction}_r{k}"] for k in (1, 5, 10)) / 3
+    out["r_mean"] = (out["i2t_r_mean"] + out["t2i_r_mean"]) / 2
+    return out
+
+
 def report_for(plan: dict[str, str], digest: str) -> dict:
     """A report in the schema of lmms_quant.quant.report.QuantReport.to_dict() (the fields the leaderboard reads)."""
     bits = component_bits(plan)
@@ -181,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 line.update({m: logged[-1] for m in CAPTION_METRICS})
             else:  # retrieval logs the doc's rank record under every metric
                 logged.append(rank_record(plan, task, doc_id, n_eff))
-                line.update({m: logged[-1] for m in _retrieval().METRICS})
+                line.update({m: logged[-1] for m in RETRIEVAL_METRICS})
             line["filtered_resps"] = str(line.get(metric))
             lines.append(json.dumps(line))
         if args.log_samples:
@@ -191,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         elif kind == "caption":
             values = caption_scores(logged)
         else:
-            values = _retrieval().recall_metrics(*_retrieval().corpus_ranks(logged))
+            values = recall_scores(logged)
         results["results"][task] = {"alias": task}
         for name, value in values.items():
             results["results"][task].update({f"{name},none": value, f"{name}_stderr,none": "N/A" if kind != "mean" else 0.01})
@@ -214,13 +230,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{date_id}_results.json").write_text(json.dumps(results, indent=2))
     _log("end", args)
     return 0
-
-
-def _retrieval():
-    """lmms_quant.retrieval (imports torch), only for a retrieval task."""
-    import lmms_quant.retrieval
-
-    return lmms_quant.retrieval
 
 
 def _plan_module():

@@ -27,13 +27,16 @@ def _headline(column, headlines):
 
 def _header(column, headlines) -> str:
     head = _headline(column, headlines)
-    if head is None:
+    if head is None and column.compact and " (" in column.title:  # "bpw (incl. overhead)": note below
+        title, _, note = column.title.partition(" (")
+        inner = f'{html.escape(title)}<span class="task">{html.escape(note.rstrip(")"))}</span>'
+    elif head is None:
         inner = html.escape(column.title)
     elif column.key.startswith("m:"):
         inner = f'{html.escape(head.metric)}<span class="task">{html.escape(head.task)}</span>'
     else:
         inner = f'Δ {html.escape(head.metric)}<span class="task">vs FP16 [{CONFIDENCE:.0%} CI]</span>'
-    classes = "headline" if head else ("" if column.compact else "detail")
+    classes = "headline" if head else ("compact" if column.compact else "detail")
     cls = f' class="{classes}"' if classes else ""
     return (f'<th{cls} data-key="{html.escape(column.key)}" data-type="{"num" if column.numeric else "text"}">'
             f'{inner}</th>')
@@ -80,8 +83,8 @@ def to_html(table: Table, collection: Collection) -> str:
         plots.append(pareto_svg(task, metric, runs, hib, methods))
         for model in sorted({r.pretrained for r in runs if task in r.tasks}):
             mine = [r for r in runs if r.pretrained == model]
-            for name in sorted({variant(r) for r in mine if not r.is_baseline}):
-                svg = heatmap_svg(rows_by_id[mine[0].run_id]["model"], task, metric, name, mine, rows_by_id, hib)
+            for key in sorted({variant(r) for r in mine if not r.is_baseline}):
+                svg = heatmap_svg(rows_by_id[mine[0].run_id]["model"], task, metric, key, mine, rows_by_id, hib)
                 if svg:
                     heatmaps.append(svg)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in table.notes)

@@ -117,8 +117,15 @@ ALL_ROW = "all"
 PLACEMENT_PLAN_KEYS = {"component", "bits", "vit_bits", "connector_bits", "llm_bits"}
 
 
-def variant(run: Run) -> str:
-    return " ".join(f"{k}={v}" for k, v in run.plan_args.items() if k not in PLACEMENT_PLAN_KEYS) or run.method
+def variant(run: Run) -> tuple:
+    """What a heatmap is drawn for: every resolved plan setting except which components at which bits."""
+    return tuple(sorted((k, v) for k, v in run.plan_args.items() if k not in PLACEMENT_PLAN_KEYS))
+
+
+def variant_name(run: Run) -> str:
+    """The variant as the run's label says it (the settings a grid varied), placement words dropped."""
+    words = [w for w in run.label.split() if w.partition("=")[0] not in PLACEMENT_PLAN_KEYS]
+    return " ".join(words) or run.method
 
 
 def heatmap_row(run: Run) -> tuple[str, Any] | None:
@@ -135,13 +142,13 @@ def heatmap_row(run: Run) -> tuple[str, Any] | None:
     return None
 
 
-def sensitivity_cells(runs: Sequence[Run], rows: dict[str, dict], task: str, metric: str, variant_name: str):
+def sensitivity_cells(runs: Sequence[Run], rows: dict[str, dict], task: str, metric: str, variant_key: tuple):
     """(row, bits) -> the table rows (with Δ and interval) of the configurations in that cell, and how
     many configurations of this variant are in no cell (several components, mixed widths)."""
     cells: dict[tuple[str, Any], list[dict]] = {}
     left_out = 0
     for run in runs:
-        if run.is_baseline or variant(run) != variant_name or task not in run.tasks:
+        if run.is_baseline or variant(run) != variant_key or task not in run.tasks:
             continue
         row = rows[run.run_id]
         if row.get(f"d:{task}:{metric}") is None:
@@ -154,25 +161,26 @@ def sensitivity_cells(runs: Sequence[Run], rows: dict[str, dict], task: str, met
     return cells, left_out
 
 
-def heatmap_svg(model: str, task: str, metric: str, variant_name: str, runs: Sequence[Run], rows: dict[str, dict],
+def heatmap_svg(model: str, task: str, metric: str, variant_key: tuple, runs: Sequence[Run], rows: dict[str, dict],
                 higher_is_better: bool) -> str | None:
     """The heatmap of one model's runs of one variant on one task, or None when no run has a cell."""
-    cells, left_out = sensitivity_cells(runs, rows, task, metric, variant_name)
+    cells, left_out = sensitivity_cells(runs, rows, task, metric, variant_key)
     if not cells:
         return None
     components = sorted({c for r in runs for c in r.report.component_bits if c != "other"}, key=component_order)
     row_names = components + [ALL_ROW]
     bits = sorted({b for _, b in cells})
     key = f"d:{task}:{metric}"
+    name = variant_name(next(r for r in runs if variant(r) == variant_key))
     means = {where: sum(r[key] for r in found) / len(found) for where, found in cells.items()}
     cw, ch, left, top = 72, 34, 110, 64
-    title = f"{model}: {task} {metric}, {variant_name}: Δ vs FP16"
+    title = f"{model}: {task} {metric}, {name}: Δ vs FP16"
     mode = "a cell: the configuration quantizing only that component (all: every component) at those bits"
     extra = f"{left_out} configuration(s) quantizing several components at mixed widths: in no cell" if left_out else ""
     width = max(left + cw * len(bits) + 20, 6 * max(len(title), len(mode), len(extra)) + 12)
     height = top + ch * len(row_names) + 16
     scale = max(abs(v) for v in means.values()) or 1.0
-    parts = [f'<svg class="heatmap" data-task="{html.escape(task)}" data-variant="{html.escape(variant_name)}" '
+    parts = [f'<svg class="heatmap" data-task="{html.escape(task)}" data-variant="{html.escape(name)}" '
              f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
              f'<text x="4" y="16" class="title">{html.escape(title)}</text>'
              f'<text x="4" y="32" class="tick">{html.escape(mode)}</text>'

@@ -83,10 +83,15 @@ def component_names(runs: Sequence[Run]) -> list[str]:
 
 
 def task_order(runs: Sequence[Run]) -> list[str]:
-    """Tasks in the order their models' rows come, alphabetically within a model."""
+    """Tasks in the order their models' rows come; within a model captions, then VQA/GQA, then
+    retrieval (by their default headline metric), then by name."""
+    def kind(task: str) -> int:
+        metric = default_headline(runs, task) or ""
+        return next((i for i, m in enumerate(HEADLINE_ORDER) if _matches(metric, m)), len(HEADLINE_ORDER))
+
     order: dict[str, None] = {}
     for run in runs:
-        for task in sorted(run.tasks):
+        for task in sorted(run.tasks, key=lambda t: (kind(t), t)):
             order.setdefault(task, None)
     return list(order)
 
