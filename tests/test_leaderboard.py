@@ -124,7 +124,7 @@ def test_caption_metrics_get_a_paired_interval_recomputed_on_every_resample(tabl
     row = _row(table, "method=gptq component=vit bits=8")
 
     def captions(run_id):  # the fake logs captions already in PTB-tokenized form
-        entries = read_sample_log(_samples(runs_dir, run_id, "coco2017_cap_val_local")).field("coco_CIDEr")
+        entries = read_sample_log(_samples(runs_dir, run_id, "coco2017_cap_val_local")).values_of("coco_CIDEr")
         return [e["pred"] for e in entries], [e["answer"] for e in entries]
 
     for metric, statistic in (("coco_CIDEr", CiderStatistic), ("coco_Bleu_4", lambda p, r: BleuStatistic(p, r, 4)),
@@ -364,7 +364,7 @@ def test_retrieval_headline_is_mean_r1_with_a_paired_interval_over_the_queries(t
                                               + base["m:flickr30k_retrieval_local:t2i_r1"]) / 2)
 
     def records(run_id):
-        return read_sample_log(_samples(out, run_id, "flickr30k_retrieval_local")).field("i2t_r1")
+        return read_sample_log(_samples(out, run_id, "flickr30k_retrieval_local")).values_of("i2t_r1")
 
     for metric in ("r1_mean", "t2i_r1", "i2t_r10", "r_mean"):
         k = f"flickr30k_retrieval_local:{metric}"

@@ -324,7 +324,7 @@ class SampleLog:
     lines: list[dict]
     duplicated: bool  # several lines per doc (several filters): no per-doc view
 
-    def field(self, name: str) -> list:
+    def values_of(self, name: str) -> list:
         return [line.get(name) for line in self.lines]
 
 
@@ -348,7 +348,7 @@ def read_samples(path: Path, metric: str) -> tuple[dict[int, float], dict[int, s
     values are not numbers (a corpus metric logs its scorer's inputs) or a doc has several lines."""
     log = read_sample_log(path)
     name = metric.partition(",")[0]
-    values = [number(v) for v in log.field(name)]
+    values = [number(v) for v in log.values_of(name)]
     if log.duplicated or any(v is None for v in values):
         return None
     return dict(zip(log.doc_ids, values)), dict(zip(log.doc_ids, log.doc_hashes))

@@ -110,8 +110,8 @@ class IntervalContext:
             self._logs[path] = read_sample_log(path)
             log = self._logs[path]
             for name, value in (log.lines[0].items() if log.lines else ()):
-                if caption_metric(name) and all(is_caption_entry(v) for v in log.field(name)):
-                    self.captions.add(str(path), log.field(name))  # tokenized with every other log's
+                if caption_metric(name) and all(is_caption_entry(v) for v in log.values_of(name)):
+                    self.captions.add(str(path), log.values_of(name))  # tokenized with every other log's
                     break
         return self._logs[path]
 
@@ -133,7 +133,7 @@ class IntervalContext:
             return "several logged lines per document (several filters): no per-document values to resample"
         name = metric.partition(",")[0]
         source = DERIVED_METRICS[name][0][0] if name in DERIVED_METRICS else name
-        values = log.field(source)
+        values = log.values_of(source)
         if not values:
             return "the samples log is empty"
         if all(number(v) is not None for v in values):

@@ -155,9 +155,10 @@ def _kind_notes(runs: Sequence[Run]) -> list[str]:
     unknown = [r for r in quantized if r.kind == "unknown"]
     notes = []
     if simulated:
-        notes.append(f"Simulated ({len(simulated)} of {len(quantized)} quantized rows"
-                     + ("" if packed else ": all of them") + "): weights quantized and stored back in the "
-                     "checkpoint's dtype; bpw and size are the quantization report's computed ones.")
+        which = (f"All {len(simulated)} quantized rows are simulated" if len(simulated) == len(quantized)
+                 else f"Simulated ({len(simulated)} of {len(quantized)} quantized rows)")
+        notes.append(f"{which}: weights quantized and stored back in the checkpoint's dtype; bpw and size are "
+                     "the quantization report's computed ones.")
     if packed:
         listed = "; ".join(f"{Path(r.pretrained).name} {r.label} ({r.report.export.format}, file "
                            f"{fmt_size(r.report.export.file_bytes) or 'size not measured'})" for r in packed)
