@@ -283,11 +283,12 @@ class CaptionScorer:
         self._meteor_stats: dict[str, np.ndarray] = {}
 
     def add(self, key: str, entries: list[dict]) -> None:
+        """Captions of one log, tokenized (with every other log added before) at the first statistic."""
         if key not in self._tokens:
             self._entries[key] = entries
 
     def _tokenize_pending(self) -> None:
-        pending = [k for k in self._entries if k not in self._tokens]
+        pending = list(self._entries)
         if not pending or self._failure:
             return
         texts = []
@@ -306,6 +307,7 @@ class CaptionScorer:
                 preds.append(next(tokens))
                 refs.append([next(tokens) for _ in entry["answer"]])
             self._tokens[key] = (preds, refs)
+            del self._entries[key]
 
     def statistic(self, key: str, metric: str) -> Statistic | str:
         """The statistic of ``metric`` (one of CAPTION_METRICS) for the log added under ``key``, or why not."""

@@ -328,6 +328,10 @@ class SampleLog:
         return [line.get(name) for line in self.lines]
 
 
+# What lmms-eval logs per doc besides the metrics' values: not needed here, and large (the prompt).
+_BOOKKEEPING_KEYS = ("target", "filtered_resps", "resps", "input", "input_media", "token_counts", "arguments", "doc")
+
+
 def read_sample_log(path: Path) -> SampleLog:
     lines, seen, duplicated = [], set(), False
     with open(path) as handle:
@@ -335,6 +339,14 @@ def read_sample_log(path: Path) -> SampleLog:
             if not text.strip():
                 continue
             sample = json.loads(text)
+            for key in _BOOKKEEPING_KEYS:
+                sample.pop(key, None)
+            # the caption and retrieval tasks log one and the same dict under every metric: keep one copy
+            kept: list = []
+            for key, value in sample.items():
+                if isinstance(value, dict):
+                    sample[key] = next((k for k in kept if k == value), value)
+                    kept.append(sample[key])
             if sample.get("doc_id") in seen:
                 duplicated = True
             seen.add(sample.get("doc_id"))
