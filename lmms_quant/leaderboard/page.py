@@ -56,10 +56,10 @@ def _cell(column, headlines, row, shown, compact, significant) -> str:
     if column.key == "label":
         classes.append("label")
     head = _headline(column, headlines)
+    if column.key in significant:
+        classes.append("sig")
     if head is not None and column.key.startswith("d:") and value is not None:
         inner = _delta_inner(row, column.key, head.digits)
-        if column.key in significant:
-            classes.append("sig")
     else:
         inner = html.escape(compact.get(column.key, "") if column.compact else shown.get(column.key, ""))
     cls = f' class="{" ".join(classes)}"' if classes else ""
