@@ -28,16 +28,18 @@ def needs_video_processor(processor_class) -> bool:
 
 @functools.cache
 def _image_text_variant(processor_class):
-    """``processor_class`` whose constructor has no video_processor: ProcessorMixin reads the
-    sub-processors from the constructor's signature, so this one neither checks, saves nor loads one."""
+    """``processor_class`` whose sub-processors are its own less the video processor.
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    ProcessorMixin reads the sub-processors from ``get_attributes()`` when it checks, saves and loads
+    them, so this one neither checks, saves nor loads a video processor; the constructor is the
+    original (video_processor=None), so every other argument is saved and reloaded as before."""
 
-    variant = type(processor_class.__name__, (processor_class,), {
-        "__init__": __init__, "__module__": processor_class.__module__,
+    def get_attributes(cls):
+        return [name for name in processor_class.get_attributes() if name != "video_processor"]
+
+    return type(processor_class.__name__, (processor_class,), {
+        "get_attributes": classmethod(get_attributes), "__module__": processor_class.__module__,
         "__doc__": f"{processor_class.__name__} for images and text only (no torchvision: no video processor)."})
-    return variant
 
 
 def processor_class_for_environment(processor_class):
