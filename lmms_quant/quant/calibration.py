@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -478,7 +479,9 @@ class _OutputCache:
                 output, output_leaves = entry[2], entry[3]
                 if all(x._version == v for x, v in output_leaves):
                     self.hits += 1
-                    return output
+                    # A fresh container each time: callers may reassign its fields (Qwen-VL's
+                    # get_image_features replaces pooler_output by its split), which must not reach the store.
+                    return copy.copy(output)
             if entry is not None:
                 self.used -= entry[4]
                 del self.entries[key]
@@ -488,7 +491,8 @@ class _OutputCache:
                 size = _tensor_bytes(now) + _tensor_bytes(out_leaves)
                 if self.used + size <= self.budget:
                     self.entries[key] = (
-                        versions, [(x, x._version if isinstance(x, torch.Tensor) else None) for x in now], output,
+                        versions, [(x, x._version if isinstance(x, torch.Tensor) else None) for x in now],
+                        copy.copy(output),
                         [(x, x._version) for x in out_leaves if isinstance(x, torch.Tensor)], size)
                     self.used += size
             return output
