@@ -164,3 +164,33 @@ def test_the_fallback_names_what_it_could_not_place(tiny_checkpoints, caplog):
         arch = resolve(model, family)
     assert "score_head" in caplog.text
     assert "score_head" not in {s.name for u in arch.units for s in u.linears}
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_the_fixture_loads_with_its_real_processor_and_generates_from_a_chat_prompt(tiny_checkpoints, kind):
+    import json
+
+    import transformers
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    path = tiny_checkpoints[kind]
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = load_processor(path)
+    saved = json.loads((path / "processor_config.json").read_text())
+    real_class = getattr(transformers, saved["processor_class"])
+    assert isinstance(model, FAMILY_MODEL_CLASSES[kind]) and isinstance(processor, real_class)
+    if "video_processor" in saved:  # written for machines with torchvision, where the full processor loads
+        assert saved["video_processor"]["video_processor_type"].endswith("VideoProcessor")
+    question = "what colour is the circle?"
+    if resolve(model).family.prompt_style == "chat":
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        assert question in prompt and prompt != question
+    else:  # InstructBLIP, PaliGemma: plain prompts, as their hub checkpoints
+        prompt = question
+    images = [[Image.new("RGB", (48, 40), (200, 30, 30))], [Image.new("RGB", (30, 50), (30, 200, 30))]]
+    inputs = processor(images=images, text=[prompt, prompt + " red"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
