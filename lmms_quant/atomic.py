@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -31,5 +34,25 @@ def write_json_atomic(path, data: dict, *, sort_keys: bool = True) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_directory(path) -> Iterator[Path]:
+    """A new directory that appears at ``path`` whole or not at all.
+
+    Write everything into the yielded sibling temp directory; on a clean exit it is renamed onto
+    ``path`` (which must not exist, or be an empty directory), on an error it is removed."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{str(path)!r} exists and is not an empty directory; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)

@@ -2,7 +2,7 @@
 
     lmms-quant quantize --model quant_blip2 \\
         --model_args pretrained=Salesforce/blip2-opt-2.7b,method=gptq,bits=4,component=vit \\
-        --report r.json [--save DIR] [--device cuda]
+        --report r.json [--save DIR] [--export DIR] [--device cuda]
 
 ``--model_args`` takes the same keys as the lmms-eval wrappers' quantization plan, plus
 ``pretrained``, ``dtype`` (auto | float16 | bfloat16 | float32), ``trust_remote_code`` and
@@ -12,10 +12,7 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 MODEL_CLASSES = {
@@ -43,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", required=True, help="where to write the JSON report")
     parser.add_argument("--save", default=None,
                         help="also save the quantized model, processor, integer codes and report to this new directory")
+    parser.add_argument("--export", default=None,
+                        help="also write a compressed-tensors (vLLM-loadable) packed checkpoint to this new directory")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
@@ -74,33 +73,6 @@ def _truthy(key: str, value) -> bool:
     raise UsageError(f"{key}={value!r} is invalid; valid: true or false")
 
 
-def _save_model(model, processor, report, out_dir: Path) -> None:
-    """Model + processor (from_pretrained-loadable), integer codes and report; a new dir, renamed into place."""
-    import torch
-    from safetensors.torch import save_file
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        tensors, metadata = {}, {}
-        for name, q in report.codes.items():
-            tensors[f"{name}.codes"] = q.codes.contiguous()
-            tensors[f"{name}.scale"] = q.scale.to(torch.float16).contiguous()
-            if not q.grid.sym:
-                tensors[f"{name}.zero"] = q.zero.to(torch.uint8).contiguous()
-            metadata[name] = (f"bits={q.grid.bits},sym={q.grid.sym},granularity={q.grid.granularity},"
-                              f"group_size={q.grid.group_size}")
-        if tensors:
-            save_file(tensors, str(tmp / "quant_codes.safetensors"), metadata=metadata)
-        report.write_json(tmp / "quant_report.json")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
     from lmms_quant.quant.plan import QuantPlan
 
@@ -115,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
     save = Path(args.save) if args.save else None
     if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
         raise UsageError(f"--save {str(save)!r} exists and is not empty; refusing to overwrite it")
+    if args.export is not None:
+        from lmms_quant.quant.export import check_new_dir, require_compressed_tensors
+
+        check_new_dir(args.export)
+        require_compressed_tensors()
     if plan.is_noop:
         print("lmms-quant quantize: method=fp16 quantizes nothing; the report only sizes the model", file=sys.stderr)
 
@@ -131,13 +108,20 @@ def run(args: argparse.Namespace) -> int:
     model_class = getattr(transformers, MODEL_CLASSES[args.model])
     processor = AutoProcessor.from_pretrained(str(pretrained), **load)
     model = model_class.from_pretrained(str(pretrained), dtype=dtype, **load).eval()
-    report = quantize_model(model, processor, plan, device=device, keep_codes=save is not None,
+    report = quantize_model(model, processor, plan, device=device, keep_codes=save is not None or args.export is not None,
                             progress=not args.no_progress)
     report.write_json(args.report)
     if save is not None:
-        _save_model(model, processor, report, save)
+        from lmms_quant.quant.saved import write_saved_run
+
+        write_saved_run(model, processor, report, save)
+    if args.export is not None:  # last: it packs the model in place
+        from lmms_quant.quant.export import export_run
+
+        export_run(model, processor, report, args.export, device=device, report_path=args.report)
     print(report.summary())
-    print(f"report: {args.report}" + (f"; quantized model: {save}" if save else ""))
+    print(f"report: {args.report}" + (f"; quantized model: {save}" if save else "")
+          + (f"; packed checkpoint: {args.export}" if args.export else ""))
     return 0
 
 
@@ -149,11 +133,12 @@ def main(argv=None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     from lmms_quant.quant.archs import ArchitectureError
+    from lmms_quant.quant.export import ExportError
     from lmms_quant.quant.plan import PlanError
 
     try:
         return run(args)
-    except (PlanError, UsageError, ArchitectureError) as err:
+    except (PlanError, UsageError, ArchitectureError, ExportError) as err:
         print(f"lmms-quant quantize: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
