@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import sys
 from dataclasses import dataclass
@@ -167,7 +168,8 @@ def pack_model(model, codes: dict[str, QuantizedWeight], act_order: bool):
               for i, (scheme, names) in enumerate(by_scheme.items())}
     config = QuantizationConfig(config_groups=groups, ignore=[], quantization_status=QuantizationStatus.FROZEN,
                                 format=PACKED)
-    apply_quantization_config(model, config, show_progress=False)
+    quiet = {"show_progress": False} if "show_progress" in inspect.signature(apply_quantization_config).parameters else {}
+    apply_quantization_config(model, config, **quiet)
     matched = {n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
     if matched != set(schemes):
         raise ExportError(f"the config groups' targets match {sorted(matched ^ set(schemes))[:5]} wrongly")
@@ -220,6 +222,11 @@ def load_exported(export_dir, *, dtype="auto", device_map=None):
                                            **load).eval()
     model = model_class.from_pretrained(str(export_dir), **load).eval()
     model.hf_quantizer.compressor.decompress_model(model)
+    for module in model.modules():  # as the dequantizing path leaves them: plain weights, no qparams
+        if getattr(module, "quantization_scheme", None) is not None:
+            for key in ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"):
+                if key in module._parameters or key in module._buffers:
+                    delattr(module, key)
     return model
 
 
