@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     try:
         for arch in archs:
             result = {"arch": arch, "device": str(device), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                      "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                      "card": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                               else platform.processor() or "cpu"),
                       "torch": torch.__version__, "transformers": transformers.__version__,
                       "compressed_tensors": compressed_tensors.__version__, "command": " ".join(sys.argv),
                       "bits": args.bits, "group_size": group_size, "sym": not args.asym, "method": "rtn", "runs": []}
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
                 run = {"component": component, "model_class": type(model).__name__,
                        "quantized_linears": len(report.tensors),
                        "params": report.total.params, "quantized_params": report.total.quantized_params,
-                       "dense_state_bytes": dense_bytes, "dtype": str(model.dtype), "accounted_bytes": report.total.size_bytes,
+                       "dense_state_bytes": dense_bytes, "dtype": str(model.dtype),
+                       "accounted_bytes": report.total.size_bytes,
                        "accounted_bpw": report.total.bits_per_weight, "file_bytes": record["file_bytes"],
                        "file_bpw": 8 * record["file_bytes"] / report.total.params,
                        "loaded_memory_bytes": record["loaded_memory_bytes"], "memory_device": record["device"],

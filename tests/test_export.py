@@ -11,13 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-pytest.importorskip("compressed_tensors")
-
-from lmms_quant.fixtures.models import FIXTURE_MODEL_CLASSES  # noqa: E402
-from lmms_quant.quant import QuantPlan, quantize_model  # noqa: E402
-from lmms_quant.quant.calibration import load_samples, make_batches  # noqa: E402
-from lmms_quant.quant.export import ExportError, export_run  # noqa: E402
-from lmms_quant.quant.saved import checkpoint_names  # noqa: E402
+from lmms_quant.fixtures.models import FIXTURE_MODEL_CLASSES
+from lmms_quant.quant import QuantPlan, quantize_model
+from lmms_quant.quant.calibration import load_samples, make_batches
+from lmms_quant.quant.export import ExportError, export_run
+from lmms_quant.quant.saved import checkpoint_names
 
 # (case id, fixture, plan, dtype): every method, every component, each grid the format holds.
 CASES = [

@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
     model_class = getattr(transformers, MODEL_CLASSES[args.model])
     processor = AutoProcessor.from_pretrained(str(pretrained), **load)
     model = model_class.from_pretrained(str(pretrained), dtype=dtype, **load).eval()
-    report = quantize_model(model, processor, plan, device=device, keep_codes=save is not None or args.export is not None,
-                            progress=not args.no_progress)
+    keep_codes = save is not None or args.export is not None
+    report = quantize_model(model, processor, plan, device=device, keep_codes=keep_codes, progress=not args.no_progress)
     report.write_json(args.report)
     if save is not None:
         from lmms_quant.quant.saved import write_saved_run

@@ -69,10 +69,12 @@ def check_new_dir(out_dir) -> Path:
 
 
 def plan_act_order(plan_args: dict) -> bool:
-    """Whether GPTQ ran with act-order: the one place export reads the plan."""
+    """Whether GPTQ ran with act-order: the one place export reads the plan. Only the keys that decide
+    it are parsed (a saved run's local calibration file need not exist where it is exported)."""
     from .plan import QuantPlan
 
-    return bool(getattr(QuantPlan.from_kwargs(dict(plan_args)), "act_order", False))
+    keys = {k: plan_args[k] for k in ("method", "act_order") if k in plan_args}
+    return bool(getattr(QuantPlan.from_kwargs(keys), "act_order", False))
 
 
 @dataclass(frozen=True)
