@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints are written (deleted after)")
     args = parser.parse_args(argv)
 
-    from lmms_quant.quant import QuantPlan, api, calibration, quantize_model
+    from lmms_quant.quant import Recipe, api, calibration, quantize
     from lmms_quant.quant.export import export_run, require_compressed_tensors
     from scripts import bench_gpu
 
@@ -150,10 +150,10 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
                 model, processor = build(arch, device)
                 dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-                plan = QuantPlan.from_kwargs({"method": "rtn", "bits": args.bits, "group_size": group_size,
-                                              "sym": not args.asym, "component": component, "calib_n": 8})
+                recipe = Recipe.parse({"method": "rtn", "bits": args.bits, "group_size": group_size,
+                                       "sym": not args.asym, "component": component, "calib_n": 8})
                 t0 = time.perf_counter()
-                report = quantize_model(model, processor, plan, device=device, keep_codes=True, progress=False)
+                report = quantize(model, processor, recipe, device=device, keep_codes=True, progress=False)
                 quantize_s = time.perf_counter() - t0
                 target = work / f"{arch}_{component}"
                 t0 = time.perf_counter()
@@ -164,8 +164,9 @@ def main(argv=None) -> int:
                        "quantized_linears": len(report.tensors),
                        "params": report.total.params, "quantized_params": report.total.quantized_params,
                        "dense_state_bytes": dense_bytes, "dtype": str(model.dtype),
-                       "accounted_bytes": report.total.size_bytes,
-                       "accounted_bpw": report.total.bits_per_weight, "file_bytes": record["file_bytes"],
+                       "accounted_bytes": report.total.to_dict()["stored_size_bytes"],
+                       "accounted_bpw": report.total.to_dict()["stored_bits_per_weight"],
+                       "file_bytes": record["file_bytes"],
                        "file_bpw": 8 * record["file_bytes"] / report.total.params,
                        "loaded_memory_bytes": record["loaded_memory_bytes"], "memory_device": record["device"],
                        "file_vs_dense": record["file_bytes"] / dense_bytes, "quantize_s": quantize_s,

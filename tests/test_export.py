@@ -12,9 +12,10 @@ import torch
 from safetensors import safe_open
 
 from lmms_quant.fixtures.models import FIXTURE_MODEL_CLASSES
-from lmms_quant.quant import QuantPlan, quantize_model
+from lmms_quant.quant import Recipe, quantize
 from lmms_quant.quant.calibration import load_samples, make_batches
 from lmms_quant.quant.export import ExportError, export_run
+from lmms_quant.quant.recipe import CalibSource
 from lmms_quant.quant.saved import checkpoint_names
 
 # (case id, fixture, plan, dtype): every method, every component, each grid the format holds.
@@ -52,7 +53,7 @@ def _args(text: str) -> dict:
 
 
 def _heldout(model, processor, style):
-    samples = load_samples("synthetic", 4, seed=777)  # a seed the calibration never draws
+    samples = load_samples(CalibSource("synthetic"), 4, seed=777)  # a seed the calibration never draws
     pairs = []
     with torch.no_grad():
         for batch in make_batches(processor, style, samples, 2):
@@ -67,8 +68,8 @@ def _quantize_in_memory(checkpoint, kind, plan_text, dtype, export_dir):
 
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = model_class.from_pretrained(checkpoint, dtype=dtype or torch.float32).eval()
-    report = quantize_model(model, processor, QuantPlan.from_kwargs({**_args(plan_text), "calib_n": "8"}),
-                            keep_codes=True, progress=False)
+    report = quantize(model, processor, Recipe.parse({**_args(plan_text), "calib_n": "8"}), keep_codes=True,
+                      progress=False)
     expected = {"state": {k: v.clone() for k, v in model.state_dict().items()},
                 "heldout": _heldout(model, processor, report.calibration["prompt_style"])}
     names = checkpoint_names(model, report.codes)
@@ -182,8 +183,8 @@ def _rtn_run(tiny_checkpoints, plan_text):
     path = tiny_checkpoints["blip2_opt"]
     model = FIXTURE_MODEL_CLASSES["blip2_opt"].from_pretrained(path).eval()
     processor = Blip2Processor.from_pretrained(path)
-    return model, processor, quantize_model(model, processor, QuantPlan.from_kwargs(
-        {**_args(plan_text), "calib_n": "4"}), keep_codes=True, progress=False)
+    return model, processor, quantize(model, processor, Recipe.parse({**_args(plan_text), "calib_n": "4"}),
+                                      keep_codes=True, progress=False)
 
 
 @pytest.mark.parametrize("plan_text,message", [

@@ -68,13 +68,13 @@ def check_new_dir(out_dir) -> Path:
     return out_dir
 
 
-def plan_act_order(plan_args: dict) -> bool:
-    """Whether GPTQ ran with act-order: the one place export reads the plan. Only the keys that decide
+def recipe_act_order(recipe_args: dict) -> bool:
+    """Whether GPTQ ran with act-order: the one place export reads the recipe. Only the keys that decide
     it are parsed (a saved run's local calibration file need not exist where it is exported)."""
-    from .plan import QuantPlan
+    from .recipe import Recipe
 
-    keys = {k: plan_args[k] for k in ("method", "act_order") if k in plan_args}
-    return bool(getattr(QuantPlan.from_kwargs(keys), "act_order", False))
+    keys = {k: recipe_args[k] for k in ("method", "act_order") if k in recipe_args}
+    return bool(getattr(Recipe.parse(keys).config, "act_order", False))
 
 
 @dataclass(frozen=True)
@@ -288,11 +288,14 @@ def export_checkpoint(model, processor, report: dict, codes: dict[str, Quantized
 
 
 def export_run(model, processor, report, out_dir, *, device=None, report_path=None) -> dict:
-    """`lmms-quant quantize --export`: the in-memory run (``quantize_model(..., keep_codes=True)``)."""
+    """`lmms-quant quantize --export`: the in-memory run (``quantize(..., keep_codes=True)``); ``report``
+    gains the export record (and notes), and is rewritten to ``report_path`` if given."""
     data = export_checkpoint(model, processor, report.to_dict(), report.codes, out_dir,
-                             act_order=plan_act_order(report.plan), measure_on=device)
+                             act_order=recipe_act_order(report.plan), measure_on=device)
+    report.notes = data["notes"]
+    report.extra["export"] = data["export"]
     if report_path is not None:
-        write_json_atomic(report_path, data, sort_keys=False)
+        report.write_json(report_path)
     return data
 
 
@@ -317,7 +320,7 @@ def main(argv=None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         run = read_saved_run(args.saved_dir, device=device)
         data = export_checkpoint(run.model, run.processor, run.report, run.codes, args.out_dir,
-                                 act_order=plan_act_order(run.report.get("plan") or {}), measure_on=device)
+                                 act_order=recipe_act_order(run.report.get("plan") or {}), measure_on=device)
         if args.report:
             write_json_atomic(args.report, data, sort_keys=False)
     except (ExportError, SavedRunError) as err:
