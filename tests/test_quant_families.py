@@ -8,7 +8,7 @@ import torch
 
 from lmms_quant.fixtures.families import FAMILY_BUILDERS, FAMILY_MODEL_CLASSES
 from lmms_quant.processors import load_processor
-from lmms_quant.quant import ArchitectureError, PlanError, QuantPlan, quantize_model
+from lmms_quant.quant import ArchitectureError, Recipe, RecipeError, quantize
 from lmms_quant.quant.archs import detect_family, generic_family, resolve
 from lmms_quant.quant.awq import apply_fold
 from lmms_quant.quant.calibration import make_batch, sample_from_text
@@ -77,13 +77,13 @@ def test_a_component_plan_changes_exactly_that_components_weights(tiny_checkpoin
     model, processor = load(tiny_checkpoints, kind)
     arch = resolve(model)
     expected = {s.name for u in arch.units if u.include is None for s in u.linears if s.component == component}
-    plan = QuantPlan.from_kwargs({"method": "rtn", "bits": 3, "component": component, **FAST})
+    plan = Recipe.parse({"method": "rtn", "bits": 3, "component": component, **FAST})
     if not expected:  # Gemma 3's connector: nothing quantizable, so the plan is refused, not faked
-        with pytest.raises(PlanError, match="has no connector"):
-            quantize_model(model, processor, plan, progress=False)
+        with pytest.raises(RecipeError, match="has no connector"):
+            quantize(model, processor, plan, progress=False)
         return
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = quantize_model(model, processor, plan, progress=False)
+    report = quantize(model, processor, plan, progress=False)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert {r.name for r in report.tensors} == expected
     assert changed == {f"{name}.weight" for name in expected}
@@ -93,8 +93,8 @@ def test_a_component_plan_changes_exactly_that_components_weights(tiny_checkpoin
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_gptq_output_error_is_at_most_rtns_for_every_layer(tiny_checkpoints, kind):
     model, processor = load(tiny_checkpoints, kind)
-    plan = QuantPlan.from_kwargs({"method": "gptq", "bits": 3, "group_size": 32, **FAST})
-    report = quantize_model(model, processor, plan, progress=False)
+    plan = Recipe.parse({"method": "gptq", "bits": 3, "group_size": 32, **FAST})
+    report = quantize(model, processor, plan, progress=False)
     assert len(report.tensors) == sum(EXPECTED[kind][1].values()) and not report.skipped
     for record in report.tensors:
         assert record.output_error_calib <= record.rtn_output_error_calib, record.name
@@ -155,8 +155,8 @@ def test_gemma_norm_folds_divide_one_plus_weight(tiny_checkpoints):
 def test_awq_quantizes_with_exact_folds_and_touches_nothing_else(tiny_checkpoints, kind):
     model, processor = load(tiny_checkpoints, kind)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = QuantPlan.from_kwargs({"method": "awq", "bits": 3, "group_size": 32, "awq_grid": 4, **FAST})
-    report = quantize_model(model, processor, plan, progress=False)
+    plan = Recipe.parse({"method": "awq", "bits": 3, "group_size": 32, "awq_grid": 4, **FAST})
+    report = quantize(model, processor, plan, progress=False)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     targeted = {f"{r.name}.weight" for r in report.tensors}
     folded = {f"{f['prev']}.{p}" for f in report.folds for p in ("weight", "bias")}

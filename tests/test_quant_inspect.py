@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmms_quant.fixtures.families import FAMILY_BUILDERS, FAMILY_MODEL_CLASSES
-from lmms_quant.quant import QuantPlan
+from lmms_quant.quant import Recipe
 from lmms_quant.quant.archs import resolve
 from lmms_quant.quant.inspect import inspect_model, load_model, main, render_text
 
@@ -29,7 +29,7 @@ def test_inspect_places_every_linear_and_lists_a_plans_exact_targets(tiny_checkp
     linears = {n for n, m in real.named_modules() if isinstance(m, torch.nn.Linear)}
     assert {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} == linears
 
-    plan = QuantPlan.from_kwargs({"method": "rtn", "bits": 3, "llm_bits": 5})
+    plan = Recipe.parse({"method": "rtn", "bits": 3, "llm_bits": 5})
     doc = json.loads(json.dumps(inspect_model(model, resolve(model), plan, model_id="quant_hf")))
     assert set(doc) == SCHEMA_KEYS and doc["schema"] == "lmms-quant-inspect/1"
     assert doc["model"]["table"] and not doc["unclassified"]
@@ -50,7 +50,7 @@ def test_inspect_places_every_linear_and_lists_a_plans_exact_targets(tiny_checkp
 
 def test_inspect_says_what_stays_in_floating_point(tiny_checkpoints):
     doc = inspect_model(*(lambda m: (m, resolve(m)))(meta_model(tiny_checkpoints["gemma3"])),
-                        QuantPlan.from_kwargs({}))
+                        Recipe.parse({}))
     assert doc["plan"] is None and doc["targets"] == []
     assert any("mm_input_projection_weight" in n for n in doc["notes"])
     assert doc["components"]["connector"]["linears"] == 0 and doc["components"]["connector"]["parameters"] > 0

@@ -47,9 +47,8 @@ from collections import defaultdict
 
 
 def parse_args(model_id: str, model_args: str):
-    """(wrapper args, plan) as the wrapper ``model_id`` validates ``model_args`` (nothing is loaded).
-
-    The one place that parses a plan here (the lead's Recipe replaces QuantPlan behind it)."""
+    """(wrapper class, wrapper args, recipe) as the wrapper ``model_id`` validates ``model_args``
+    (nothing is loaded): the one place that parses a recipe here."""
     from lmms_eval.utils import simple_parse_args_string
 
     from lmms_quant.model_ids import MODEL_CLASSES, model_class
@@ -57,8 +56,8 @@ def parse_args(model_id: str, model_args: str):
     if model_id not in MODEL_CLASSES:
         raise ValueError(f"--model: got {model_id!r}; valid: {', '.join(sorted(MODEL_CLASSES))}")
     wrapper = model_class(model_id)
-    args, _, plan = wrapper.validate_model_args(simple_parse_args_string(model_args or ""))
-    return wrapper, args, plan
+    args, _, recipe = wrapper.validate_model_args(simple_parse_args_string(model_args or ""))
+    return wrapper, args, recipe
 
 
 def load_model(wrapper, args):
@@ -113,8 +112,8 @@ def _component_summary(model, arch) -> tuple[dict, dict]:
     return components, {"parameters": params.get("other", 0), "linears": other_linears}
 
 
-def inspect_model(model, arch, plan, *, model_id: str = "", pretrained: str = "") -> dict:
-    """The JSON document of the module docstring, for a built model, its resolved Arch and a plan."""
+def inspect_model(model, arch, recipe, *, model_id: str = "", pretrained: str = "") -> dict:
+    """The JSON document of the module docstring, for a built model, its resolved Arch and a Recipe."""
     from lmms_quant.quant.archs import select
     from lmms_quant.quant.report import account
 
@@ -128,9 +127,9 @@ def inspect_model(model, arch, plan, *, model_id: str = "", pretrained: str = ""
         "plan": None, "targets": [], "folds": [], "dropped_folds": [],
     }
     grids = {}
-    if not plan.is_noop:
-        units = select(arch, plan, model)
-        doc["plan"] = {"model_args": plan.as_model_args(), "digest": plan.digest(), "method": plan.method}
+    if not recipe.is_noop:
+        units = select(arch, recipe, model)
+        doc["plan"] = {"model_args": recipe.to_model_args(), "digest": recipe.digest(), "method": recipe.method}
         for unit in units:
             for t in unit.targets:
                 weight = t.module.weight
@@ -140,7 +139,7 @@ def inspect_model(model, arch, plan, *, model_id: str = "", pretrained: str = ""
                     "block": t.site.block, "shape": list(weight.shape), "parameters": weight.numel(),
                     "bits": t.grid.bits, "granularity": t.grid.granularity, "group_size": t.grid.group_size,
                     "sym": t.grid.sym, "feeds_output": t.site.feeds_output})
-            if plan.method == "awq":
+            if recipe.method == "awq":
                 doc["folds"] += [{"prev": f.prev_name, "linears": list(f.linears)} for f in unit.folds]
                 doc["dropped_folds"] += list(unit.site.dropped_folds)
     doc["sizes"] = {k: v.to_dict() for k, v in account(model, arch.component_of, grids).items()}
@@ -208,14 +207,14 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    from lmms_quant.quant import ArchitectureError, PlanError
+    from lmms_quant.quant import ArchitectureError
     from lmms_quant.quant.archs import resolve
 
     try:
-        wrapper, wargs, plan = parse_args(args.model, args.model_args)
+        wrapper, wargs, recipe = parse_args(args.model, args.model_args)
         model = load_model(wrapper, wargs)
-        doc = inspect_model(model, resolve(model), plan, model_id=args.model, pretrained=wargs.pretrained)
-    except (PlanError, ArchitectureError, ValueError) as err:
+        doc = inspect_model(model, resolve(model), recipe, model_id=args.model, pretrained=wargs.pretrained)
+    except (ArchitectureError, ValueError) as err:  # RecipeError is a ValueError
         print(f"lmms-quant inspect: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
