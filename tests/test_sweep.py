@@ -23,6 +23,8 @@ import yaml
 
 from lmms_quant import sweep
 from lmms_quant.sweep import GridError, Progress, Slot, SweepRunner, load_grid, make_slots
+from lmms_quant.sweep.rundir import sweep_lock
+from lmms_quant.sweep.scheduler import fmt_duration
 
 FAKE_EVAL = [sys.executable, str(Path(__file__).with_name("fake_eval_output.py"))]
 REPO = Path(__file__).resolve().parents[1]
@@ -202,13 +204,9 @@ def test_leftovers_of_an_interrupted_configuration_are_removed_before_it_reruns(
 
 def test_two_sweeps_cannot_share_an_output_directory(tmp_path):
     grid = load_grid(write_grid(tmp_path))
-    first = SweepRunner(grid.output_dir, eval_command=FAKE_EVAL)
-    lock = first._lock()
-    try:
+    with sweep_lock(grid.output_dir):  # what a first sweep holds while it runs
         with pytest.raises(GridError, match="another sweep is running"):
             SweepRunner(grid.output_dir, eval_command=FAKE_EVAL).run(grid.configurations)
-    finally:
-        lock.close()
 
 
 def test_sigkill_mid_configuration_then_rerun_finishes_without_recomputing(tmp_path):
@@ -337,7 +335,7 @@ def test_progress_reports_k_of_n_elapsed_and_eta():
     progress.durations += [10.0, 20.0]  # mean 15 s
     # 2 pending (30 s of work) + one running for 5 s (10 s left), over 2 slots
     assert progress.eta(pending=2, running_elapsed=[5.0]) == pytest.approx(20.0)
-    assert sweep._fmt_duration(3725) == "1h02m05s" and sweep._fmt_duration(None) == "unknown"
+    assert fmt_duration(3725) == "1h02m05s" and fmt_duration(None) == "unknown"
 
 
 def test_dry_run_lists_configurations_and_runs_nothing(tmp_path, capsys):
