@@ -170,18 +170,18 @@ class SubmititRunner:
                 ended = not is_active(state, item.record)
                 if ended:
                     refresh_dir(item.run_dir)
-                status = self._finished(item, state) if ended else None
+                status = self._finished(item, state, total) if ended else None
                 if status is None:
                     continue
                 outstanding.remove(item)
                 outcome[item.config.run_id] = status
-                left = f"{len(outstanding)} left" if outstanding else "all finished"
-                self.say(f"  elapsed {fmt_duration(time.monotonic() - started)}; {left} of {total}")
+                self.say(f"  {len(outstanding)} job(s) left; elapsed {fmt_duration(time.monotonic() - started)}")
         return outcome
 
-    def _finished(self, item: _Outstanding, state: str | None) -> str | None:
+    def _finished(self, item: _Outstanding, state: str | None, total: int) -> str | None:
         """'ok' / 'failed' once the ended job's outcome is known (and said), None to look again later."""
-        head = f"configuration {item.index}: {item.config.label} [{item.config.run_id}] job {item.record['job_id']}"
+        head = (f"configuration {item.index} of {total}: {item.config.label} [{item.config.run_id}] "
+                f"(job {item.record['job_id']})")
         if completed_run(item.run_dir, item.config.run_id):
             self.say(f"{head} done")
             return "ok"
