@@ -422,3 +422,20 @@ def test_relative_paths_in_a_grid_file_are_relative_to_the_file(tmp_path, monkey
     assert all(c.model_args.startswith(f"pretrained={project / 'ckpt'},") for c in loaded.configurations)
     default = load_grid(write_grid(project, name="other.yaml", output_dir=None))
     assert default.output_dir == project / "runs" / "other"
+
+
+def test_status_shows_not_started_done_and_failed_with_the_log_and_its_last_error(tmp_path, monkeypatch, capsys):
+    grid = write_grid(tmp_path)
+    fake = shlex.join(FAKE_EVAL)
+    assert sweep.main([str(grid), "--status"]) == 0
+    assert "3 configurations: 0 done, 0 running, 0 failed, 3 not started" in capsys.readouterr().out
+    monkeypatch.setenv("FAKE_EVAL_FAIL_ON", "llm_bits=8")
+    assert sweep.main([str(grid), "--gpus", "none", "--eval-command", fake]) == 1
+    capsys.readouterr()
+    assert sweep.main([str(grid), "--status"]) == 0
+    status = capsys.readouterr().out
+    failed = next(c for c in load_grid(grid).configurations if c.label == "method=rtn bits=8")
+    assert "2 done, 0 running, 1 failed, 0 not started" in status
+    assert f"failed       {failed.run_id}  method=rtn bits=8" in status
+    assert "lmms-quant eval exited with status 1" in status and "last error: fake eval: failing as asked" in status
+    assert f"log: {tmp_path / 'out' / 'runs' / failed.run_id / 'log.txt'}" in status

@@ -126,7 +126,8 @@ def test_slurm_without_sbatch_fails_with_a_clear_message_before_submitting(tmp_p
 
 _JOB_IDS = [100000 + os.getpid() % 1000 * 10000]
 FAKE_SBATCH = """#!/bin/sh
-# Records the batch script and answers like sbatch.
+# Records the batch script and answers like sbatch (or refuses, like sbatch given a bad partition).
+if [ -n "$FAKE_SBATCH_REFUSE" ]; then echo "sbatch: error: $FAKE_SBATCH_REFUSE" >&2; exit 1; fi
 n=$(cat "$FAKE_SLURM/next_id")
 echo $((n + 1)) > "$FAKE_SLURM/next_id"
 cp "$1" "$FAKE_SLURM/sbatch_$n.sh"
@@ -209,6 +210,15 @@ def test_slurm_gets_one_job_array_with_the_grid_resources_and_a_rerun_resubmits_
     assert read_json(dirs[1] / JOB_FILE)["job_id"] == resubmitted
     assert read_json(dirs[2] / JOB_FILE)["job_id"] == f"{array}_2"  # the running one was left alone
     assert (dirs[0] / "run.json").read_bytes() == done_before
+
+
+def test_what_sbatch_says_when_it_refuses_a_job_reaches_the_user(tmp_path, fake_slurm, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_SBATCH_REFUSE", "invalid partition specified: gpux")
+    grid = write_grid(tmp_path, executor={"name": "slurm", "timeout_min": 5, "slurm_partition": "gpux"})
+    assert sweep.main([str(grid), "--eval-command", shlex.join(FAKE_EVAL)]) == 2
+    err = capsys.readouterr().err
+    assert "submitting to slurm failed" in err and "invalid partition specified: gpux" in err
+    assert not list(fake_slurm.glob("sbatch_*.sh"))
 
 
 def test_a_superseded_job_leaves_the_directory_alone(tmp_path, fake_slurm):

@@ -136,22 +136,30 @@ class SubmititRunner:
             command = eval_command_for(config, run_dir, self.eval_command, self.spec.processes_per_config)
             prepare_run_dir(run_dir, config_meta(config, command, attempt=attempt, executor=self.spec.name))
             attempts.append(attempt)
-        run_dirs = [str(self.run_dir(config)) for _, config in todo]
-        try:
-            if self.spec.as_array:
-                jobs = executor.map_array(run_configuration, run_dirs, attempts)
-            else:
-                jobs = [executor.submit(run_configuration, d, a) for d, a in zip(run_dirs, attempts)]
-        except Exception as err:  # sbatch refused (bad partition, account, ...): say what it said
-            raise GridError(f"submitting to {self.spec.name} failed: {err}") from None
-        outstanding = []
-        for (index, config), attempt, job in zip(todo, attempts, jobs):
-            record = job_record(job, self.spec, folder, attempt)
+        outstanding: list[_Outstanding] = []
+
+        def submitted(item: tuple[int, Configuration], attempt: str, job) -> None:
+            # job.json right away: a sweep that dies now must still find every job it submitted.
+            (index, config), record = item, job_record(job, self.spec, folder, attempt)
             write_json_atomic(self.run_dir(config) / JOB_FILE, record)
+            self._held.append(job)
             outstanding.append(_Outstanding(index, config, self.run_dir(config), record))
             self.say(f"configuration {index} of {total}: {config.label} [{config.run_id}] "
                      f"submitted as job {record['job_id']}")
-        self._held.extend(jobs)
+
+        run_dirs = [str(self.run_dir(config)) for _, config in todo]
+        try:
+            if self.spec.as_array:
+                for item, attempt, job in zip(todo, attempts, executor.map_array(run_configuration, run_dirs,
+                                                                                 attempts)):
+                    submitted(item, attempt, job)
+            else:
+                for item, run_dir, attempt in zip(todo, run_dirs, attempts):
+                    submitted(item, attempt, executor.submit(run_configuration, run_dir, attempt))
+        except Exception as err:  # sbatch refused (bad partition, account, ...): say what it said
+            raise GridError(f"submitting to {self.spec.name} failed ({len(outstanding)} of {len(todo)} jobs "
+                            f"submitted): {err}; rerun once it is fixed (what was submitted is not submitted "
+                            "again)") from None
         return outstanding
 
     def _wait(self, outstanding: list[_Outstanding], total: int) -> dict[str, str]:

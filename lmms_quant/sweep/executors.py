@@ -135,6 +135,8 @@ class ExecutorSpec:
         if "slurm_additional_parameters" in params:
             params["slurm_additional_parameters"] = dict(params["slurm_additional_parameters"])
         params.setdefault("gpus_per_node", self.processes_per_config)
+        if params["gpus_per_node"] == 0:  # a CPU job: ask for no GPUs rather than for zero of them
+            del params["gpus_per_node"]
         params.setdefault("timeout_min", LOCAL_TIMEOUT_MIN)  # only reachable for submitit-local
         return {"name": job_name, "nodes": 1, "tasks_per_node": 1, **params}
 
