@@ -64,7 +64,9 @@ class SubmititRunner:
         self.eval_command = list(eval_command) if eval_command else None
         self.stream = stream or sys.stdout
         slurm = spec.cluster == "slurm"
-        self.poll_interval = poll_interval if poll_interval is not None else (10.0 if slurm else 0.5)
+        # One sacct call per poll, for all jobs: every 30 s is gentle on slurmdbd and quick enough for
+        # jobs that run for minutes to hours.
+        self.poll_interval = poll_interval if poll_interval is not None else (30.0 if slurm else 0.5)
         # A dead job's run.json may take a while to show on this node's view of a network filesystem.
         self.settle_s = settle_s if settle_s is not None else (30.0 if slurm else 0.0)
         self.wait = wait
@@ -98,6 +100,7 @@ class SubmititRunner:
         for index, config in enumerate(configurations, 1):
             run_dir, record = self.run_dir(config), records[config.run_id]
             head = f"configuration {index} of {total}: {config.label} [{config.run_id}]"
+            refresh_dir(run_dir)
             if completed_run(run_dir, config.run_id):
                 outcome[config.run_id] = "skipped"
                 self.say(f"{head} already complete, skipped")
@@ -119,8 +122,10 @@ class SubmititRunner:
         try:
             outcome.update(self._wait(outstanding, total))
         except KeyboardInterrupt:
-            self.say(f"stopped waiting; the jobs keep running ({', '.join(j.record['job_id'] for j in outstanding)})"
-                     "; rerun the same command to wait for them again")
+            ids = [j.record["job_id"] for j in outstanding]
+            shown = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")
+            self.say(f"stopped waiting; {len(ids)} job(s) keep running ({shown}); rerun the same command to wait "
+                     "for them again, or see --status")
             raise
         return outcome
 

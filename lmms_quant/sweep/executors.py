@@ -290,4 +290,5 @@ def job_failure(record: dict, state: str | None) -> tuple[str, Path | None, str 
     if job.paths.result_pickle.exists():  # the job's function raised: submitit pickled the traceback
         error = job.exception()
         return what, job.paths.stderr, last_error_line(str(error)) if error is not None else None
-    return what, job.paths.stderr, last_error_line(tail_text(job.paths.stderr))
+    # submitit's own log: only a line that reads like an error (its last line is routine bookkeeping)
+    return what, job.paths.stderr, last_error_line(tail_text(job.paths.stderr), fallback=False)

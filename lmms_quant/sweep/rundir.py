@@ -125,15 +125,15 @@ _ERROR_LINE = re.compile(r"(?i)(\w*error\b|exception|traceback|fatal|killed|canc
                          r"|out of memory|oom)")
 
 
-def last_error_line(text: str | None) -> str | None:
-    """The last line of a log that reads like an error (else its last non-empty line)."""
+def last_error_line(text: str | None, *, fallback: bool = True) -> str | None:
+    """The last line of a log that reads like an error; else (``fallback``) its last non-empty line."""
     if not text:
         return None
     lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
     for line in reversed(lines):
         if _ERROR_LINE.search(line):
             return line
-    return lines[-1] if lines else None
+    return lines[-1] if lines and fallback else None
 
 
 def tail_text(path: Path, max_bytes: int = 64 * 1024) -> str | None:
@@ -224,11 +224,15 @@ def sweep_lock(output_dir: Path) -> Iterator[None]:
 
 
 def sweep_is_running(output_dir: Path) -> bool:
-    """Whether a sweep process holds OUTPUT_DIR's lock now (for --status; takes nothing)."""
+    """Whether a sweep process holds OUTPUT_DIR's lock now (for --status: creates nothing, holds nothing)."""
+    path = Path(output_dir) / LOCK_FILE
     try:
-        with sweep_lock(output_dir):
-            return False
-    except SweepBusy:
-        return True
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
     except OSError:
         return False
+    return False
