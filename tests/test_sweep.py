@@ -352,7 +352,7 @@ def test_dry_run_lists_configurations_and_runs_nothing(tmp_path, capsys):
 def _engine_ready() -> str | None:
     try:
         import lmms_quant.model_wrappers.blip2  # noqa: F401
-        from lmms_quant.quant import QuantPlan, quantize_model  # noqa: F401
+        from lmms_quant.quant import Recipe, quantize  # noqa: F401
     except ImportError as err:
         return f"the BLIP-2 wrapper and the engine are needed ({err})"
     return None

@@ -231,15 +231,15 @@ def _validate_seed(value: Any) -> str | None:
 
 
 def parse_plan(plan_kwargs: dict[str, Any], wrapper_keys: Sequence[str]):
-    """The engine's validated plan of one configuration — the sweep's only call into the plan parser.
+    """The engine's validated recipe of one configuration — the sweep's only call into its parser.
 
-    Raises the engine's ``PlanError`` (a ValueError naming the key, the value and the valid choices);
-    ``wrapper_keys`` are listed among the valid keys of that message. The sweep reads only
+    Raises the engine's ``RecipeError`` (a ValueError naming the key, the value and the valid
+    choices); ``wrapper_keys`` are listed among the valid keys of that message. The sweep reads only
     ``.is_noop`` and ``.digest()`` of the result.
     """
-    from lmms_quant.quant import QuantPlan
+    from lmms_quant.quant.recipe import Recipe
 
-    return QuantPlan.from_kwargs(plan_kwargs, other_valid_keys=tuple(wrapper_keys))
+    return Recipe.parse(plan_kwargs, other_valid_keys=tuple(wrapper_keys))
 
 
 class ConfigurationChecker:
@@ -399,7 +399,7 @@ def _load_grid(path, data, output_dir, known_tasks, executor_name) -> Grid:
             canonical, plan = checker(args)
         except ImportError as err:
             raise GridError(f"cannot validate plans: the quantization engine is not importable ({err})") from None
-        except ValueError as err:  # PlanError, or the wrapper's own argument check
+        except ValueError as err:  # RecipeError, or the wrapper's own argument check
             shown = ", ".join(f"{k}={_render_value(v)}" for k, v in (varied or args.items()))
             raise GridError(f"{origin} configuration {{{shown}}}: {err}") from None
         config = Configuration(
