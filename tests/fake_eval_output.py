@@ -16,7 +16,9 @@ Environment knobs (test instrumentation, not behaviour under test):
                        output_path, model_args, CUDA_VISIBLE_DEVICES, time)
     FAKE_EVAL_SLEEP    seconds to sleep after the samples are written and before the results (the window
                        in which a test kills the sweep: the run directory then holds partial output)
-    FAKE_EVAL_SLEEP_ON only sleep when model_args contains this substring
+    FAKE_EVAL_SLEEP_ON only sleep (and wait, below) when model_args contains this substring
+    FAKE_EVAL_WAIT_FOR a path: after the samples are written, wait until it exists (a gate the test opens,
+                       so that "the evaluation is in progress" lasts exactly as long as the test needs)
     FAKE_EVAL_FAIL_ON  substring of model_args that makes the run exit 1 (a failing configuration)
     FAKE_EVAL_NO_RESULTS  substring of model_args for which the run exits 0 without writing results
     FAKE_EVAL_DOCS     documents per task (default 40)
@@ -38,7 +40,7 @@ TASK_METRICS = {
     "gqa_local": ("exact_match", "mean"),
     "coco2017_cap_val_local": ("coco_CIDEr", "corpus"),
 }
-WRAPPER_KEYS = {"pretrained", "dtype", "device", "device_map", "trust_remote_code", "batch_size", "weight_cache",
+WRAPPER_KEYS = {"pretrained", "revision", "dtype", "device", "device_map", "trust_remote_code", "batch_size", "weight_cache",
                 "max_batch_size", "report_dir", "lmms_quant_version", "vqa_prompt", "caption_prompt"}
 COMPONENT_PARAMS = {"vit": 4000, "connector": 1000, "llm": 5000}
 OTHER_PARAMS = 500
@@ -145,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"quant_report_{digest}.json").write_text(json.dumps(report_for(plan, digest)))
     if os.environ.get("FAKE_EVAL_SLEEP_ON", "") in args.model_args:
         time.sleep(float(os.environ.get("FAKE_EVAL_SLEEP", "0")))
+        gate = os.environ.get("FAKE_EVAL_WAIT_FOR")
+        deadline = time.monotonic() + 600
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
     if os.environ.get("FAKE_EVAL_NO_RESULTS") and os.environ["FAKE_EVAL_NO_RESULTS"] in args.model_args:
         return 0
     results["config"] = {"model": args.model, "model_args": args.model_args, "limit": args.limit,
@@ -155,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _recipe_digest(plan: dict[str, str]) -> str:
-    """The digest the real wrapper gives this recipe (the leaderboard finds the report by it)."""
-    from lmms_quant.quant.recipe import Recipe
+    """The digest the real wrapper gives this recipe (the leaderboard finds the report by it).
 
-    return Recipe.parse(plan).digest()
+    Sweeps pass canonical model_args, which spell every resolved recipe key, so the digest is the
+    hash of that spelling (`Recipe.digest`), computed here without importing the engine (torch)."""
+    canonical = json.dumps(plan, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def _log(event: str, args) -> None:
