@@ -19,7 +19,9 @@ Environment knobs (test instrumentation, not behaviour under test):
                        output_path, model_args, CUDA_VISIBLE_DEVICES, time)
     FAKE_EVAL_SLEEP    seconds to sleep after the samples are written and before the results (the window
                        in which a test kills the sweep: the run directory then holds partial output)
-    FAKE_EVAL_SLEEP_ON only sleep when model_args contains this substring
+    FAKE_EVAL_SLEEP_ON only sleep (and wait, below) when model_args contains this substring
+    FAKE_EVAL_WAIT_FOR a path: after the samples are written, wait until it exists (a gate the test opens,
+                       so that "the evaluation is in progress" lasts exactly as long as the test needs)
     FAKE_EVAL_FAIL_ON  substring of model_args that makes the run exit 1 (a failing configuration)
     FAKE_EVAL_NO_RESULTS  substring of model_args for which the run exits 0 without writing results
     FAKE_EVAL_DOCS     documents per task (default 40)
@@ -47,7 +49,7 @@ CAPTION_METRICS = ("coco_Bleu_1", "coco_Bleu_4", "coco_ROUGE_L", "coco_CIDEr")  
 COLOURS = ("red", "blue", "green", "yellow")
 SHAPES = ("square", "circle", "triangle")
 PLACES = ("left", "right", "top", "bottom")
-WRAPPER_KEYS = {"pretrained", "dtype", "device", "device_map", "trust_remote_code", "batch_size", "weight_cache",
+WRAPPER_KEYS = {"pretrained", "revision", "dtype", "device", "device_map", "trust_remote_code", "batch_size", "weight_cache",
                 "max_batch_size", "report_dir", "lmms_quant_version", "vqa_prompt", "caption_prompt"}
 COMPONENT_PARAMS = {"vit": 4000, "connector": 1000, "llm": 5000}
 OTHER_PARAMS = 500
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         results["higher_is_better"][task] = {name: True for name in values}
         results["n-samples"][task] = {"original": n_docs, "effective": n_eff}
     if plan.get("method", "fp16") != "fp16":
-        digest = _plan_module().QuantPlan.from_kwargs(plan).digest()
+        digest = _recipe_digest(plan)
         report = report_for(plan, digest)
         if os.environ.get("FAKE_EVAL_EXPORT_ON") and os.environ["FAKE_EVAL_EXPORT_ON"] in args.model_args:
             report["export"] = {"format": "compressed-tensors", "dir": str(out / "packed"),
@@ -223,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"quant_report_{digest}.json").write_text(json.dumps(report))
     if os.environ.get("FAKE_EVAL_SLEEP_ON", "") in args.model_args:
         time.sleep(float(os.environ.get("FAKE_EVAL_SLEEP", "0")))
+        gate = os.environ.get("FAKE_EVAL_WAIT_FOR")
+        deadline = time.monotonic() + 600
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
     if os.environ.get("FAKE_EVAL_NO_RESULTS") and os.environ["FAKE_EVAL_NO_RESULTS"] in args.model_args:
         return 0
     results["config"] = {"model": args.model, "model_args": args.model_args, "limit": args.limit,
@@ -232,17 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _plan_module():
-    """The engine's plan.py alone (stdlib only), without importing the engine package and torch."""
-    import importlib.util
+def _recipe_digest(plan: dict[str, str]) -> str:
+    """The digest the real wrapper gives this recipe (the leaderboard finds the report by it).
 
-    spec = importlib.util.find_spec("lmms_quant")
-    path = Path(spec.submodule_search_locations[0]) / "quant" / "plan.py"
-    module_spec = importlib.util.spec_from_file_location("_fake_eval_plan", path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = module  # dataclasses look their module up while the class is built
-    module_spec.loader.exec_module(module)
-    return module
+    Sweeps pass canonical model_args, which spell every resolved recipe key, so the digest is the
+    hash of that spelling (`Recipe.digest`), computed here without importing the engine (torch)."""
+    canonical = json.dumps(plan, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def _log(event: str, args) -> None:

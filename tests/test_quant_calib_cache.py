@@ -4,7 +4,7 @@ import torch
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from lmms_quant.fixtures.models import build_tiny_blip2_opt
-from lmms_quant.quant import QuantPlan, calibration, quantize_model
+from lmms_quant.quant import Recipe, calibration, quantize
 
 
 def _gptq_codes(path, monkeypatch, cache_mb):
@@ -19,8 +19,8 @@ def _gptq_codes(path, monkeypatch, cache_mb):
 
     monkeypatch.setattr(calibration.Calibrator, "collect", collect)
     model = Blip2ForConditionalGeneration.from_pretrained(path).eval()
-    plan = QuantPlan.from_kwargs({"method": "gptq", "bits": 3, "group_size": 32, "calib_n": 8, "calib_batch_size": 4})
-    report = quantize_model(model, Blip2Processor.from_pretrained(path), plan, keep_codes=True, progress=False)
+    plan = Recipe.parse({"method": "gptq", "bits": 3, "group_size": 32, "calib_n": 8, "calib_batch_size": 4})
+    report = quantize(model, Blip2Processor.from_pretrained(path), plan, keep_codes=True, progress=False)
     return report, hits[-1]
 
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .archs import Unit
-from .plan import PlanError, parse_calib_source
+from .recipe import CalibSource, RecipeError
 
 CAPTION_INSTRUCTION = "Provide a one-sentence caption for the provided image."
 _QA = re.compile(r"^\s*Question:\s*(?P<q>.*?)\s*Answer:\s*(?P<a>.*?)\s*$", re.S)
@@ -57,10 +58,10 @@ def _same_path(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def check_not_evaluated(calib: str, evaluated_datasets: Sequence) -> None:
+def check_not_evaluated(source: CalibSource, evaluated_datasets: Sequence) -> None:
     """Refuse a calibration source that is one of the evaluated (dataset_path, dataset_name, split)."""
-    source = parse_calib_source(calib)
-    if source["kind"] == "synthetic":
+    calib = source.spec
+    if source.kind == "synthetic":
         return
     for entry in evaluated_datasets or ():
         path, name, split = (list(entry) + [None, None, None])[:3]
@@ -68,37 +69,37 @@ def check_not_evaluated(calib: str, evaluated_datasets: Sequence) -> None:
             continue
         path = str(path)
         clash = False
-        if source["kind"] == "hf":
-            clash = (_same_path(source["path"], path) and (source["name"] or None) == (name or None)
-                     and source["split"] == split)
+        if source.kind == "hf":
+            clash = (_same_path(source.path, path) and (source.name or None) == (name or None)
+                     and source.split == split)
         else:
-            local = source["path"]
+            local = source.path
             inside = (os.path.isdir(path)
                       and os.path.realpath(local).startswith(os.path.realpath(path) + os.sep)
                       and split is not None and split in os.path.relpath(local, path).replace(os.sep, "/"))
             clash = _same_path(local, path) or inside
         if clash:
-            raise PlanError(
+            raise RecipeError(
                 f"calib={calib!r} is invalid: it is the evaluated split ({path}, {name}, {split}); calibrating "
                 f"on test data inflates scores; valid: a disjoint split or dataset, or synthetic")
 
 
-def _load_rows(source: dict):
+def _load_rows(source: CalibSource):
     import datasets
 
-    if source["kind"] == "hf":
-        return datasets.load_dataset(source["path"], source["name"], split=source["split"])
-    path = source["path"]
+    if source.kind == "hf":
+        return datasets.load_dataset(source.path, source.name, split=source.split)
+    path = source.path
     if os.path.isdir(path):
         loaded = datasets.load_from_disk(path)
         if isinstance(loaded, datasets.DatasetDict):
-            raise PlanError(f"calib={path!r} is invalid: it holds several splits {list(loaded)}; "
+            raise RecipeError(f"calib={path!r} is invalid: it holds several splits {list(loaded)}; "
                             f"valid: hf:{path}:<split>")
         return loaded
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     builder = {"parquet": "parquet", "json": "json", "jsonl": "json", "csv": "csv"}.get(ext)
     if builder is None:
-        raise PlanError(f"calib={path!r} is invalid: unknown file type .{ext}; valid: .parquet, .json, .jsonl, .csv")
+        raise RecipeError(f"calib={path!r} is invalid: unknown file type .{ext}; valid: .parquet, .json, .jsonl, .csv")
     return datasets.load_dataset(builder, data_files=path, split="train")
 
 
@@ -132,24 +133,24 @@ def _row_sample(row: dict, image_column: str) -> CalibSample:
         answer = _first_text(row.get(col))
         if answer:
             return CalibSample(image, question if isinstance(question, str) and question else None, answer)
-    raise PlanError(f"calibration rows have no text column; valid: one of {_TEXT_COLUMNS + _ANSWER_COLUMNS}")
+    raise RecipeError(f"calibration rows have no text column; valid: one of {_TEXT_COLUMNS + _ANSWER_COLUMNS}")
 
 
-def load_samples(calib: str, n: int, seed: int) -> list[CalibSample]:
+def load_samples(source: CalibSource, n: int, seed: int) -> list[CalibSample]:
     """``n`` calibration samples, the same for the same (source, n, seed)."""
-    source = parse_calib_source(calib)
-    if source["kind"] == "synthetic":
+    calib = source.spec
+    if source.kind == "synthetic":
         from lmms_quant.fixtures.datasets import calibration_samples
 
         return [sample_from_text(s["image"], s["text"]) for s in calibration_samples(n, seed)]
     rows = _load_rows(source)
     if len(rows) < n:
-        raise PlanError(f"calib={calib!r} is invalid: it has {len(rows)} rows but {n} are needed "
+        raise RecipeError(f"calib={calib!r} is invalid: it has {len(rows)} rows but {n} are needed "
                         f"(calib_n plus held-out samples); valid: a larger source or a smaller calib_n")
     image_columns = [c for c, f in rows.features.items() if type(f).__name__ == "Image"] or (
         ["image"] if "image" in rows.column_names else [])
     if not image_columns:
-        raise PlanError(f"calib={calib!r} is invalid: no image column in {rows.column_names}; valid: a dataset "
+        raise RecipeError(f"calib={calib!r} is invalid: no image column in {rows.column_names}; valid: a dataset "
                         f"with an image column")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -206,6 +207,14 @@ def make_batch(processor, style: str, samples: Sequence[CalibSample]) -> Batch:
     if style == "blip2_itm":
         texts = [f"{s.prompt} {s.response}" if s.prompt else s.response for s in samples]
         return Batch(_encode(processor, images, texts), {}, {"use_image_text_matching_head": True})
+    if style == "chat":
+        if not getattr(processor, "chat_template", None):
+            raise ValueError(f"prompt style 'chat': {type(processor).__name__} has no chat_template; valid: a "
+                             f"processor with a chat template, or the family's plain prompt style")
+        # One image per sample as its own list: processors that count images per prompt (Gemma 3) need it.
+        texts = [f"{_chat_prompt(processor, s.prompt or CAPTION_INSTRUCTION)} {s.response}" for s in samples]
+        inputs = _encode(processor, [[image] for image in images], texts)
+        return Batch(inputs, {"attention_mask": inputs["attention_mask"].bool()}, {"use_cache": False})
     if style in ("llava", "generic"):
         if style == "llava" or getattr(processor, "chat_template", None):
             texts = [f"{_chat_prompt(processor, s.prompt or CAPTION_INSTRUCTION)} {s.response}" for s in samples]
@@ -214,7 +223,7 @@ def make_batch(processor, style: str, samples: Sequence[CalibSample]) -> Batch:
         inputs = _encode(processor, images, texts)
         masks = {"attention_mask": inputs["attention_mask"].bool()} if "attention_mask" in inputs else {}
         return Batch(inputs, masks, {"use_cache": False} if style == "llava" else {})
-    raise ValueError(f"prompt style: got {style!r}; valid: blip2_causal, blip2_seq2seq, blip2_itm, llava, generic")
+    raise ValueError(f"prompt style: got {style!r}; valid: blip2_causal, blip2_seq2seq, blip2_itm, llava, chat, generic")
 
 
 def make_batches(processor, style: str, samples: Sequence[CalibSample], batch_size: int) -> list[Batch]:
@@ -470,7 +479,9 @@ class _OutputCache:
                 output, output_leaves = entry[2], entry[3]
                 if all(x._version == v for x, v in output_leaves):
                     self.hits += 1
-                    return output
+                    # A fresh container each time: callers may reassign its fields (Qwen-VL's
+                    # get_image_features replaces pooler_output by its split), which must not reach the store.
+                    return copy.copy(output)
             if entry is not None:
                 self.used -= entry[4]
                 del self.entries[key]
@@ -480,7 +491,8 @@ class _OutputCache:
                 size = _tensor_bytes(now) + _tensor_bytes(out_leaves)
                 if self.used + size <= self.budget:
                     self.entries[key] = (
-                        versions, [(x, x._version if isinstance(x, torch.Tensor) else None) for x in now], output,
+                        versions, [(x, x._version if isinstance(x, torch.Tensor) else None) for x in now],
+                        copy.copy(output),
                         [(x, x._version) for x in out_leaves if isinstance(x, torch.Tensor)], size)
                     self.used += size
             return output
