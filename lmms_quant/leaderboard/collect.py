@@ -152,15 +152,6 @@ def component_order(name: str) -> tuple:
     return (COMPONENT_ORDER.index(name) if name in COMPONENT_ORDER else len(COMPONENT_ORDER), name)
 
 
-def _size_records(report: dict) -> tuple[dict, dict]:
-    """(total, per-component) size records: ``sizes`` ({"total": ..., <component>: ...}) or the older
-    top-level ``total`` and ``components``."""
-    sizes = report.get("sizes")
-    if isinstance(sizes, dict) and isinstance(sizes.get("total"), dict):
-        return sizes["total"], {k: v for k, v in sizes.items() if k != "total" and isinstance(v, dict)}
-    return report.get("total") or {}, report.get("components") or {}
-
-
 def _export_facts(export: Any) -> ExportFacts | None:
     if not isinstance(export, dict) or not export.get("format"):
         return None
@@ -183,7 +174,7 @@ def report_facts(report: dict | None) -> ReportFacts:
     """
     if not report:
         return ReportFacts()
-    total, components = _size_records(report)
+    total, components = report.get("total") or {}, report.get("components") or {}
     tensor_bits: dict[str, set] = {}
     for record in report.get("tensors") or []:
         tensor_bits.setdefault(str(record.get("component")), set()).add(record.get("bits"))
