@@ -82,7 +82,9 @@ class CiderStatistic(Statistic):
     df counting the docs whose references hold the n-gram — it depends on the set of docs, so every
     resample recomputes it. Every sum over n-grams in the cosine is linear in idf² (idf ≥ 0, so
     min(a·idf, b·idf) = min(a, b)·idf): with the counts laid out once as sparse matrices, a batch of
-    resamples costs a few sparse products.
+    resamples costs a few sparse products. Most 3- and 4-grams occur in one document's references
+    only; their df on a resample is that document's weight, so their terms are summed once per row
+    and only the n-grams shared between documents go through the products (_IdfSums).
     """
 
     def __init__(self, preds: list[str], refs: list[list[str]], n: int = 4, sigma: float = 6.0):
@@ -125,39 +127,71 @@ class CiderStatistic(Statistic):
             df[2].extend([1] * len(in_refs))
             n_refs.append(len(references))
         n_grams, n_pairs = len(vocab), len(pair_doc)
-
-        def matrix(entries, rows):
-            r, c, v = (np.array(e, dtype=dtype) for e, dtype in zip(entries, (np.int64, np.int64, np.float64)))
-            return sparse.csr_matrix((v, (r, c)), shape=(rows, n_grams))
-
-        self.df_t = matrix(df, self.n).T.tocsr()  # (n-grams, docs): df = df_t @ weights
-        self.hyp_norm2 = matrix(hyp_sq, self.n * n)  # rows (doc, order): Σ tf_h² idf²
-        self.ref_norm2 = matrix(ref_sq, n_pairs * n)  # rows (pair, order): Σ tf_r² idf²
-        self.clipped = matrix(clip, n_pairs * n)  # rows (pair, order): Σ min(tf_h, tf_r) tf_r idf²
-        self.pair_doc = np.array(pair_doc)
+        self.pair_doc = np.array(pair_doc, dtype=np.int64)
+        arrays = lambda e: (np.array(e[0], np.int64), np.array(e[1], np.int64), np.array(e[2], np.float64))  # noqa: E731
+        df_docs, df_grams, _ = arrays(df)
+        ref_docs = np.bincount(df_grams, minlength=n_grams)  # how many docs' references hold each n-gram
+        owner = np.full(n_grams, -1, dtype=np.int64)
+        owner[df_grams] = df_docs  # the doc, for the n-grams of one doc's references
+        hyp_rows, ref_rows = np.repeat(np.arange(self.n), n), np.repeat(self.pair_doc, n)  # row -> doc
+        parts = [(arrays(hyp_sq), hyp_rows), (arrays(ref_sq), ref_rows), (arrays(clip), ref_rows)]
+        shared = np.zeros(n_grams, dtype=bool)
+        for (rows, grams, _), row_doc in parts:
+            shared[grams[(ref_docs[grams] >= 2) | ((ref_docs[grams] == 1) & (owner[grams] != row_doc[rows]))]] = True
+        self.shared = np.flatnonzero(shared)
+        column = np.full(n_grams, -1, dtype=np.int64)
+        column[self.shared] = np.arange(len(self.shared))
+        keep = np.isin(df_grams, self.shared)
+        self.df_t = sparse.csr_matrix((np.ones(keep.sum()), (column[df_grams[keep]], df_docs[keep])),
+                                      shape=(len(self.shared), self.n))  # df of the shared n-grams = df_t @ w
+        self.hyp_norm2, self.ref_norm2, self.clipped = (  # Σ tf_h² idf², Σ tf_r² idf², Σ min(tf_h, tf_r) tf_r idf²
+            _IdfSums(entries, row_doc, len(row_doc), ref_docs, owner, column) for entries, row_doc in parts)
         self.penalty = np.array(penalty)
         self.n_refs = np.array(n_refs, dtype=np.float64)
         self.doc_starts = np.concatenate([[0], np.cumsum(self.n_refs[:-1])]).astype(np.int64)
-        self.n_grams = n_grams
 
     def on_weights(self, weights: np.ndarray) -> np.ndarray:
         out = np.empty(weights.shape[0])
-        step = max(1, CIDER_CHUNK_ELEMENTS // max(self.n_grams, 1))
-        n, pairs = self.order, len(self.pair_doc)
+        step = max(1, CIDER_CHUNK_ELEMENTS // max(len(self.shared), self.n, 1))
+        n, pairs, log_n = self.order, len(self.pair_doc), np.log(float(self.n))
         for start in range(0, weights.shape[0], step):
             w = weights[start:start + step]
             cols = w.shape[0]
-            idf = np.log(float(self.n)) - np.log(np.maximum(self.df_t @ w.T, 1.0))  # (n-grams, cols)
-            idf2 = idf * idf
-            clipped = (self.clipped @ idf2).reshape(pairs, n, cols)
-            hyp = (self.hyp_norm2 @ idf2).reshape(self.n, n, cols)[self.pair_doc]
-            ref = (self.ref_norm2 @ idf2).reshape(pairs, n, cols)
+            shared_idf2 = (log_n - np.log(np.maximum(self.df_t @ w.T, 1.0))) ** 2  # (shared n-grams, cols)
+            own_idf2 = (log_n - np.log(np.maximum(w.T, 1.0))) ** 2  # (docs, cols): an n-gram of one doc's refs
+            sums = [m.apply(shared_idf2, own_idf2, log_n ** 2) for m in (self.clipped, self.hyp_norm2, self.ref_norm2)]
+            clipped = sums[0].reshape(pairs, n, cols)
+            hyp = sums[1].reshape(self.n, n, cols)[self.pair_doc]
+            ref = sums[2].reshape(pairs, n, cols)
             both = (hyp != 0) & (ref != 0)  # pycocoevalcap divides only when both norms are non-zero
             cosine = np.where(both, clipped / np.sqrt(np.where(both, hyp * ref, 1.0)), clipped)
             per_pair = cosine.sum(axis=1) * self.penalty[:, None]  # (pairs, cols)
             per_doc = np.add.reduceat(per_pair, self.doc_starts, axis=0) * 10.0 / (n * self.n_refs[:, None])
             out[start:start + cols] = (w * per_doc.T).sum(axis=1) / self.n
         return out
+
+
+class _IdfSums:
+    """Σ_g value[row, g] · idf_g² for every row of a sparse count matrix, split by what idf_g depends on:
+    n-grams in no document's references (idf = log #docs: summed once), n-grams only in the row's own
+    document's references (idf from that document's weight alone: summed once), and shared n-grams
+    (a sparse product with their recomputed idf²)."""
+
+    def __init__(self, entries, row_doc: np.ndarray, n_rows: int, ref_docs: np.ndarray, owner: np.ndarray,
+                 column: np.ndarray):
+        rows, grams, values = entries
+        unseen = ref_docs[grams] == 0
+        own = (ref_docs[grams] == 1) & (owner[grams] == row_doc[rows])
+        general = ~(unseen | own)
+        self.unseen = np.bincount(rows[unseen], weights=values[unseen], minlength=n_rows)
+        self.own = np.bincount(rows[own], weights=values[own], minlength=n_rows)
+        self.row_doc = row_doc
+        self.shared = sparse.csr_matrix((values[general], (rows[general], column[grams[general]])),
+                                        shape=(n_rows, int(column.max()) + 1 if column.size else 0))
+
+    def apply(self, shared_idf2: np.ndarray, own_idf2: np.ndarray, unseen_idf2: float) -> np.ndarray:
+        return (self.shared @ shared_idf2 + self.own[:, None] * own_idf2[self.row_doc]
+                + self.unseen[:, None] * unseen_idf2)
 
 
 # --------------------------------------------------------------------------- BLEU
