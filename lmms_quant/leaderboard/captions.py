@@ -126,9 +126,12 @@ class CiderStatistic(Statistic):
             df[1].extend(in_refs)
             df[2].extend([1] * len(in_refs))
             n_refs.append(len(references))
-        n_grams, n_pairs = len(vocab), len(pair_doc)
+        n_grams = len(vocab)
         self.pair_doc = np.array(pair_doc, dtype=np.int64)
-        arrays = lambda e: (np.array(e[0], np.int64), np.array(e[1], np.int64), np.array(e[2], np.float64))  # noqa: E731
+
+        def arrays(entries):
+            return (np.array(entries[0], np.int64), np.array(entries[1], np.int64), np.array(entries[2], np.float64))
+
         df_docs, df_grams, _ = arrays(df)
         ref_docs = np.bincount(df_grams, minlength=n_grams)  # how many docs' references hold each n-gram
         owner = np.full(n_grams, -1, dtype=np.int64)
@@ -144,7 +147,8 @@ class CiderStatistic(Statistic):
         keep = np.isin(df_grams, self.shared)
         self.df_t = sparse.csr_matrix((np.ones(keep.sum()), (column[df_grams[keep]], df_docs[keep])),
                                       shape=(len(self.shared), self.n))  # df of the shared n-grams = df_t @ w
-        self.hyp_norm2, self.ref_norm2, self.clipped = (  # Σ tf_h² idf², Σ tf_r² idf², Σ min(tf_h, tf_r) tf_r idf²
+        # per row: Σ tf_h² idf² (doc, order), Σ tf_r² idf² (pair, order), Σ min(tf_h, tf_r) tf_r idf² (pair, order)
+        self.hyp_norm2, self.ref_norm2, self.clipped = (
             _IdfSums(entries, row_doc, len(row_doc), ref_docs, owner, column) for entries, row_doc in parts)
         self.penalty = np.array(penalty)
         self.n_refs = np.array(n_refs, dtype=np.float64)
