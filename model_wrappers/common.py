@@ -323,6 +323,74 @@ def count_generated(ids: torch.Tensor, eos_token_ids: set[int]) -> int:
     return len(ids)
 
 
+# ---------------------------------------------------------------------- the quantization seam
+
+
+def quantize_for_requests(model, processor, plan, requests, task_dict: dict, *, pretrained: str, device=None,
+                          weight_cache: str | None = None, report_path: Path | None = None) -> dict:
+    """Quantize ``model`` in place for the requests about to be served; returns the report (a dict).
+
+    The one seam every wrapper goes through (``QuantVLM.ensure_quantized``, and ``quant`` for
+    lmms-eval's own model classes), called once before the first request, when lmms-eval's
+    ``task_dict`` and the requests tell which datasets are scored. The report is written to
+    ``report_path`` (None: kept in memory only, with a warning).
+    """
+    from lmms_quant.quant.calibration import check_not_evaluated
+
+    datasets = evaluated_datasets(requests, task_dict)
+    # Before any cache lookup: a cache hit must not let a leaking calibration source through.
+    check_not_evaluated(plan.calib, datasets)
+    eval_logger.info(f"lmms-quant: quantizing {pretrained} ({plan.digest()}); evaluated datasets {datasets}")
+    if weight_cache:
+        report = _quantize_through_cache(model, processor, plan, datasets, pretrained, device, weight_cache)
+    else:
+        report = _quantize(model, processor, plan, datasets, device).to_dict()
+    if report_path is None:
+        eval_logger.warning("lmms-quant: no --output_path and no report_dir: the quantization report is not written")
+    else:
+        write_json_atomic(report_path, report)
+        eval_logger.info(f"lmms-quant: quantization report written to {report_path}")
+    return report
+
+
+def _quantize(model, processor, plan, datasets, device):
+    from lmms_quant.quant import quantize_model
+
+    return quantize_model(model, processor, plan, device=device, evaluated_datasets=datasets)
+
+
+def _quantize_through_cache(model, processor, plan, datasets, pretrained, device, weight_cache) -> dict:
+    """Quantized weights from the weight cache, or quantize and store them there.
+
+    The entry holds every parameter of each block that had a tensor quantized (AWQ also rescales
+    the norms and biases that feed it, always inside the same block) and of each quantized
+    non-block module, so loading it onto the FP checkpoint reproduces the quantized model exactly.
+    """
+    from lmms_quant import weight_cache as wc
+
+    identity = wc.model_identity(pretrained)
+    if identity is None:
+        eval_logger.warning(f"lmms-quant: cannot identify {pretrained} offline; weight cache not used")
+        return _quantize(model, processor, plan, datasets, device).to_dict()
+    described = {"pretrained": pretrained, "model": identity, "plan": plan.as_model_args(),
+                 "calibration": wc.calibration_fingerprint(plan.calib), "dtype": str(model.dtype)}
+    key = wc.cache_key(identity, plan.digest(), described["calibration"], dtype=described["dtype"])
+
+    def build():
+        report = _quantize(model, processor, plan, datasets, device)
+        prefixes = tuple(sorted({f"{t.stack}.{t.block}." if t.block is not None and t.stack else f"{t.name}."
+                                 for t in report.tensors}))
+        tensors = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()
+                   if name.startswith(prefixes)}
+        return tensors, report.to_dict()
+
+    entry, hit = wc.WeightCache(weight_cache).get_or_build(key, build, identity=described)
+    if hit:
+        wc.load_into(model, entry.tensors)
+    eval_logger.info(f"lmms-quant: weight cache {'hit' if hit else 'miss'} ({key})")
+    return {**entry.report, "weight_cache": {"key": key, "hit": hit}}
+
+
 class QuantVLM(lmms):
     """Base lmms-eval chat model for lmms-quant's wrappers; see the module docstring.
 
@@ -428,60 +496,10 @@ class QuantVLM(lmms):
         """Quantize once, before the first request is served, knowing which datasets are scored."""
         if not self._quantization_pending:
             return
-        from lmms_quant.quant.calibration import check_not_evaluated
-
-        datasets = evaluated_datasets(requests, self.task_dict)
-        # Before any cache lookup: a cache hit must not let a leaking calibration source through.
-        check_not_evaluated(self.plan.calib, datasets)
-        eval_logger.info(f"lmms-quant: quantizing {self.args.pretrained} ({self.plan.digest()}); evaluated datasets {datasets}")
-        if self.args.weight_cache:
-            report = self._quantize_through_cache(datasets)
-        else:
-            report = self._quantize(datasets).to_dict()
-        path = self.report_path()
-        if path is None:
-            eval_logger.warning("lmms-quant: no --output_path and no report_dir: the quantization report is not written")
-        else:
-            write_json_atomic(path, report)
-            eval_logger.info(f"lmms-quant: quantization report written to {path}")
-        self.quant_report = report
+        self.quant_report = quantize_for_requests(
+            self.model, self.processor, self.plan, requests, self.task_dict, pretrained=self.args.pretrained,
+            device=self.device, weight_cache=self.args.weight_cache, report_path=self.report_path())
         self._quantization_pending = False
-
-    def _quantize(self, datasets):
-        from lmms_quant.quant import quantize_model
-
-        return quantize_model(self.model, self.processor, self.plan, device=self.device, evaluated_datasets=datasets)
-
-    def _quantize_through_cache(self, datasets) -> dict:
-        """Quantized weights from the weight cache, or quantize and store them there.
-
-        The entry holds every parameter of each block that had a tensor quantized (AWQ also rescales
-        the norms and biases that feed it, always inside the same block) and of each quantized
-        non-block module, so loading it onto the FP checkpoint reproduces the quantized model exactly.
-        """
-        from lmms_quant import weight_cache as wc
-
-        identity = wc.model_identity(self.args.pretrained)
-        if identity is None:
-            eval_logger.warning(f"lmms-quant: cannot identify {self.args.pretrained} offline; weight cache not used")
-            return self._quantize(datasets).to_dict()
-        described = {"pretrained": self.args.pretrained, "model": identity, "plan": self.plan.as_model_args(),
-                     "calibration": wc.calibration_fingerprint(self.plan.calib), "dtype": str(self.model.dtype)}
-        key = wc.cache_key(identity, self.plan.digest(), described["calibration"], dtype=described["dtype"])
-
-        def build():
-            report = self._quantize(datasets)
-            prefixes = tuple(sorted({f"{t.stack}.{t.block}." if t.block is not None and t.stack else f"{t.name}."
-                                     for t in report.tensors}))
-            tensors = {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()
-                       if name.startswith(prefixes)}
-            return tensors, report.to_dict()
-
-        entry, hit = wc.WeightCache(self.args.weight_cache).get_or_build(key, build, identity=described)
-        if hit:
-            wc.load_into(self.model, entry.tensors)
-        eval_logger.info(f"lmms-quant: weight cache {'hit' if hit else 'miss'} ({key})")
-        return {**entry.report, "weight_cache": {"key": key, "hit": hit}}
 
     # ------------------------------------------------------------------ requests
 
