@@ -33,3 +33,31 @@ def write_json_atomic(path, data: dict, *, sort_keys: bool = True) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def write_dir_atomic(path, write, *, may_replace=None) -> Path:
+    """Build a directory with ``write(tmp_dir)`` in a sibling temp dir, then rename it to ``path``.
+
+    An existing ``path`` is replaced only when ``may_replace(path)`` is true (e.g. it holds an older
+    fixture), so an unrelated directory is never swapped out; readers see the old or the new whole."""
+    import shutil
+
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not (may_replace is not None and may_replace(path)):
+        raise FileExistsError(f"out_dir: {str(path)!r} exists and holds something else; refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "previous")
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    return path

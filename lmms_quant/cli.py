@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "eval": ("lmms_quant.cli", "eval_main", "run lmms-eval with lmms-quant's tasks; non-zero exit on failure"),
     "tasks-path": ("lmms_quant.cli", "tasks_path_main", "print the --include_path directory of lmms-quant's tasks"),
     "make-data": ("lmms_quant.cli", "make_data_main", "write the synthetic datasets the *_local tasks read"),
-    "make-fixtures": ("lmms_quant.cli", "make_fixtures_main", "write tiny hub-free checkpoints (BLIP-2, LLaVA)"),
+    "make-fixtures": ("lmms_quant.cli", "make_fixtures_main", "write tiny hub-free checkpoints, one directory per model family"),
     "quantize": ("lmms_quant.quant.cli", "main", "quantize a model by a plan and write the report, without evaluating"),
     "demo": ("lmms_quant.demo", "main", "the shipped tiny VLMs through lmms-eval at FP16 and a quantization grid"),
     "sweep": ("lmms_quant.sweep", "main", "run a grid of configurations (resumable) from a grid YAML"),
