@@ -50,6 +50,10 @@ class QuantHF(QuantVLM):
         prompts = [self.prompt(r) for r in requests]
         images = [[image.convert("RGB") for image in r.images] for r in requests]
         media = {"images": images} if any(images) else {}
+        # A template that writes the BOS token itself must not get a second one from the tokenizer.
+        bos = self.tokenizer.bos_token
+        if bos and all(p.startswith(bos) for p in prompts):
+            media["add_special_tokens"] = False
         inputs = self.processor(text=prompts, padding=True, return_tensors="pt", **media)
         inputs = inputs.to(self.device).to(self.model.dtype)
         output_ids = self.model.generate(**inputs, **gen_kwargs)
