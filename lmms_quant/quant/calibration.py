@@ -206,6 +206,14 @@ def make_batch(processor, style: str, samples: Sequence[CalibSample]) -> Batch:
     if style == "blip2_itm":
         texts = [f"{s.prompt} {s.response}" if s.prompt else s.response for s in samples]
         return Batch(_encode(processor, images, texts), {}, {"use_image_text_matching_head": True})
+    if style == "chat":
+        if not getattr(processor, "chat_template", None):
+            raise ValueError(f"prompt style 'chat': {type(processor).__name__} has no chat_template; valid: a "
+                             f"processor with a chat template, or the family's plain prompt style")
+        # One image per sample as its own list: processors that count images per prompt (Gemma 3) need it.
+        texts = [f"{_chat_prompt(processor, s.prompt or CAPTION_INSTRUCTION)} {s.response}" for s in samples]
+        inputs = _encode(processor, [[image] for image in images], texts)
+        return Batch(inputs, {"attention_mask": inputs["attention_mask"].bool()}, {"use_cache": False})
     if style in ("llava", "generic"):
         if style == "llava" or getattr(processor, "chat_template", None):
             texts = [f"{_chat_prompt(processor, s.prompt or CAPTION_INSTRUCTION)} {s.response}" for s in samples]
@@ -214,7 +222,7 @@ def make_batch(processor, style: str, samples: Sequence[CalibSample]) -> Batch:
         inputs = _encode(processor, images, texts)
         masks = {"attention_mask": inputs["attention_mask"].bool()} if "attention_mask" in inputs else {}
         return Batch(inputs, masks, {"use_cache": False} if style == "llava" else {})
-    raise ValueError(f"prompt style: got {style!r}; valid: blip2_causal, blip2_seq2seq, blip2_itm, llava, generic")
+    raise ValueError(f"prompt style: got {style!r}; valid: blip2_causal, blip2_seq2seq, blip2_itm, llava, chat, generic")
 
 
 def make_batches(processor, style: str, samples: Sequence[CalibSample], batch_size: int) -> list[Batch]:
