@@ -35,3 +35,18 @@ def test_reused_component_outputs_give_the_same_codes(tmp_path, monkeypatch):
     for name in plain.codes:
         assert torch.equal(cached.codes[name].codes, plain.codes[name].codes), name
     assert [t.output_error for t in cached.tensors] == [t.output_error for t in plain.tensors]
+
+
+def test_a_reused_output_is_a_fresh_container_a_caller_may_rewrite():
+    # Qwen2.5-VL's get_image_features replaces pooler_output of the vision tower's output with its
+    # split; a reused output must still be what the tower returns, not the caller's rewrite.
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    pooled = torch.ones(4, 2)
+    stored = BaseModelOutputWithPooling(last_hidden_state=torch.zeros(4, 2), pooler_output=pooled)
+    given = calibration._fresh(stored)
+    given.pooler_output = torch.split(given.pooler_output, [2, 2])
+    assert type(given) is type(stored) and stored.pooler_output is pooled
+    again = calibration._fresh(stored)
+    assert again.pooler_output is pooled and again.last_hidden_state is stored.last_hidden_state
+    assert calibration._fresh((pooled, [pooled])) == (pooled, [pooled])

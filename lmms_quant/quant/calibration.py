@@ -402,6 +402,18 @@ def _same_leaves(stored: list, now: list) -> bool:
     return True
 
 
+def _fresh(obj):
+    """``obj`` with new containers around the same tensors: a caller may reassign fields of a model
+    output it was given (Qwen2.5-VL's get_image_features replaces pooler_output with its split), and
+    the stored output must not see that."""
+    if isinstance(obj, dict):
+        items = {key: _fresh(value) for key, value in obj.items()}
+        return type(obj)(**items) if hasattr(obj, "to_tuple") else type(obj)(items)
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_fresh(item) for item in obj)
+    return obj
+
+
 def _tensor_bytes(leaves) -> int:
     return sum(x.numel() * x.element_size() for x in leaves if isinstance(x, torch.Tensor))
 
@@ -478,7 +490,7 @@ class _OutputCache:
                 output, output_leaves = entry[2], entry[3]
                 if all(x._version == v for x, v in output_leaves):
                     self.hits += 1
-                    return output
+                    return _fresh(output)
             if entry is not None:
                 self.used -= entry[4]
                 del self.entries[key]
@@ -488,7 +500,7 @@ class _OutputCache:
                 size = _tensor_bytes(now) + _tensor_bytes(out_leaves)
                 if self.used + size <= self.budget:
                     self.entries[key] = (
-                        versions, [(x, x._version if isinstance(x, torch.Tensor) else None) for x in now], output,
+                        versions, [(x, x._version if isinstance(x, torch.Tensor) else None) for x in now], _fresh(output),
                         [(x, x._version) for x in out_leaves if isinstance(x, torch.Tensor)], size)
                     self.used += size
             return output
