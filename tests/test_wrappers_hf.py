@@ -103,10 +103,30 @@ def test_batched_generation_equals_batch_size_one(tiny_checkpoints, tasks):
     assert all(r.token_counts.output_tokens > 0 for r in one)
 
 
+# Every chat-template family with a tiny fixture; Gemma 3 and Idefics3 take images nested per prompt.
+CHAT_FAMILIES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "idefics3", "gemma3", "llava_next", "llava_onevision", "internvl"]
+
+
+@pytest.mark.parametrize("kind", CHAT_FAMILIES)
+def test_every_chat_family_batches_as_it_answers_one_by_one(kind, tiny_checkpoints, tasks):
+    # VQAv2 and GQA share generation settings (16 new tokens): batches of 3 mix the two tasks
+    requests = tasks["vqav2_val_local"].instances + tasks["gqa_local"].instances
+    one = load("quant_hf", tiny_checkpoints[kind], tasks, batch_size=1)
+    three = load("quant_hf", tiny_checkpoints[kind], tasks, batch_size=3).generate_until(requests)
+    assert [(r.text, r.token_counts) for r in three] == [(r.text, r.token_counts) for r in one.generate_until(requests)]
+    # the prompt is the family's own chat template around the task's text
+    request = one.chat_request(tasks["vqav2_val_local"].instances[0].args)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request.text}]}]
+    assert one.prompt(request) == one.processor.apply_chat_template(conversation, add_generation_prompt=True,
+                                                                    tokenize=False)
+    assert request.text in one.prompt(request)
+
+
 def test_a_checkpoint_without_chat_template_is_refused(tiny_checkpoints):
-    # BLIP-2's processor has no chat template: its prompts are quant_blip2's job
-    with pytest.raises(ValueError, match=r"pretrained: .* has no chat template.*quant_blip2"):
-        load("quant_hf", tiny_checkpoints["blip2_opt"])
+    # BLIP-2's processor has no chat template: its prompts are quant_blip2's job; PaliGemma's has none either
+    for kind in ("blip2_opt", "paligemma"):
+        with pytest.raises(ValueError, match=r"pretrained: .* has no chat template.*quant_blip2"):
+            load("quant_hf", tiny_checkpoints[kind])
 
 
 def test_a_wrong_key_fails_naming_it_before_loading(tmp_path):
