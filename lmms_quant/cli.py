@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "make-data": ("lmms_quant.cli", "make_data_main", "write the synthetic datasets the *_local tasks read"),
     "make-fixtures": ("lmms_quant.cli", "make_fixtures_main", "write tiny hub-free checkpoints, one directory per model family"),
     "quantize": ("lmms_quant.quant.cli", "main", "quantize a model by a plan and write the report, without evaluating"),
+    "inspect": ("lmms_quant.quant.inspect", "main", "a model's components and the exact tensors a plan would quantize"),
+    "export": ("lmms_quant.quant.export", "main", "write a saved quantized run as a compressed-tensors (vLLM) checkpoint"),
     "demo": ("lmms_quant.demo", "main", "the shipped tiny VLMs through lmms-eval at FP16 and a quantization grid"),
     "sweep": ("lmms_quant.sweep", "main", "run a grid of configurations (resumable) from a grid YAML"),
     "leaderboard": ("lmms_quant.leaderboard", "main", "Markdown/CSV/HTML leaderboard of a runs directory"),

@@ -164,9 +164,9 @@ def _wrapper_keys(model: str) -> tuple[str, ...] | None:
 
 def _is_noop(plan_args: dict[str, str]) -> bool:
     try:
-        from lmms_quant.quant import QuantPlan
+        from lmms_quant.quant.recipe import Recipe
 
-        return bool(QuantPlan.from_kwargs(dict(plan_args)).is_noop)
+        return bool(Recipe.parse(dict(plan_args)).is_noop)
     except (ImportError, ValueError):
         return plan_args.get("method", "fp16") == "fp16"
 

@@ -274,15 +274,15 @@ class ConfigurationChecker:
     """Validates one configuration's model arguments and spells them canonically.
 
     The model wrapper's own keys (``wrapper_keys()``: pretrained, dtype, ...) are the wrapper's to
-    check; everything else is the engine's: ``QuantPlan.from_kwargs`` raises ``PlanError`` naming the
+    check; everything else is the engine's: ``Recipe.parse`` raises ``RecipeError`` naming the
     key, the value and the choices. ``canonical_model_args`` is exactly what ``lmms-quant eval`` will
     pass to lmms-eval, and its hash keys the run directory.
     """
 
     def __init__(self, model: str, fixed_keys: Iterable[str] = ()):
-        from lmms_quant.quant import QuantPlan
+        from lmms_quant.quant.recipe import Recipe
 
-        self.quant_plan = QuantPlan
+        self.recipe = Recipe
         self.wrapper = model_class(model)
         self.wrapper_keys = tuple(self.wrapper.wrapper_keys())
 
@@ -291,7 +291,7 @@ class ConfigurationChecker:
 
     def __call__(self, args: dict[str, Any]) -> tuple[str, Any]:
         plan_kwargs = {k: v for k, v in args.items() if k not in self.wrapper_keys}
-        plan = self.quant_plan.from_kwargs(plan_kwargs, other_valid_keys=self.wrapper_keys)
+        plan = self.recipe.parse(plan_kwargs, other_valid_keys=self.wrapper_keys)
         rendered = ",".join(f"{k}={_render_value(v)}" for k, v in args.items())
         return self.wrapper.canonical_model_args(rendered), plan
 

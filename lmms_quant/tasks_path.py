@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
+
+from lmms_quant.atomic import atomic_directory
 
 LOCAL_DATA_PREFIX = "data/"
 LMMS_EVAL_TASKS_PREFIX = "../../lmms_eval/tasks/"
@@ -99,9 +99,7 @@ def render_tasks(data_root: str | os.PathLike | None = None, out_dir: str | os.P
         if out_dir.is_dir():
             return out_dir
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".render-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, replace=True) as staging:
         for src in sources:
             config = yaml.load(src.read_text(), Loader=_TaskLoader)
             rendered = _render_one(config, data_root, lmms_eval_tasks)
@@ -109,12 +107,6 @@ def render_tasks(data_root: str | os.PathLike | None = None, out_dir: str | os.P
                 f"# rendered by lmms-quant from {src} for data root {data_root}\n"
                 + yaml.dump(rendered, Dumper=_TaskDumper, sort_keys=False)
             )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

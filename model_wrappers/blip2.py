@@ -22,7 +22,9 @@ from __future__ import annotations
 
 from transformers import Blip2ForConditionalGeneration
 
-from .common import ChatRequest, QuantVLM, _none, _unquote
+from lmms_quant.values import is_unset, unquote
+
+from .common import ChatRequest, QuantVLM
 
 # Keyed by the language model's layout (decoder-only: OPT; encoder-decoder: Flan-T5).
 VQA_PROMPTS = {"decoder_only": "Question: {} Answer:", "encoder_decoder": "Question: {} Short answer:"}
@@ -52,15 +54,14 @@ class QuantBlip2(QuantVLM):
 
     @classmethod
     def parse_model_keys(cls, own: dict) -> dict:
-        vqa_prompt = _none(own.get("vqa_prompt"))
+        vqa_prompt = None if is_unset(own.get("vqa_prompt")) else unquote(str(own["vqa_prompt"]))
         if vqa_prompt is not None:
-            vqa_prompt = _unquote(str(vqa_prompt))
             if vqa_prompt.count("{}") != 1:
                 raise ValueError(f"vqa_prompt: got {vqa_prompt!r}; valid: a template with exactly one '{{}}' "
                                  f"for the question, e.g. 'Question: {{}} Answer:'")
         caption_prompt = own.get("caption_prompt")
         return {"vqa_prompt": vqa_prompt,
-                "caption_prompt": None if caption_prompt is None else _unquote(str(caption_prompt))}
+                "caption_prompt": None if caption_prompt is None else unquote(str(caption_prompt))}
 
     def __init__(self, **model_args) -> None:
         super().__init__(**model_args)

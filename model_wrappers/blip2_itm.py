@@ -31,7 +31,9 @@ from transformers import Blip2ForImageTextRetrieval
 
 from lmms_quant import retrieval
 
-from .common import ChatRequest, QuantVLM, _none, _unquote
+from lmms_quant.values import is_unset, unquote
+
+from .common import ChatRequest, QuantVLM
 
 DEFAULT_ITM_TOP_K = 128  # BLIP-2's k_test for Flickr30k and COCO
 DEFAULT_MAX_TEXT_TOKENS = 35  # LAVIS' retrieval max_length for captions
@@ -56,7 +58,7 @@ def _int_arg(key: str, value, minimum: int) -> int:
 
 
 def _choice_arg(key: str, value, choices: Sequence[str]) -> str:
-    text = _unquote(str(value).strip()).lower()
+    text = unquote(str(value).strip()).lower()
     if text not in choices:
         raise ValueError(f"{key}: got {value!r}; valid: {list(choices)}")
     return text
@@ -129,8 +131,8 @@ class QuantBlip2ITM(QuantVLM):
     @classmethod
     def parse_model_keys(cls, own: dict) -> dict:
         def given(key, default):
-            value = _none(own.get(key))
-            return default if value is None else value
+            value = own.get(key)
+            return default if is_unset(value) else value
 
         return {
             "itm_top_k": _int_arg("itm_top_k", given("itm_top_k", DEFAULT_ITM_TOP_K), max(retrieval.RECALL_KS)),
@@ -149,29 +151,27 @@ class QuantBlip2ITM(QuantVLM):
             setattr(self, key, value)
 
     @classmethod
-    def validate_model_args(cls, kwargs: dict):
-        """As the base class, and refuse plan keys for parts this model does not have (no LLM, no lm_head)."""
-        args, options, plan = super().validate_model_args(kwargs)
+    def check_recipe(cls, recipe, kwargs: dict) -> None:
+        """Refuse recipe keys for parts this model does not have (no LLM, no lm_head)."""
         inapplicable = []
-        if "llm" in plan.components:
+        if "llm" in recipe.selection.components:
             inapplicable.append(f"component={kwargs.get('component')!r}")
         # llm_bits alone asks for a language model this model lacks. Spelt out beside vit_bits and
         # connector_bits for component=all (as canonical model_args always are) it has nothing to reach
         # and is ignored, as `all` skips the components a model does not have.
-        full_spelling = not plan.components and all(_none(kwargs.get(k)) is not None for k in ("vit_bits", "connector_bits"))
-        if _none(kwargs.get("llm_bits")) is not None and not full_spelling:
+        full_spelling = not recipe.selection.components and all(not is_unset(kwargs.get(k)) for k in ("vit_bits", "connector_bits"))
+        if not is_unset(kwargs.get("llm_bits")) and not full_spelling:
             inapplicable.append(f"llm_bits={kwargs['llm_bits']!r}")
-        if plan.include:
+        if recipe.selection.include:
             inapplicable.append(f"include={kwargs.get('include')!r}")
         if inapplicable:
-            from lmms_quant.quant.plan import PlanError
+            from lmms_quant.quant.recipe import RecipeError
 
-            raise PlanError(
+            raise RecipeError(
                 f"{', '.join(inapplicable)}: {cls.model_class.__name__} has no language model (and no lm_head); "
                 "valid: component vit, connector (alias qformer: the Q-Former, its query tokens and text "
                 "embeddings) or all, with vit_bits / connector_bits"
             )
-        return args, options, plan
 
     # ------------------------------------------------------------------ lmms-eval entry point
 

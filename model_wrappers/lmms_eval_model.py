@@ -4,7 +4,7 @@
       --model_args model=qwen2_5_vl,pretrained=Qwen/Qwen2.5-VL-3B-Instruct,method=gptq,bits=4,component=vit ...
 
 ``model`` names an lmms-eval model id (``llava_hf``, ``qwen2_5_vl``, ``instructblip``, ...). The
-other ``model_args`` keys are split three ways before anything is loaded: lmms-quant's plan keys and
+other ``model_args`` keys are split three ways before anything is loaded: lmms-quant's recipe keys and
 its own keys (``report_dir``, ``weight_cache``) stay here; the rest must be parameters of that
 model class's ``__init__`` and go to it (several lmms-eval classes assert that they get nothing
 else); a key that is neither is an error naming it. The class is resolved and built through
@@ -27,32 +27,31 @@ from pathlib import Path
 
 from loguru import logger as eval_logger
 from lmms_eval.api.model import lmms
-from lmms_eval.utils import simple_parse_args_string
 
 import lmms_quant
+from lmms_quant.values import format_value, parse_model_args, text
 
-from .common import (
-    _format_arg, _none, _unquote, cli_output_path, model_name_sanitized, parse_wrapper_args, quantize_for_requests,
-)
+from .common import quantize_for_requests, report_path
+from .loading import parse_wrapper_args
 
-# Keys of this wrapper; every other key is a plan key or the wrapped class' own parameter.
+# Keys of this wrapper; every other key is a recipe key or the wrapped class' own parameter.
 OWN_KEYS = ("model", "report_dir", "weight_cache", "lmms_quant_version")
 # What lmms-eval's evaluator itself passes (create_from_arg_string's additional_config): handed on
 # when the wrapped class takes it, else dropped, as that class was never asked for it by the user.
 EVALUATOR_KEYS = ("batch_size", "max_batch_size", "device")
 
 
-def parse_plan(kwargs: dict, other_valid_keys=()):
-    """The quantization plan of ``kwargs`` (plan keys only), validated."""
-    from lmms_quant.quant import QuantPlan
+def parse_recipe(kwargs: dict):
+    """The quantization recipe of ``kwargs`` (recipe keys only), validated."""
+    from lmms_quant.quant.recipe import Recipe
 
-    return QuantPlan.from_kwargs(kwargs, other_valid_keys=other_valid_keys)
+    return Recipe.parse(kwargs)
 
 
-def plan_keys() -> tuple[str, ...]:
-    from lmms_quant.quant import PLAN_KEYS
+def recipe_keys() -> tuple[str, ...]:
+    from lmms_quant.quant.recipe import recipe_keys as keys
 
-    return tuple(PLAN_KEYS)
+    return tuple(keys())
 
 
 def lmms_eval_class(model_id) -> type:
@@ -61,10 +60,9 @@ def lmms_eval_class(model_id) -> type:
 
     from lmms_quant.model_ids import MODEL_CLASSES
 
-    model_id = _none(model_id)
+    model_id = text(model_id)
     if model_id is None:
         raise ValueError("model: missing; valid: an lmms-eval model id such as llava_hf, qwen2_5_vl, instructblip")
-    model_id = _unquote(str(model_id))
     if model_id in MODEL_CLASSES or model_id == "quant":
         raise ValueError(f"model: got {model_id!r}, an lmms-quant model; valid: one of lmms-eval's own model ids "
                          f"(use --model {model_id} directly)")
@@ -87,29 +85,29 @@ def init_parameters(cls) -> dict[str, inspect.Parameter]:
 
 
 def split_model_args(kwargs: dict, cls: type, model_id: str) -> tuple[dict, dict, dict]:
-    """(our own keys, plan keys, the wrapped class' kwargs); an unknown or ambiguous key is a ValueError naming it."""
+    """(our own keys, recipe keys, the wrapped class' kwargs); an unknown or ambiguous key is a ValueError naming it."""
     accepted = init_parameters(cls)
-    plan = plan_keys()
-    own, plan_kwargs, inner = {}, {}, {}
+    recipe = recipe_keys()
+    own, recipe_kwargs, inner = {}, {}, {}
     for key, value in kwargs.items():
         if key in OWN_KEYS:
             own[key] = value
-        elif key in plan:
+        elif key in recipe:
             if key in accepted:
                 raise ValueError(f"{key}: got {value!r}, but {key!r} is both an lmms-quant quantization key and a "
                                  f"parameter of lmms-eval's {model_id} ({cls.__name__}); valid: not both")
-            plan_kwargs[key] = value
+            recipe_kwargs[key] = value
         elif key in accepted:
             inner[key] = value
         elif key in EVALUATOR_KEYS:
             eval_logger.debug(f"lmms-quant: {cls.__name__} takes no {key!r}; {key}={value!r} is not passed on")
         else:
-            close = difflib.get_close_matches(str(key), (*plan, *OWN_KEYS, *accepted), n=1)
+            close = difflib.get_close_matches(str(key), (*recipe, *OWN_KEYS, *accepted), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown key {key!r} (value {value!r}){hint}; valid: lmms-quant's quantization keys "
-                             f"{', '.join(plan)}; lmms-quant's {', '.join(OWN_KEYS)}; and lmms-eval's {model_id} "
+                             f"{', '.join(recipe)}; lmms-quant's {', '.join(OWN_KEYS)}; and lmms-eval's {model_id} "
                              f"({cls.__name__}) parameters {', '.join(sorted(accepted)) or '(none)'}")
-    return own, plan_kwargs, inner
+    return own, recipe_kwargs, inner
 
 
 def find_hf_parts(lm) -> tuple:
@@ -155,44 +153,44 @@ class QuantLmmsEval(lmms):
 
     @classmethod
     def validate_model_args(cls, kwargs: dict):
-        """(wrapped class, model id, WrapperArgs, plan, the wrapped class' kwargs); nothing is loaded."""
+        """(wrapped class, model id, WrapperArgs, recipe, the wrapped class' kwargs); nothing is loaded."""
         inner_cls = lmms_eval_class(kwargs.get("model"))
-        model_id = _unquote(str(kwargs["model"]))
-        own, plan_kwargs, inner = split_model_args(kwargs, inner_cls, model_id)
-        plan = parse_plan(plan_kwargs)
+        model_id = text(kwargs["model"])
+        own, recipe_kwargs, inner = split_model_args(kwargs, inner_cls, model_id)
+        recipe = parse_recipe(recipe_kwargs)
         default = init_parameters(inner_cls).get("pretrained")
         pretrained = inner.get("pretrained", None if default is None else default.default)
         if pretrained is None or pretrained is inspect.Parameter.empty:
             pretrained = model_id  # the name lmms-eval then gives the results directory (model=...)
         args = parse_wrapper_args({"pretrained": pretrained, **{k: v for k, v in own.items() if k != "model"}})
-        return inner_cls, model_id, args, plan, inner
+        return inner_cls, model_id, args, recipe, inner
 
     @classmethod
     def canonical_model_args(cls, model_args: str) -> str:
-        """The --model_args string with the resolved plan and the lmms-quant version spelt out (``lmms-quant eval``)."""
-        kwargs = simple_parse_args_string(model_args or "")
+        """The --model_args string with the resolved recipe and the lmms-quant version spelt out (``lmms-quant eval``)."""
+        kwargs = parse_model_args(model_args or "")
         if "batch_size" in kwargs:
             raise ValueError(f"batch_size: got {kwargs['batch_size']!r} inside --model_args; valid: pass it as "
                              f"lmms-eval's --batch_size (lmms-eval always passes its own)")
-        _, model_id, _, plan, inner = cls.validate_model_args(kwargs)
+        _, model_id, _, recipe, inner = cls.validate_model_args(kwargs)
         own = {k: v for k, v in kwargs.items() if k in OWN_KEYS and k != "model"}
         own["lmms_quant_version"] = lmms_quant.__version__
-        ordered = {"model": model_id, **inner, **own, **plan.as_model_args()}
-        canonical = ",".join(f"{k}={_format_arg(v)}" for k, v in ordered.items())
-        if list(simple_parse_args_string(canonical)) != list(ordered):
+        ordered = {"model": model_id, **inner, **own, **recipe.to_model_args()}
+        canonical = ",".join(f"{k}={format_value(v)}" for k, v in ordered.items())
+        if list(parse_model_args(canonical)) != list(ordered):
             raise ValueError(f"model_args: cannot spell {ordered!r} as one lmms-eval model_args string "
                              f"(a value holds a comma or '=')")
         return canonical
 
     def __init__(self, **model_args) -> None:
         super().__init__()
-        inner_cls, self.model_id, self.args, self.plan, inner_kwargs = self.validate_model_args(model_args)
+        inner_cls, self.model_id, self.args, self.recipe, inner_kwargs = self.validate_model_args(model_args)
         eval_logger.info(f"lmms-quant: building lmms-eval's {self.model_id} ({inner_cls.__name__}) with {inner_kwargs}")
         self.lm = inner_cls(**inner_kwargs)
         self.is_simple = self.lm.is_simple
         self.hf_model, self.processor = find_hf_parts(self.lm)
         self.quant_report = None
-        self._quantization_pending = not self.plan.is_noop
+        self._quantization_pending = not self.recipe.is_noop
 
     # ------------------------------------------------------------------ what lmms-eval reads and sets
 
@@ -233,19 +231,16 @@ class QuantLmmsEval(lmms):
     # ------------------------------------------------------------------ quantization and requests
 
     def report_path(self) -> Path | None:
-        """<output_path>/<model_name_sanitized>/quant_report_<plan digest>.json, beside lmms-eval's results."""
-        root = self.args.report_dir or cli_output_path()
-        if root is None:
-            return None
-        return Path(root) / model_name_sanitized(self.args.pretrained) / f"quant_report_{self.plan.digest()}.json"
+        """<output_path>/<model_name_sanitized>/quant_report_<recipe digest>.json, beside lmms-eval's results."""
+        return report_path(self.args.report_dir, self.args.pretrained, self.recipe.digest())
 
     def ensure_quantized(self, requests) -> None:
         """Quantize the wrapped model once, before its first request, knowing which datasets are scored."""
         if not self._quantization_pending:
             return
-        self.quant_report = quantize_for_requests(
-            self.hf_model, self.processor, self.plan, requests, self.task_dict, pretrained=self.args.pretrained,
-            device=None, weight_cache=self.args.weight_cache, report_path=self.report_path())
+        # device=None: the model stays where lmms-eval's class put it
+        self.quant_report = quantize_for_requests(self.hf_model, self.processor, self.recipe, self.args, requests,
+                                                  self.task_dict, device=None)
         self._quantization_pending = False
 
     def generate_until(self, requests):

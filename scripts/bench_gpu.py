@@ -6,7 +6,7 @@
 ``blip2-opt-2.7b`` builds BLIP-2 OPT-2.7B from its published sizes (ViT-g 39x1408, Q-Former 12x768,
 OPT 32x2560) with random weights (std 0.02; speed does not depend on values), fp16, and the
 processor of the tiny fixture resized to 224 px and 32 query tokens. For every (method, component)
-it restores the FP16 weights, runs `quantize_model` with 128 synthetic calibration samples (+32
+it restores the FP16 weights, runs `quantize` with 128 synthetic calibration samples (+32
 held out) and records wall time, the time inside calibration forward passes and inside the method,
 peak GPU memory and calibration throughput. It also checks, on one layer, that the CUDA-graph GPTQ
 loop gives the codes of the kernel-by-kernel loop and times the pieces of the per-layer floor.
@@ -112,7 +112,7 @@ def build_tiny(device):
 
 
 class Timers:
-    """Wall time inside calibration passes and inside the method, per quantize_model call."""
+    """Wall time inside calibration passes and inside the method, per quantize call."""
 
     def __init__(self, device):
         from lmms_quant.quant import api, awq, calibration, gptq, rtn
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     device = args.device
 
-    from lmms_quant.quant import QuantPlan, calibration, quantize_model
+    from lmms_quant.quant import Recipe, calibration, quantize
 
     try:
         import datasets  # noqa: F401
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
         method, component = spec.split(":")
         if index:
             model.load_state_dict(pristine)
-        plan = QuantPlan.from_kwargs({"method": method, "component": component, "bits": 4, "group_size": 128,
+        plan = Recipe.parse({"method": method, "component": component, "bits": 4, "group_size": 128,
                                       "calib_n": args.calib_n, "calib_batch_size": args.calib_batch_size})
         timers.reset()
         if torch.device(device).type == "cuda":
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats()
         _sync(device)
         t0 = time.perf_counter()
-        report = quantize_model(model, processor, plan, device=device, progress=False)
+        report = quantize(model, processor, plan, device=device, progress=False)
         _sync(device)
         wall = time.perf_counter() - t0
         n_holdout = report.calibration["holdout_samples"]

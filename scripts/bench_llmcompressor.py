@@ -3,7 +3,7 @@
     python scripts/bench_llmcompressor.py --arch blip2-opt-2.7b --device cuda --out benchmarks --deadline-s 170
     python scripts/bench_llmcompressor.py --arch tiny --device cpu --group-size 32 --out /tmp/bench
 
-Per component (``vit``, ``llm``): restore the FP16 weights, run ``quantize_model`` (method gptq), measure;
+Per component (``vit``, ``llm``): restore the FP16 weights, run ``quantize`` (method gptq), measure;
 restore again, run llm-compressor's ``oneshot`` with a ``GPTQModifier`` of the same grid (bits, group
 size, asymmetric, damping 0.01, block 128, no act-order), measure. Both see the same 128 calibration
 samples, encoded the same way (``make_batches``, batch 8); both are scored on the same 32 held-out
@@ -135,15 +135,15 @@ def score(model, names: list[str], fp_weights: dict, holdout, fp_logits, device)
 
 
 def run_ours(model, processor, samples, component, args, device):
-    from lmms_quant.quant import QuantPlan, api, calibration, quantize_model
+    from lmms_quant.quant import Recipe, api, calibration, quantize
 
     calibration.load_samples = api.load_samples = lambda calib, n, seed: samples[:n]
-    plan = QuantPlan.from_kwargs({"method": "gptq", "component": component, "bits": args.bits,
+    plan = Recipe.parse({"method": "gptq", "component": component, "bits": args.bits,
                                   "group_size": args.group_size, "calib_n": args.calib_n,
                                   "calib_batch_size": args.calib_batch_size})
     _sync(device)
     t0 = time.perf_counter()
-    report = quantize_model(model, processor, plan, device=device, progress=False)
+    report = quantize(model, processor, plan, device=device, progress=False)
     _sync(device)
     return time.perf_counter() - t0, sorted(t.name for t in report.tensors)
 

@@ -42,9 +42,7 @@ import multiprocessing
 import os
 import random
 import re
-import shutil
 import tarfile
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -72,6 +70,7 @@ from transformers import (
     OPTConfig,
 )
 
+from lmms_quant.atomic import atomic_directory, atomic_path, write_text_atomic
 from lmms_quant.fixtures import shapes
 from lmms_quant.fixtures.models import CLIP_MEAN, CLIP_STD, LLAVA_CHAT_TEMPLATE
 from lmms_quant.fixtures.tokenizers import fixture_corpus, train_bpe_tokenizer, train_wordpiece_tokenizer
@@ -879,22 +878,10 @@ def evaluate_retrieval(model, processor, pool: Pool, device, rerank: int = 128) 
 
 def save_atomically(out_dir: Path, model, processor) -> Path:
     """save_pretrained into a sibling temp dir, then rename over `out_dir`: never a half-written checkpoint."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, replace=True) as tmp:
         tmp.chmod(0o755)  # mkdtemp's 0700 would follow the checkpoint into the package
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "previous")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -902,10 +889,9 @@ def archive(src: Path, archive_dir: Path | None) -> None:
     if archive_dir is None:
         return
     archive_dir.mkdir(parents=True, exist_ok=True)
-    tmp = archive_dir / f".{src.name}.tar.tmp"
-    with tarfile.open(tmp, "w") as tar:
-        tar.add(src, arcname=src.name)
-    os.replace(tmp, archive_dir / f"{src.name}.tar")
+    with atomic_path(archive_dir / f"{src.name}.tar") as tmp:
+        with tarfile.open(tmp, "w") as tar:
+            tar.add(src, arcname=src.name)
 
 
 def load_or_train_tokenizers(source: Path | None, r: Recipe) -> dict:
@@ -1066,9 +1052,7 @@ def main(argv=None) -> int:
 
 def write_metrics(metrics: dict, path: Path, t0: float) -> None:
     metrics["elapsed_s"] = round(time.time() - t0, 1)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(metrics, indent=1))
 
 
 if __name__ == "__main__":

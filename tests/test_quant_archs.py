@@ -7,7 +7,7 @@ import torch
 from transformers import AutoProcessor
 
 from lmms_quant.fixtures.models import FIXTURE_MODEL_CLASSES
-from lmms_quant.quant import PlanError, QuantPlan
+from lmms_quant.quant import RecipeError, Recipe
 from lmms_quant.quant.archs import (BLIP2_OPT, LLAVA, ArchitectureError, generic_family, resolve, select, third_of)
 from lmms_quant.quant.awq import apply_fold
 from lmms_quant.quant.calibration import CalibSample, make_batch
@@ -141,14 +141,14 @@ def test_layer_groups_are_the_papers_thirds():
 ])
 def test_selectors_that_match_nothing_are_errors(tiny_checkpoints, kind, kwargs, fragment):
     model, _ = load(tiny_checkpoints, kind)
-    plan = QuantPlan.from_kwargs({"method": "rtn", **kwargs})
-    with pytest.raises(PlanError, match=fragment):
+    plan = Recipe.parse({"method": "rtn", **kwargs})
+    with pytest.raises(RecipeError, match=fragment):
         select(resolve(model), plan, model)
 
 
 def test_all_components_with_attention_only_skips_the_projector_quietly(tiny_checkpoints):
     model, _ = load(tiny_checkpoints, "llava")
-    units = select(resolve(model), QuantPlan.from_kwargs({"method": "rtn", "layer_type": "attn"}), model)
+    units = select(resolve(model), Recipe.parse({"method": "rtn", "layer_type": "attn"}), model)
     roles = {t.site.role.split(".")[0] for u in units for t in u.targets}
     components = {t.site.component for u in units for t in u.targets}
     assert roles == {"attn"} and components == {"vit", "llm"}

@@ -4,7 +4,7 @@ import torch
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from lmms_quant.fixtures.models import build_tiny_blip2_opt
-from lmms_quant.quant import QuantPlan, calibration, quantize_model
+from lmms_quant.quant import Recipe, calibration, quantize
 
 
 def _gptq_codes(path, monkeypatch, cache_mb):
@@ -19,8 +19,8 @@ def _gptq_codes(path, monkeypatch, cache_mb):
 
     monkeypatch.setattr(calibration.Calibrator, "collect", collect)
     model = Blip2ForConditionalGeneration.from_pretrained(path).eval()
-    plan = QuantPlan.from_kwargs({"method": "gptq", "bits": 3, "group_size": 32, "calib_n": 8, "calib_batch_size": 4})
-    report = quantize_model(model, Blip2Processor.from_pretrained(path), plan, keep_codes=True, progress=False)
+    plan = Recipe.parse({"method": "gptq", "bits": 3, "group_size": 32, "calib_n": 8, "calib_batch_size": 4})
+    report = quantize(model, Blip2Processor.from_pretrained(path), plan, keep_codes=True, progress=False)
     return report, hits[-1]
 
 
@@ -42,11 +42,19 @@ def test_a_reused_output_is_a_fresh_container_a_caller_may_rewrite():
     # split; a reused output must still be what the tower returns, not the caller's rewrite.
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    pooled = torch.ones(4, 2)
-    stored = BaseModelOutputWithPooling(last_hidden_state=torch.zeros(4, 2), pooler_output=pooled)
-    given = calibration._fresh(stored)
-    given.pooler_output = torch.split(given.pooler_output, [2, 2])
-    assert type(given) is type(stored) and stored.pooler_output is pooled
-    again = calibration._fresh(stored)
-    assert again.pooler_output is pooled and again.last_hidden_state is stored.last_hidden_state
-    assert calibration._fresh((pooled, [pooled])) == (pooled, [pooled])
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return BaseModelOutputWithPooling(last_hidden_state=self.proj(x), pooler_output=self.proj(x).sum(0))
+
+    tower, x = Tower(), torch.ones(4, 2)
+    cache = calibration._OutputCache(budget_bytes=2**20)
+    cached = cache._cached_forward(tower, tower.forward, {"phase": "calib", "batch_id": 0})
+    first = cached(x)
+    pooled = first.pooler_output
+    first.pooler_output = torch.split(first.pooler_output, [1, 1])  # what the caller does with it
+    again = cached(x)
+    assert cache.hits == 1 and isinstance(again.pooler_output, torch.Tensor) and torch.equal(again.pooler_output, pooled)

@@ -1,4 +1,4 @@
-"""quantize_model on the tiny BLIP-2 (OPT, T5, ITM) and LLaVA fixtures: it does what the plan says, and proves it."""
+"""quantize on the tiny BLIP-2 (OPT, T5, ITM) and LLaVA fixtures: it does what the plan says, and proves it."""
 
 import json
 import re
@@ -8,7 +8,7 @@ import torch
 from transformers import AutoProcessor
 
 from lmms_quant.fixtures.models import FIXTURE_MODEL_CLASSES, build_tiny_blip2_opt
-from lmms_quant.quant import PlanError, QuantPlan, quantize_model
+from lmms_quant.quant import RecipeError, Recipe, quantize
 from lmms_quant.quant.quantizer import max_levels_per_cell
 
 FAST = {"calib_n": 8, "calib_batch_size": 4}
@@ -19,13 +19,13 @@ def load(path, kind):
     return FIXTURE_MODEL_CLASSES[kind].from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
 
 
-def run(path, kind, evaluated_datasets=(), **plan_kwargs):
+def run(path, kind, evaluated=(), **plan_kwargs):
     """(model, report, names of the state_dict entries that changed)."""
     model, processor = load(path, kind)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = QuantPlan.from_kwargs({**FAST, **plan_kwargs})
-    report = quantize_model(model, processor, plan, progress=False, keep_codes=True,
-                            evaluated_datasets=evaluated_datasets)
+    plan = Recipe.parse({**FAST, **plan_kwargs})
+    report = quantize(model, processor, plan, progress=False, keep_codes=True,
+                            evaluated=evaluated)
     after = model.state_dict()
     return model, report, {k for k in before if not torch.equal(before[k], after[k])}
 
@@ -179,21 +179,27 @@ def test_mixed_bits_per_component(tiny_checkpoints):
 
 
 def test_bits_per_weight_match_a_hand_computation(tiny_checkpoints):
-    # LLaVA projector: two 64x64 Linears with biases; everything else stays fp32.
+    # LLaVA projector: two 64x64 Linears with biases; the checkpoint is fp32. Unquantized parameters
+    # count at the 16-bit baseline (as the paper counts), and at their stored 32 bits beside it.
     _, channel, _ = run(tiny_checkpoints["llava"], "llava", method="rtn", bits=4, group_size=-1, component="connector")
-    # per channel, asymmetric: 4 bits x 4096 + 64 rows x (16-bit scale + 4-bit zero), twice; biases 2 x 64 x 32.
-    bits = 2 * (4 * 4096 + 64 * (16 + 4)) + 2 * 64 * 32
+    # per channel, asymmetric: 4 bits x 4096 + 64 rows x (16-bit scale + 4-bit zero), twice; biases 2 x 64.
+    quantized = 2 * (4 * 4096 + 64 * (16 + 4))
+    bits = quantized + 2 * 64 * 16
     connector = channel.components["connector"]
     assert (connector.params, connector.quantized_params, connector.bits) == (8320, 8192, bits)
-    assert connector.bits_per_weight == pytest.approx(39424 / 8320)
-    assert connector.size_bytes == 4928
-    assert channel.total.bits == (channel.total.params - 8320) * 32 + bits
+    assert connector.bits_per_weight == pytest.approx(37376 / 8320)
+    assert connector.size_bytes == 4672
+    assert connector.stored_bits == quantized + 2 * 64 * 32 == 39424
+    assert channel.total.bits == (channel.total.params - 8320) * 16 + bits
+    assert channel.total.stored_bits == (channel.total.params - 8320) * 32 + 39424
+    vit = channel.components["vit"].to_dict()
+    assert (vit["bits_per_weight"], vit["stored_bits_per_weight"], vit["bpw_baseline"]) == (16.0, 32.0, 16)
 
     _, grouped, _ = run(tiny_checkpoints["llava"], "llava", method="rtn", bits=4, group_size=32, sym=True,
                         component="connector")
     # groups of 32, symmetric: 4 bits x 4096 + 64 rows x 2 groups x 16-bit scale (no zero-point), twice.
-    assert grouped.components["connector"].bits == 2 * (4 * 4096 + 64 * 2 * 16) + 2 * 64 * 32 == 40960
-    assert grouped.components["connector"].bits_per_weight == pytest.approx(40960 / 8320)
+    assert grouped.components["connector"].bits == 2 * (4 * 4096 + 64 * 2 * 16) + 2 * 64 * 16 == 38912
+    assert grouped.components["connector"].bits_per_weight == pytest.approx(38912 / 8320)
 
 
 def test_fp16_plan_quantizes_nothing_and_sizes_the_model(tiny_checkpoints):
@@ -201,7 +207,7 @@ def test_fp16_plan_quantizes_nothing_and_sizes_the_model(tiny_checkpoints):
                                  calib_batch_size=None)
     assert not changed and not report.tensors
     assert report.total.params == sum(p.numel() for p in model.parameters())
-    assert report.total.bits_per_weight == 32.0
+    assert report.total.bits_per_weight == 16.0 and report.total.to_dict()["stored_bits_per_weight"] == 32.0  # fp32 checkpoint
 
 
 def test_tied_lm_head_is_quantized_only_when_asked_and_counted_once(tiny_checkpoints):
@@ -225,7 +231,7 @@ def test_a_layer_that_gets_no_calibration_data_is_skipped_not_zeroed(tiny_checkp
     silent = model.get_submodule("vision_model.encoder.layers.1.mlp.fc2")
     original = silent.weight.detach().clone()
     silent.register_forward_pre_hook(lambda module, args: (args[0] * 0,))
-    report = quantize_model(model, processor, QuantPlan.from_kwargs({"method": "gptq", "component": "vit", **FAST}),
+    report = quantize(model, processor, Recipe.parse({"method": "gptq", "component": "vit", **FAST}),
                             progress=False)
     assert [s["name"] for s in report.skipped] == ["vision_model.encoder.layers.1.mlp.fc2"]
     assert "zero" in report.skipped[0]["reason"]
@@ -238,21 +244,21 @@ def test_calibrating_on_an_evaluated_split_is_refused_before_anything_changes(ti
     model, processor = load(tiny_checkpoints["blip2_opt"], "blip2_opt")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for evaluated in ([(str(coco), None, "val")], [(str(data_root / "coco2017_cap_val"), None, "val")]):
-        with pytest.raises(PlanError, match="evaluated split"):
-            quantize_model(model, processor, QuantPlan.from_kwargs({"method": "rtn", "calib": str(coco), **FAST}),
-                           evaluated_datasets=evaluated, progress=False)
-    with pytest.raises(PlanError, match="evaluated split"):
-        quantize_model(model, processor, QuantPlan.from_kwargs({"method": "rtn", "calib": "hf:lmms-lab/COCO:val"}),
-                       evaluated_datasets=[("lmms-lab/COCO", None, "val")], progress=False)
+        with pytest.raises(RecipeError, match="evaluated split"):
+            quantize(model, processor, Recipe.parse({"method": "rtn", "calib": str(coco), **FAST}),
+                           evaluated=evaluated, progress=False)
+    with pytest.raises(RecipeError, match="evaluated split"):
+        quantize(model, processor, Recipe.parse({"method": "rtn", "calib": "hf:lmms-lab/COCO:val"}),
+                       evaluated=[("lmms-lab/COCO", None, "val")], progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_calibration_from_a_local_parquet_file(tiny_checkpoints, data_root):
     vqa = data_root / "vqav2_val" / "validation.parquet"
     _, report, changed = run(tiny_checkpoints["llava"], "llava", method="gptq", component="llm", calib=str(vqa),
-                             calib_n=4, evaluated_datasets=[(str(data_root / "coco2017_cap_val"), None, "val")])
+                             calib_n=4, evaluated=[(str(data_root / "coco2017_cap_val"), None, "val")])
     assert report.calibration["source"] == str(vqa) and len(report.tensors) == 14
-    with pytest.raises(PlanError, match="rows"):
+    with pytest.raises(RecipeError, match="rows"):
         run(tiny_checkpoints["llava"], "llava", method="gptq", calib=str(vqa), calib_n=10_000)
 
 
@@ -262,7 +268,7 @@ def test_report_json_is_complete_and_written_atomically(quantized, tmp_path):
     report.write_json(path)
     data = json.loads(path.read_text())
     assert [p.name for p in path.parent.iterdir()] == ["quant_report.json"]
-    assert data["plan"] == QuantPlan.from_kwargs(data["plan"]).as_model_args()
+    assert data["plan"] == Recipe.parse(data["plan"]).to_model_args()
     assert data["plan_digest"] == report.digest and data["n_quantized_tensors"] == 41
     assert set(data["components"]) == {"vit", "connector", "llm"}
     tensor = data["tensors"][0]

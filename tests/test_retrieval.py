@@ -416,8 +416,8 @@ def trained_fp_metrics(corpus):
     ],
 )
 def test_quantized_plans_run_through_the_same_task(plan, components, corpus, trained_fp_metrics, tmp_path):
-    from lmms_quant.model_wrappers.common import model_name_sanitized
-    from lmms_quant.quant import QuantPlan
+    from lmms_quant.model_wrappers.loading import model_name_sanitized
+    from lmms_quant.quant import Recipe
 
     plan = dict(plan, calib_n=8, calib_batch_size=4)
     args = "".join(f",{k}={v}" for k, v in plan.items())
@@ -428,7 +428,7 @@ def test_quantized_plans_run_through_the_same_task(plan, components, corpus, tra
     assert trained_fp_metrics["r_mean"] > 80
     assert metrics["r_mean"] > trained_fp_metrics["r_mean"] - 10
     # The report lies beside lmms-eval's results and names only tensors of the chosen components.
-    digest = QuantPlan.from_kwargs(plan).digest()
+    digest = Recipe.parse(plan).digest()
     report = json.loads((tmp_path / model_name_sanitized(str(TRAINED_ITM)) / f"quant_report_{digest}.json").read_text())
     assert report["n_quantized_tensors"] > 0
     assert {t["component"] for t in report["tensors"]} == components
@@ -444,11 +444,11 @@ def test_two_bit_vision_encoder_costs_retrieval(corpus, trained_fp_metrics, tmp_
 def test_plan_keys_for_a_language_model_are_refused_before_loading():
     from lmms_eval.models import get_model
 
-    from lmms_quant.quant import PlanError
+    from lmms_quant.quant import RecipeError
 
     model_class = get_model("quant_blip2_itm")
     for bad, named in [("component=llm", "component='llm'"), ("llm_bits=4", "llm_bits=4"), ("include=lm_head", "include='lm_head'")]:
-        with pytest.raises(PlanError, match=f"{named}.*no language model.*valid: component vit, connector"):
+        with pytest.raises(RecipeError, match=f"{named}.*no language model.*valid: component vit, connector"):
             # A path that does not exist: the refusal must come before any loading.
             model_class.create_from_arg_string(f"pretrained=/nonexistent,method=rtn,{bad}", {"batch_size": 1})
 

@@ -310,9 +310,8 @@ def test_configurations_run_in_parallel_one_per_gpu(tmp_path, monkeypatch):
     grid = load_grid(write_grid(tmp_path, axes={"method": ["rtn"], "bits": [3, 4, 8]}))
     runner = SweepRunner(grid.output_dir, slots=make_slots([0, 1]), eval_command=FAKE_EVAL, stream=io.StringIO(),
                          poll_interval=0.05)
-    started = time.monotonic()
     outcome = runner.run(grid.configurations)
-    elapsed = time.monotonic() - started
+    # overlap of spans on different GPUs (below) shows the parallelism; no wall-clock bound (a loaded CI box)
     assert sorted(outcome.values()) == ["ok"] * 4
     log = log_events(events)
     starts = [e for e in log if e["event"] == "start"]
@@ -326,7 +325,6 @@ def test_configurations_run_in_parallel_one_per_gpu(tmp_path, monkeypatch):
         mine = sorted(s for s in spans if s[2] == gpu)
         assert all(a[1] <= b[0] for a, b in zip(mine, mine[1:]))
     assert any(a[0] < b[1] and b[0] < a[1] for a in spans for b in spans if a[2] != b[2])
-    assert elapsed < 4 * 1.5  # sequential would take at least 6 s
 
 
 def test_progress_reports_k_of_n_elapsed_and_eta():
@@ -354,7 +352,7 @@ def test_dry_run_lists_configurations_and_runs_nothing(tmp_path, capsys):
 def _engine_ready() -> str | None:
     try:
         import lmms_quant.model_wrappers.blip2  # noqa: F401
-        from lmms_quant.quant import QuantPlan, quantize_model  # noqa: F401
+        from lmms_quant.quant import Recipe, quantize  # noqa: F401
     except ImportError as err:
         return f"the BLIP-2 wrapper and the engine are needed ({err})"
     return None

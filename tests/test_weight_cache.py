@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from lmms_quant.quant.recipe import CalibSource
 from lmms_quant.weight_cache import (MANIFEST_FILE, WEIGHTS_FILE, WeightCache, cache_key, calibration_fingerprint,
                                      load_into, model_identity)
 
@@ -156,11 +157,11 @@ def test_model_identity_follows_the_checkpoint_contents(tmp_path):
 def test_calibration_fingerprint_hashes_local_data(tmp_path):
     data = tmp_path / "calib.parquet"
     data.write_bytes(b"a")
-    first = calibration_fingerprint(str(data))
+    first = calibration_fingerprint(CalibSource.parse(str(data)))
     data.write_bytes(b"b")
-    assert calibration_fingerprint(str(data)) != first
-    assert calibration_fingerprint("synthetic") == "synthetic"
-    assert calibration_fingerprint("hf:org/ds:train") == "hf:org/ds:train"
+    assert calibration_fingerprint(CalibSource.parse(str(data))) != first
+    assert calibration_fingerprint(CalibSource.parse("synthetic")) == "synthetic"
+    assert calibration_fingerprint(CalibSource.parse("hf:org/ds:train")) == "hf:org/ds:train"
 
 
 def test_load_into_rejects_tensors_the_model_does_not_have(tmp_path, key):

@@ -150,7 +150,7 @@ def test_until_truncates_the_answer(tiny_checkpoints, tasks):
 
 
 def test_truncate_at_cuts_at_the_earliest_stop_string():
-    from lmms_quant.model_wrappers.common import truncate_at
+    from lmms_quant.model_wrappers.requests import truncate_at
 
     assert truncate_at(" a red circle\n\nQuestion: x", ["Question:", "\n\n"]) == "a red circle"
     assert truncate_at("two", []) == "two"
@@ -158,7 +158,7 @@ def test_truncate_at_cuts_at_the_earliest_stop_string():
 
 
 def test_generation_settings_become_transformers_kwargs():
-    from lmms_quant.model_wrappers.common import hf_generate_kwargs
+    from lmms_quant.model_wrappers.requests import hf_generate_kwargs
 
     coco = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "num_beams": 1, "do_sample": False, "until": ["\n\n"]}
     kwargs, stops = hf_generate_kwargs(coco, pad_token_id=0)
@@ -187,6 +187,11 @@ def test_unsupported_request_types_raise(tiny_checkpoints):
         lm.generate_until_multi_round([])
 
 
+def test_a_missing_checkpoint_directory_is_named_with_its_key(tmp_path):
+    with pytest.raises(ValueError, match=r"pretrained='.*absent' is invalid \(no such directory\); valid: a local"):
+        load("quant_blip2", tmp_path / "absent")
+
+
 def test_a_wrong_model_args_key_fails_naming_it_before_loading(tmp_path):
     # The checkpoint does not exist: the error must come from the argument check, not from loading.
     with pytest.raises(ValueError, match="bitz") as raised:
@@ -195,8 +200,8 @@ def test_a_wrong_model_args_key_fails_naming_it_before_loading(tmp_path):
 
 
 @pytest.mark.parametrize("model_args,extra,match", [
-    ({"dtype": "float8"}, {}, r"dtype: got 'float8'; valid: \['auto', 'bfloat16', 'float16', 'float32'\]"),
-    ({"trust_remote_code": "maybe"}, {}, r"trust_remote_code: got 'maybe'"),
+    ({"dtype": "float8"}, {}, r"dtype='float8' is invalid; valid: auto, float16, bfloat16, float32"),
+    ({"trust_remote_code": "maybe"}, {}, r"trust_remote_code='maybe' is invalid; valid: true or false"),
     ({"vqa_prompt": "Answer:"}, {}, r"vqa_prompt: got 'Answer:'"),
     ({}, {"batch_size": "auto"}, r"batch_size: got 'auto'"),
 ])
@@ -208,29 +213,29 @@ def test_bad_wrapper_values_fail_before_loading(tmp_path, model_args, extra, mat
 
 
 def test_the_fp16_plan_never_quantizes(tiny_checkpoints, tasks, monkeypatch):
-    import lmms_quant.quant as quant
+    import lmms_quant.quant.api as api
 
     def must_not_run(*args, **kwargs):
-        raise AssertionError("quantize_model called for the fp16 plan")
+        raise AssertionError("quantize called for the fp16 plan")
 
-    monkeypatch.setattr(quant, "quantize_model", must_not_run)
+    monkeypatch.setattr(api, "quantize", must_not_run)
     lm = load("quant_blip2", tiny_checkpoints["blip2_opt"], tasks)
-    assert lm.plan.is_noop
+    assert lm.recipe.is_noop
     assert len(lm.generate_until(tasks["vqav2_val_local"].instances[:1])) == 1
 
 
 def test_quantization_runs_once_before_the_first_request_and_reports(tiny_checkpoints, tasks, data_root, tmp_path, monkeypatch):
-    import lmms_quant.quant as quant
+    import lmms_quant.quant.api as api
 
     log, seen = [], {}
-    real_quantize = quant.quantize_model
+    real_quantize = api.quantize
 
     def recording_quantize(model, processor, plan, **kwargs):
         log.append("quantize")
         seen.update(kwargs)
         return real_quantize(model, processor, plan, **kwargs)
 
-    monkeypatch.setattr(quant, "quantize_model", recording_quantize)
+    monkeypatch.setattr(api, "quantize", recording_quantize)
     lm = load("quant_blip2", tiny_checkpoints["blip2_opt"], tasks, method="rtn", bits=8, calib_n=4, calib_batch_size=2, report_dir=tmp_path / "out")
     assert log == []  # nothing is quantized at construction: the evaluated datasets are not known yet
     real_generate = lm.model.generate
@@ -238,18 +243,18 @@ def test_quantization_runs_once_before_the_first_request_and_reports(tiny_checkp
     lm.generate_until(tasks["vqav2_val_local"].instances + tasks["coco2017_cap_val_local"].instances)
     lm.generate_until(tasks["gqa_local"].instances)
     assert log[0] == "quantize" and log.count("quantize") == 1 and "generate" in log
-    datasets = set(seen["evaluated_datasets"])
+    datasets = set(seen["evaluated"])
     assert ("parquet", None, "validation") in datasets and ("parquet", None, "val") in datasets
     assert (str(Path(data_root) / "vqav2_val" / "validation.parquet"), None, "validation") in datasets
     assert (str(Path(data_root) / "coco2017_cap_val" / "val.parquet"), None, "val") in datasets
     # <report_dir>/<model_name_sanitized>/quant_report_<digest>.json, the name lmms-eval gives the results dir
     sanitized = f"{Path(tiny_checkpoints['blip2_opt']).parent.name}__{Path(tiny_checkpoints['blip2_opt']).name}"
-    assert lm.report_path() == tmp_path / "out" / sanitized / f"quant_report_{lm.plan.digest()}.json"
+    assert lm.report_path() == tmp_path / "out" / sanitized / f"quant_report_{lm.recipe.digest()}.json"
     assert json.loads(lm.report_path().read_text()) == json.loads(json.dumps(lm.quant_report))
 
 
 def test_report_sits_beside_lmms_evals_results(monkeypatch):
-    from lmms_quant.model_wrappers.common import cli_output_path, model_name_sanitized
+    from lmms_quant.model_wrappers.loading import cli_output_path, model_name_sanitized
 
     argv = ["lmms-eval", "--model", "quant_blip2", "--model_args", "pretrained=/ckpts/Salesforce/blip2-opt-2.7b,bits=4",
             "--tasks", "coco2017_cap_val_local", "--output_path", "/runs/a", "--batch_size", "4"]
@@ -274,7 +279,7 @@ def test_canonical_model_args_spell_out_the_plan(tmp_path):
     assert canonical.startswith(f"pretrained={tmp_path},")
     assert parsed["dtype"] == "float32" and parsed["lmms_quant_version"] == lmms_quant.__version__
     _, _, plan = QuantBlip2.validate_model_args(parsed)
-    assert plan.is_noop and set(plan.as_model_args()) <= set(parsed)
+    assert plan.is_noop and set(plan.to_model_args()) <= set(parsed)
     assert QuantBlip2.canonical_model_args(canonical) == canonical
     with pytest.raises(ValueError, match="bitz"):
         QuantBlip2.canonical_model_args(f"pretrained={tmp_path},bitz=4")
@@ -283,11 +288,11 @@ def test_canonical_model_args_spell_out_the_plan(tmp_path):
 
 
 def test_a_weight_cache_hit_reproduces_the_quantized_model_without_quantizing(tiny_checkpoints, tasks, tmp_path, monkeypatch):
-    import lmms_quant.quant as quant
+    import lmms_quant.quant.api as api
 
     calls = []
-    real_quantize = quant.quantize_model
-    monkeypatch.setattr(quant, "quantize_model", lambda *a, **k: calls.append(1) or real_quantize(*a, **k))
+    real_quantize = api.run_quantization
+    monkeypatch.setattr(api, "run_quantization", lambda *a, **k: calls.append(1) or real_quantize(*a, **k))
     args = dict(method="awq", bits=3, component="all", calib_n=4, weight_cache=tmp_path / "cache")
     first = load("quant_blip2", tiny_checkpoints["blip2_opt"], tasks, report_dir=tmp_path / "a", **args)
     first.ensure_quantized(tasks["vqav2_val_local"].instances)

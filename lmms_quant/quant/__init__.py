@@ -1,14 +1,28 @@
-"""The quantization engine: plan, architecture tables, RTN/GPTQ/AWQ, calibration, report.
+"""The quantization engine: recipe, architecture tables, RTN/GPTQ/AWQ, calibration, report.
 
-    plan = QuantPlan.from_kwargs({"method": "gptq", "bits": 4, "component": "vit"})
-    report = quantize_model(model, processor, plan)
+    recipe = Recipe.parse({"method": "gptq", "bits": 4, "component": "vit"})
+    report = quantize(model, processor, recipe)
     report.write_json("quant_report.json")
+
+Names are imported lazily, so that `lmms_quant.quant.recipe` (stdlib only until a method is looked
+up) can be used without importing the engine.
 """
 
-from .api import QuantizationError, quantize_model
-from .archs import ArchitectureError
-from .plan import PLAN_KEYS, PlanError, QuantPlan
-from .report import QuantReport
+_LAZY = {
+    "quantize": "api", "run_quantization": "api", "QuantizationError": "api",
+    "ArchitectureError": "archs",
+    "Recipe": "recipe", "recipe_keys": "recipe",
+    "RecipeError": "method",
+    "QuantReport": "report",
+}
 
-__all__ = ["ArchitectureError", "PLAN_KEYS", "PlanError", "QuantPlan", "QuantReport", "QuantizationError",
-           "quantize_model"]
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

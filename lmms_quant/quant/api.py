@@ -1,4 +1,9 @@
-"""`quantize_model`: the plan decides per module, the method executes it, the report proves it."""
+"""The engine's one verb, `quantize`: the recipe decides per module, the method executes it, the report proves it.
+
+`quantize` owns what surrounds a run: the calibration-leak check (always first, before any cache
+lookup: a cache hit must not let a leaking source through), the weight cache (its key, what an entry
+holds, load and store: `lmms_quant.weight_cache`) and the report. `run_quantization` is the run itself.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +13,17 @@ import time
 
 import torch
 
-from . import awq, gptq, rtn
 from .archs import Family, Unit, resolve, select
 from .calibration import Calibrator, check_not_evaluated, load_samples, make_batches
-from .plan import QuantPlan
+from .recipe import Recipe, method_module
 from .report import QuantReport, TensorRecord, account
 from .quantizer import relative_output_error
 
 log = logging.getLogger(__name__)
 
-METHODS = {"rtn": rtn, "gptq": gptq, "awq": awq}
-
 
 class QuantizationError(RuntimeError):
-    """Quantization could not do what the plan asked (e.g. no targeted layer received data)."""
+    """Quantization could not do what the recipe asked (e.g. no targeted layer received data)."""
 
 
 def holdout_count(calib_n: int) -> int:
@@ -55,42 +57,61 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm()) / den if den > 0 else float("nan")
 
 
-def quantize_model(model, processor, plan: QuantPlan, *, device=None, evaluated_datasets=(),
-                   keep_codes: bool = False, progress: bool = True, family: Family | None = None) -> QuantReport:
-    """Quantize ``model`` in place (simulated: weights stay floating point on the integer grid).
+def quantize(model, processor, recipe: Recipe, *, evaluated=(), cache=None, device=None, keep_codes: bool = False,
+             progress: bool = True, family: Family | None = None) -> QuantReport:
+    """Quantize ``model`` in place as ``recipe`` says (simulated: weights stay floating point on the grid).
 
-    ``evaluated_datasets``: [(dataset_path, dataset_name, split), ...] being scored; a calibration
-    source equal to one of them is refused. ``keep_codes`` keeps integer codes/scales/zeros in
-    ``report.codes``. ``family`` overrides the architecture table (tests, unusual models)."""
-    if not isinstance(plan, QuantPlan):
-        raise TypeError(f"plan: got {type(plan).__name__}; valid: a QuantPlan (QuantPlan.from_kwargs(...))")
+    ``evaluated``: [(dataset_path, dataset_name, split), ...] being scored; a calibration source equal
+    to one of them is refused. ``cache``: a `WeightCache` or its directory; quantized weights are taken
+    from it when an entry for (checkpoint, recipe, calibration data, dtype, version) exists, and stored
+    there otherwise (``report.weight_cache`` says which). ``keep_codes`` keeps integer codes, scales and
+    zeros in ``report.codes`` (packed export); it always quantizes (the cache holds no codes).
+    ``family`` overrides the architecture table (tests, unusual models)."""
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe: got {type(recipe).__name__}; valid: a Recipe (Recipe.parse(...))")
+    check_not_evaluated(recipe.calib.source, evaluated)
+
+    def run() -> QuantReport:
+        return run_quantization(model, processor, recipe, device=device, keep_codes=keep_codes, progress=progress,
+                                family=family)
+
+    if cache is None or recipe.is_noop or keep_codes:
+        return run()
+    from lmms_quant import weight_cache
+
+    return weight_cache.quantize_through(cache, model, recipe, run)
+
+
+def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_codes: bool = False,
+                     progress: bool = True, family: Family | None = None) -> QuantReport:
+    """One quantization run (no cache, no leak check: `quantize` does those)."""
     started = time.perf_counter()
     arch = resolve(model, family)
     environment = _environment(device or model.device)
-    if plan.is_noop:
+    if recipe.is_noop:
         sizes = account(model, arch.component_of, {})
-        return QuantReport(plan=plan.as_model_args(), digest=plan.digest(), model=_model_info(model, arch),
+        return QuantReport(plan=recipe.to_model_args(), digest=recipe.digest(), model=_model_info(model, arch),
                            calibration=None, tensors=[], sizes=sizes, skipped=[], folds=[], notes=[],
                            timing={"total_s": time.perf_counter() - started}, environment=environment)
 
-    units = select(arch, plan, model)
-    check_not_evaluated(plan.calib, evaluated_datasets)
+    units = select(arch, recipe, model)
     if device is not None and not getattr(model, "hf_device_map", None):
         model.to(device)
-    method = METHODS[plan.method]
+    method = method_module(recipe.method)
     needs_calibration = method.NEEDS_HESSIAN or method.NEEDS_INPUTS
 
-    n_holdout = holdout_count(plan.calib_n)
-    samples = load_samples(plan.calib, plan.calib_n + n_holdout, plan.seed)
+    calib = recipe.calib
+    n_holdout = holdout_count(calib.n)
+    samples = load_samples(calib.source, calib.n + n_holdout, calib.seed)
     style = arch.family.prompt_style
-    calib_batches = make_batches(processor, style, samples[:plan.calib_n], plan.calib_batch_size) if needs_calibration else []
-    holdout_batches = make_batches(processor, style, samples[plan.calib_n:], plan.calib_batch_size)
+    calib_batches = make_batches(processor, style, samples[:calib.n], calib.batch_size) if needs_calibration else []
+    holdout_batches = make_batches(processor, style, samples[calib.n:], calib.batch_size)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(units) * (len(calib_batches) + len(holdout_batches)), desc=f"lmms-quant {plan.method}",
+    bar = tqdm(total=len(units) * (len(calib_batches) + len(holdout_batches)), desc=f"lmms-quant {recipe.method}",
                unit="batch", disable=not progress)
-    calibrator = Calibrator(model, calib_batches, holdout_batches, seed=plan.seed, progress=bar)
+    calibrator = Calibrator(model, calib_batches, holdout_batches, seed=calib.seed, progress=bar)
     tied = _tied_names(model)
     records: list[TensorRecord] = []
     skipped: list[dict] = []
@@ -109,7 +130,7 @@ def quantize_model(model, processor, plan: QuantPlan, *, device=None, evaluated_
                     if not unit.targets:
                         continue
                 originals = {t.name: t.module.weight.detach().float().clone() for t in unit.targets}
-                results, notes = method.quantize_unit(unit, stats, plan)
+                results, notes = method.quantize_unit(unit, stats, recipe.config)
                 folds += notes
                 for t in unit.targets:
                     result = results[t.name]
@@ -119,7 +140,7 @@ def quantize_model(model, processor, plan: QuantPlan, *, device=None, evaluated_
                     holdout = stats[t.name].holdout
                     records.append(TensorRecord(
                         name=t.name, component=t.site.component, stack=t.site.stack, block=t.site.block,
-                        role=t.site.role, method=plan.method, bits=t.grid.bits, granularity=t.grid.granularity,
+                        role=t.site.role, method=recipe.method, bits=t.grid.bits, granularity=t.grid.granularity,
                         group_size=t.grid.group_size, sym=t.grid.sym, shape=tuple(original.shape),
                         n_groups=t.grid.n_groups(original.shape[1]), max_levels=result.qweight.max_levels(),
                         weight_error=_relative(original, effective),
@@ -142,11 +163,11 @@ def quantize_model(model, processor, plan: QuantPlan, *, device=None, evaluated_
         raise QuantizationError("no targeted layer was quantized: " + "; ".join(
             f"{s['name']}: {s['reason']}" for s in skipped))
     sizes = account(model, arch.component_of, grids)
-    calibration = {"source": plan.calib, "samples": plan.calib_n, "holdout_samples": n_holdout,
-                   "batch_size": plan.calib_batch_size, "seed": plan.seed, "prompt_style": style,
+    calibration = {"source": calib.source.spec, "samples": calib.n, "holdout_samples": n_holdout,
+                   "batch_size": calib.batch_size, "seed": calib.seed, "prompt_style": style,
                    "used_for_quantization": needs_calibration}
-    notes = [f"AWQ fold not applied: {d}" for u in units for d in u.site.dropped_folds] if plan.method == "awq" else []
-    report = QuantReport(plan=plan.as_model_args(), digest=plan.digest(), model=_model_info(model, arch),
+    notes = [f"AWQ fold not applied: {d}" for u in units for d in u.site.dropped_folds] if recipe.method == "awq" else []
+    report = QuantReport(plan=recipe.to_model_args(), digest=recipe.digest(), model=_model_info(model, arch),
                          calibration=calibration, tensors=records, sizes=sizes, skipped=skipped, folds=folds,
                          notes=notes, timing={"total_s": time.perf_counter() - started, "units": len(units)},
                          environment=environment, codes=codes)
@@ -168,4 +189,4 @@ def _drop_layers_without_data(unit: Unit, stats, skipped: list[dict]) -> Unit:
     return dataclasses.replace(unit, targets=kept, folds=[f for f in unit.folds if all(n in names for n in f.linears)])
 
 
-__all__ = ["QuantizationError", "quantize_model", "holdout_count"]
+__all__ = ["QuantizationError", "holdout_count", "quantize", "run_quantization"]

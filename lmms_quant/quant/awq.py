@@ -19,10 +19,15 @@ Linears with no exact fold are rounded (with the clip search) without scaling.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
+from lmms_quant.values import parse_bool, parse_positive_int
+
 from .archs import FoldSite
+from .method import MethodConfig, RecipeError, option
 from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn
 
 NEEDS_HESSIAN = False
@@ -32,6 +37,17 @@ CLIP_STEPS = 20
 CLIP_MAX_SHRINK = 0.5
 CLIP_ROWS = 2048
 _NO_CLIP_LEAVES = ("q", "k", "qkv")
+
+
+@dataclass(frozen=True)
+class AWQConfig(MethodConfig):
+    """grid: alpha = k/grid for k < grid; clip: the per-cell clip search."""
+
+    grid: int = option("awq_grid", 20, lambda k, v: parse_positive_int(k, v, "e.g. 20", RecipeError))
+    clip: bool = option("awq_clip", True, lambda k, v: parse_bool(k, v, RecipeError))
+
+
+Config = AWQConfig
 
 
 def _weighted_sq_error(x: torch.Tensor, delta: torch.Tensor, row_weight: torch.Tensor | None,
@@ -158,7 +174,7 @@ def quantize_layer(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, *, cl
     return clipped if float(err_clipped) < float(err_plain) else plain
 
 
-def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[dict]]:
+def quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult], list[dict]]:
     targets = {t.name: t for t in unit.targets}
     modules = {t.name: t.module for t in unit.targets}
     inputs = {name: stats[name].inputs for name in targets}
@@ -173,7 +189,7 @@ def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[dict]
         x = inputs[fold.linears[0]]
         grids = [targets[n].grid for n in fold.linears]
         s, alpha, loss, rtn_loss = search_scale(
-            x, [current[n] for n in fold.linears], [row_scale.get(n) for n in fold.linears], grids, plan.awq_grid)
+            x, [current[n] for n in fold.linears], [row_scale.get(n) for n in fold.linears], grids, cfg.grid)
         apply_fold(fold, s, modules, current)
         if fold.prev_name in current:
             scale = row_scale.setdefault(fold.prev_name, torch.ones(current[fold.prev_name].shape[0],
@@ -193,7 +209,7 @@ def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[dict]
         r = row_scale.get(name)
         x_now = x if s is None else x / s[None, :]
         leaf = t.site.role.split(".")[-1]
-        qweight = quantize_layer(current[name], x_now, t.grid, clip=plan.awq_clip and leaf not in _NO_CLIP_LEAVES,
+        qweight = quantize_layer(current[name], x_now, t.grid, clip=cfg.clip and leaf not in _NO_CLIP_LEAVES,
                                  row_weight=r)
         result = LayerResult(qweight, in_scale=s, out_scale=r,
                              info={"scaled": s is not None, "clip_searched": qweight.clip is not None,

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .archs import Unit
-from .plan import PlanError, parse_calib_source
+from .recipe import CalibSource, RecipeError
 
 CAPTION_INSTRUCTION = "Provide a one-sentence caption for the provided image."
 _QA = re.compile(r"^\s*Question:\s*(?P<q>.*?)\s*Answer:\s*(?P<a>.*?)\s*$", re.S)
@@ -57,10 +58,10 @@ def _same_path(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def check_not_evaluated(calib: str, evaluated_datasets: Sequence) -> None:
+def check_not_evaluated(source: CalibSource, evaluated_datasets: Sequence) -> None:
     """Refuse a calibration source that is one of the evaluated (dataset_path, dataset_name, split)."""
-    source = parse_calib_source(calib)
-    if source["kind"] == "synthetic":
+    calib = source.spec
+    if source.kind == "synthetic":
         return
     for entry in evaluated_datasets or ():
         path, name, split = (list(entry) + [None, None, None])[:3]
@@ -68,37 +69,37 @@ def check_not_evaluated(calib: str, evaluated_datasets: Sequence) -> None:
             continue
         path = str(path)
         clash = False
-        if source["kind"] == "hf":
-            clash = (_same_path(source["path"], path) and (source["name"] or None) == (name or None)
-                     and source["split"] == split)
+        if source.kind == "hf":
+            clash = (_same_path(source.path, path) and (source.name or None) == (name or None)
+                     and source.split == split)
         else:
-            local = source["path"]
+            local = source.path
             inside = (os.path.isdir(path)
                       and os.path.realpath(local).startswith(os.path.realpath(path) + os.sep)
                       and split is not None and split in os.path.relpath(local, path).replace(os.sep, "/"))
             clash = _same_path(local, path) or inside
         if clash:
-            raise PlanError(
+            raise RecipeError(
                 f"calib={calib!r} is invalid: it is the evaluated split ({path}, {name}, {split}); calibrating "
                 f"on test data inflates scores; valid: a disjoint split or dataset, or synthetic")
 
 
-def _load_rows(source: dict):
+def _load_rows(source: CalibSource):
     import datasets
 
-    if source["kind"] == "hf":
-        return datasets.load_dataset(source["path"], source["name"], split=source["split"])
-    path = source["path"]
+    if source.kind == "hf":
+        return datasets.load_dataset(source.path, source.name, split=source.split)
+    path = source.path
     if os.path.isdir(path):
         loaded = datasets.load_from_disk(path)
         if isinstance(loaded, datasets.DatasetDict):
-            raise PlanError(f"calib={path!r} is invalid: it holds several splits {list(loaded)}; "
+            raise RecipeError(f"calib={path!r} is invalid: it holds several splits {list(loaded)}; "
                             f"valid: hf:{path}:<split>")
         return loaded
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     builder = {"parquet": "parquet", "json": "json", "jsonl": "json", "csv": "csv"}.get(ext)
     if builder is None:
-        raise PlanError(f"calib={path!r} is invalid: unknown file type .{ext}; valid: .parquet, .json, .jsonl, .csv")
+        raise RecipeError(f"calib={path!r} is invalid: unknown file type .{ext}; valid: .parquet, .json, .jsonl, .csv")
     return datasets.load_dataset(builder, data_files=path, split="train")
 
 
@@ -132,24 +133,24 @@ def _row_sample(row: dict, image_column: str) -> CalibSample:
         answer = _first_text(row.get(col))
         if answer:
             return CalibSample(image, question if isinstance(question, str) and question else None, answer)
-    raise PlanError(f"calibration rows have no text column; valid: one of {_TEXT_COLUMNS + _ANSWER_COLUMNS}")
+    raise RecipeError(f"calibration rows have no text column; valid: one of {_TEXT_COLUMNS + _ANSWER_COLUMNS}")
 
 
-def load_samples(calib: str, n: int, seed: int) -> list[CalibSample]:
+def load_samples(source: CalibSource, n: int, seed: int) -> list[CalibSample]:
     """``n`` calibration samples, the same for the same (source, n, seed)."""
-    source = parse_calib_source(calib)
-    if source["kind"] == "synthetic":
+    calib = source.spec
+    if source.kind == "synthetic":
         from lmms_quant.fixtures.datasets import calibration_samples
 
         return [sample_from_text(s["image"], s["text"]) for s in calibration_samples(n, seed)]
     rows = _load_rows(source)
     if len(rows) < n:
-        raise PlanError(f"calib={calib!r} is invalid: it has {len(rows)} rows but {n} are needed "
+        raise RecipeError(f"calib={calib!r} is invalid: it has {len(rows)} rows but {n} are needed "
                         f"(calib_n plus held-out samples); valid: a larger source or a smaller calib_n")
     image_columns = [c for c, f in rows.features.items() if type(f).__name__ == "Image"] or (
         ["image"] if "image" in rows.column_names else [])
     if not image_columns:
-        raise PlanError(f"calib={calib!r} is invalid: no image column in {rows.column_names}; valid: a dataset "
+        raise RecipeError(f"calib={calib!r} is invalid: no image column in {rows.column_names}; valid: a dataset "
                         f"with an image column")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -402,18 +403,6 @@ def _same_leaves(stored: list, now: list) -> bool:
     return True
 
 
-def _fresh(obj):
-    """``obj`` with new containers around the same tensors: a caller may reassign fields of a model
-    output it was given (Qwen2.5-VL's get_image_features replaces pooler_output with its split), and
-    the stored output must not see that."""
-    if isinstance(obj, dict):
-        items = {key: _fresh(value) for key, value in obj.items()}
-        return type(obj)(**items) if hasattr(obj, "to_tuple") else type(obj)(items)
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_fresh(item) for item in obj)
-    return obj
-
-
 def _tensor_bytes(leaves) -> int:
     return sum(x.numel() * x.element_size() for x in leaves if isinstance(x, torch.Tensor))
 
@@ -490,7 +479,9 @@ class _OutputCache:
                 output, output_leaves = entry[2], entry[3]
                 if all(x._version == v for x, v in output_leaves):
                     self.hits += 1
-                    return _fresh(output)
+                    # A fresh container each time: callers may reassign its fields (Qwen-VL's
+                    # get_image_features replaces pooler_output by its split), which must not reach the store.
+                    return copy.copy(output)
             if entry is not None:
                 self.used -= entry[4]
                 del self.entries[key]
@@ -500,7 +491,8 @@ class _OutputCache:
                 size = _tensor_bytes(now) + _tensor_bytes(out_leaves)
                 if self.used + size <= self.budget:
                     self.entries[key] = (
-                        versions, [(x, x._version if isinstance(x, torch.Tensor) else None) for x in now], _fresh(output),
+                        versions, [(x, x._version if isinstance(x, torch.Tensor) else None) for x in now],
+                        copy.copy(output),
                         [(x, x._version) for x in out_leaves if isinstance(x, torch.Tensor)], size)
                     self.used += size
             return output

@@ -2,29 +2,21 @@
 
     lmms-quant quantize --model quant_blip2 \\
         --model_args pretrained=Salesforce/blip2-opt-2.7b,method=gptq,bits=4,component=vit \\
-        --report r.json [--save DIR] [--device cuda]
+        --report r.json [--save DIR] [--export DIR] [--device cuda]
 
-``--model_args`` takes the same keys as the lmms-eval wrappers' quantization plan, plus
-``pretrained``, ``dtype`` (auto | float16 | bfloat16 | float32), ``trust_remote_code`` and
-``revision``. The plan is validated before anything is loaded.
+``--model`` and ``--model_args`` are exactly what lmms-eval takes: the same wrapper validates the
+arguments (recipe and wrapper keys, before anything is loaded), the same loader loads the
+checkpoint, and the same verb (`lmms_quant.quantize`) quantizes it, through the weight cache when
+``weight_cache=DIR`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-MODEL_CLASSES = {
-    "quant_blip2": "Blip2ForConditionalGeneration",
-    "quant_llava": "LlavaForConditionalGeneration",
-    "quant_blip2_itm": "Blip2ForImageTextRetrieval",
-}
-LOAD_KEYS = ("pretrained", "dtype", "trust_remote_code", "revision")
-DTYPES = ("auto", "float16", "bfloat16", "float32")
+from lmms_quant.model_ids import MODEL_CLASSES
 
 
 class UsageError(ValueError):
@@ -37,107 +29,60 @@ def _parser() -> argparse.ArgumentParser:
         description="Quantize a vision-language model (RTN/GPTQ/AWQ) and write the quantization report.",
     )
     parser.add_argument("--model", required=True, choices=sorted(MODEL_CLASSES),
-                        help="which lmms-quant model family the checkpoint is")
+                        help="the lmms-quant model wrapper whose checkpoints these are (same as lmms-eval's --model)")
     parser.add_argument("--model_args", required=True,
-                        help="comma-separated key=value: pretrained=..., and the quantization plan keys")
+                        help="comma-separated key=value, exactly as for lmms-eval: pretrained=..., the recipe keys, "
+                             "weight_cache=DIR, ...")
     parser.add_argument("--report", required=True, help="where to write the JSON report")
     parser.add_argument("--save", default=None,
                         help="also save the quantized model, processor, integer codes and report to this new directory")
+    parser.add_argument("--export", default=None,
+                        help="also write a compressed-tensors (vLLM-loadable) packed checkpoint to this new directory")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
 
-def parse_model_args(text: str) -> dict:
-    from lmms_eval.utils import simple_parse_args_string
-
-    return simple_parse_args_string(text)
-
-
-def _dtype(value):
-    import torch
-
-    text = str(value).strip().lower()
-    if text not in DTYPES:
-        raise UsageError(f"dtype={value!r} is invalid; valid: {', '.join(DTYPES)}")
-    return "auto" if text == "auto" else getattr(torch, text)
-
-
-def _truthy(key: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", "none"):
-        return False
-    raise UsageError(f"{key}={value!r} is invalid; valid: true or false")
-
-
-def _save_model(model, processor, report, out_dir: Path) -> None:
-    """Model + processor (from_pretrained-loadable), integer codes and report; a new dir, renamed into place."""
-    import torch
-    from safetensors.torch import save_file
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        tensors, metadata = {}, {}
-        for name, q in report.codes.items():
-            tensors[f"{name}.codes"] = q.codes.contiguous()
-            tensors[f"{name}.scale"] = q.scale.to(torch.float16).contiguous()
-            if not q.grid.sym:
-                tensors[f"{name}.zero"] = q.zero.to(torch.uint8).contiguous()
-            metadata[name] = (f"bits={q.grid.bits},sym={q.grid.sym},granularity={q.grid.granularity},"
-                              f"group_size={q.grid.group_size}")
-        if tensors:
-            save_file(tensors, str(tmp / "quant_codes.safetensors"), metadata=metadata)
-        report.write_json(tmp / "quant_report.json")
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
-    from lmms_quant.quant.plan import QuantPlan
+    """The wrappers' own validation and loader, then the engine's one verb (weight cache included)."""
+    from lmms_quant.model_ids import model_class
+    from lmms_quant.values import parse_model_args
 
+    wrapper = model_class(args.model)
     kwargs = parse_model_args(args.model_args)
-    plan = QuantPlan.from_kwargs(kwargs, other_valid_keys=LOAD_KEYS)  # before any loading
-    pretrained = kwargs.get("pretrained")
-    if pretrained in (None, "", "None"):
-        raise UsageError("pretrained: missing from --model_args; valid: a hub id or a local checkpoint directory")
-    dtype = _dtype(kwargs.get("dtype", "auto"))
-    trust_remote_code = _truthy("trust_remote_code", kwargs.get("trust_remote_code", False))
-    revision = kwargs.get("revision")
+    if args.device is not None:
+        kwargs["device"] = args.device
+    wrapper_args, _, recipe = wrapper.validate_model_args(kwargs)  # before any loading
     save = Path(args.save) if args.save else None
     if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
         raise UsageError(f"--save {str(save)!r} exists and is not empty; refusing to overwrite it")
-    if plan.is_noop:
+    if args.export is not None:
+        from lmms_quant.quant.export import check_new_dir, require_compressed_tensors
+
+        check_new_dir(args.export)
+        require_compressed_tensors()
+    if recipe.is_noop:
         print("lmms-quant quantize: method=fp16 quantizes nothing; the report only sizes the model", file=sys.stderr)
 
-    import torch
-    import transformers
-    from transformers import AutoProcessor
+    import lmms_quant
+    from lmms_quant.model_wrappers.loading import load_pretrained
 
-    from lmms_quant.quant import quantize_model
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    load = {"trust_remote_code": trust_remote_code}
-    if revision not in (None, "None"):
-        load["revision"] = str(revision)
-    model_class = getattr(transformers, MODEL_CLASSES[args.model])
-    processor = AutoProcessor.from_pretrained(str(pretrained), **load)
-    model = model_class.from_pretrained(str(pretrained), dtype=dtype, **load).eval()
-    report = quantize_model(model, processor, plan, device=device, keep_codes=save is not None,
-                            progress=not args.no_progress)
+    processor, model = load_pretrained(wrapper.model_class, wrapper_args)
+    keep_codes = save is not None or args.export is not None
+    report = lmms_quant.quantize(model, processor, recipe, cache=wrapper_args.weight_cache,
+                                 device=wrapper_args.device, keep_codes=keep_codes, progress=not args.no_progress)
     report.write_json(args.report)
     if save is not None:
-        _save_model(model, processor, report, save)
+        from lmms_quant.quant.saved import write_saved_run
+
+        write_saved_run(model, processor, report, save)
+    if args.export is not None:  # last: it packs the model in place
+        from lmms_quant.quant.export import export_run
+
+        export_run(model, processor, report, args.export, device=wrapper_args.device, report_path=args.report)
     print(report.summary())
-    print(f"report: {args.report}" + (f"; quantized model: {save}" if save else ""))
+    print(f"report: {args.report}" + (f"; quantized model: {save}" if save else "")
+          + (f"; packed checkpoint: {args.export}" if args.export else ""))
     return 0
 
 
@@ -149,11 +94,10 @@ def main(argv=None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     from lmms_quant.quant.archs import ArchitectureError
-    from lmms_quant.quant.plan import PlanError
 
     try:
         return run(args)
-    except (PlanError, UsageError, ArchitectureError) as err:
+    except (ValueError, ArchitectureError) as err:  # RecipeError, UsageError and the wrappers' own checks
         print(f"lmms-quant quantize: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

@@ -19,15 +19,39 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
+from lmms_quant.values import bad, parse_bool, parse_float, parse_positive_int
+
+from .method import MethodConfig, RecipeError, option
 from .quantizer import (LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, relative_hessian_error)
 
 log = logging.getLogger(__name__)
 
 NEEDS_HESSIAN = True
 NEEDS_INPUTS = False
+
+
+def _damp(key, value) -> float:
+    valid = "a number in (0, 1], e.g. 0.01"
+    damp = parse_float(key, value, valid, RecipeError)
+    if not 0 < damp <= 1:
+        raise bad(key, value, valid, error=RecipeError)
+    return damp
+
+
+@dataclass(frozen=True)
+class GPTQConfig(MethodConfig):
+    """damp: λ = damp · mean(diag H); act_order: columns by decreasing H_jj; block_size: lazy-update width."""
+
+    damp: float = option("damp", 0.01, _damp)
+    act_order: bool = option("act_order", False, lambda k, v: parse_bool(k, v, RecipeError))
+    block_size: int = option("block_size", 128, lambda k, v: parse_positive_int(k, v, "e.g. 128", RecipeError))
+
+
+Config = GPTQConfig
 
 
 class NoCalibrationData(RuntimeError):
@@ -221,14 +245,14 @@ class _BlockLoop:
         return self.Err1
 
 
-def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[dict]]:
+def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult], list[dict]]:
     results = {}
     for t in unit.targets:
         H = stats[t.name].hessian
         weight = t.module.weight.detach().float()
         try:
-            qweight = quantize_layer(weight, H, t.grid, damp=plan.damp, block_size=plan.block_size,
-                                     act_order=plan.act_order)
+            qweight = quantize_layer(weight, H, t.grid, damp=cfg.damp, block_size=cfg.block_size,
+                                     act_order=cfg.act_order)
         except HessianNotPositiveDefinite as err:
             raise HessianNotPositiveDefinite(f"{t.name}: {err}") from None
         H = H.to(weight.device)
@@ -236,6 +260,6 @@ def quantize_unit(unit, stats, plan) -> tuple[dict[str, LayerResult], list[dict]
             qweight,
             calib_error=relative_hessian_error(H, weight, qweight.weight),
             rtn_calib_error=relative_hessian_error(H, weight, quantize_rtn(weight, t.grid).weight),
-            info={"damp": plan.damp, "act_order": plan.act_order, "calib_tokens": stats[t.name].n_calib},
+            info={"damp": cfg.damp, "act_order": cfg.act_order, "calib_tokens": stats[t.name].n_calib},
         )
     return results, []

@@ -6,19 +6,22 @@ batches (and on the calibration batches themselves, next to plain RTN's for GPTQ
 
 Sizes are computed from the model itself, per component and in total, over every parameter
 (tied parameters once): a quantized weight costs ``bits`` per weight plus an fp16 scale per cell
-and, for an asymmetric grid, a ``bits``-wide zero-point per cell; every other parameter costs its
-stored dtype. Buffers are not counted.
+and, for an asymmetric grid, a ``bits``-wide zero-point per cell. Every other parameter is counted
+at the stated baseline, ``BPW_BASELINE`` = 16 bits (as the paper counts: an fp32 checkpoint is not
+"32 bpw" of vision tower), and, beside it, at its stored dtype (``stored_bits_per_weight``,
+``stored_size_bytes``: what this checkpoint in memory really takes). Buffers are not counted.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
+from lmms_quant.atomic import write_json_atomic
+
 from .quantizer import QuantGrid, QuantizedWeight
+
+BPW_BASELINE = 16  # bits per unquantized weight, whatever the checkpoint's dtype
 
 
 @dataclass
@@ -50,7 +53,8 @@ class TensorRecord:
 class SizeRecord:
     params: int = 0
     quantized_params: int = 0
-    bits: int = 0
+    bits: int = 0  # unquantized parameters at BPW_BASELINE
+    stored_bits: int = 0  # unquantized parameters at their stored dtype
 
     @property
     def bits_per_weight(self) -> float:
@@ -62,7 +66,16 @@ class SizeRecord:
 
     def to_dict(self) -> dict:
         return {"params": self.params, "quantized_params": self.quantized_params,
-                "bits_per_weight": self.bits_per_weight, "size_bytes": self.size_bytes}
+                "bits_per_weight": self.bits_per_weight, "bpw_baseline": BPW_BASELINE, "size_bytes": self.size_bytes,
+                "stored_bits_per_weight": self.stored_bits / self.params if self.params else float("nan"),
+                "stored_size_bytes": math.ceil(self.stored_bits / 8)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SizeRecord":
+        params = int(data["params"])
+        stored = data.get("stored_bits_per_weight", data["bits_per_weight"])
+        return cls(params, int(data["quantized_params"]), round((data["bits_per_weight"] or 0) * params),
+                   round((stored or 0) * params))
 
 
 def account(model, component_of, quantized_grids: dict[int, QuantGrid]) -> dict[str, SizeRecord]:
@@ -74,15 +87,15 @@ def account(model, component_of, quantized_grids: dict[int, QuantGrid]) -> dict[
         n = param.numel()
         grid = quantized_grids.get(id(param))
         if grid is not None:
-            bits = grid.storage_bits(*param.shape)
+            bits = stored = grid.storage_bits(*param.shape)
             record.quantized_params += n
             total.quantized_params += n
         else:
-            bits = n * param.element_size() * 8
-        record.params += n
-        record.bits += bits
-        total.params += n
-        total.bits += bits
+            bits, stored = n * BPW_BASELINE, n * param.element_size() * 8
+        for r in (record, total):
+            r.params += n
+            r.bits += bits
+            r.stored_bits += stored
     sizes["total"] = total
     return sizes
 
@@ -118,6 +131,8 @@ class QuantReport:
         self.timing = timing
         self.environment = environment
         self.codes = codes or {}
+        self.weight_cache: dict | None = None  # {"key", "hit"} when it came through the weight cache
+        self.extra: dict = {}  # further top-level fields of a stored report, kept as they were
 
     @property
     def components(self) -> dict[str, SizeRecord]:
@@ -134,7 +149,7 @@ class QuantReport:
         raise KeyError(f"{name!r} was not quantized in this run")
 
     def to_dict(self) -> dict:
-        return _clean({
+        data = _clean({
             "plan": self.plan,
             "plan_digest": self.digest,
             "model": self.model,
@@ -149,22 +164,29 @@ class QuantReport:
             "timing": self.timing,
             "environment": self.environment,
         })
+        data.update(self.extra)
+        if self.weight_cache is not None:
+            data["weight_cache"] = self.weight_cache
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantReport":
+        """A report as `to_dict` wrote it (the weight cache stores reports so)."""
+        sizes = {name: SizeRecord.from_dict(d) for name, d in data.get("components", {}).items()}
+        sizes["total"] = SizeRecord.from_dict(data["total"])
+        tensors = [TensorRecord(**{**t, "shape": tuple(t["shape"])}) for t in data.get("tensors", [])]
+        report = cls(plan=data["plan"], digest=data["plan_digest"], model=data["model"],
+                     calibration=data.get("calibration"), tensors=tensors, sizes=sizes,
+                     skipped=data.get("skipped", []), folds=data.get("awq_folds", []), notes=data.get("notes", []),
+                     timing=data.get("timing", {}), environment=data.get("environment", {}))
+        known = {"plan", "plan_digest", "model", "calibration", "components", "total", "n_quantized_tensors",
+                 "tensors", "skipped", "awq_folds", "notes", "timing", "environment", "weight_cache"}
+        report.extra = {k: v for k, v in data.items() if k not in known}
+        return report
 
     def write_json(self, path) -> None:
         """Write atomically: a temp file in the same directory, then rename."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".quant_report.", suffix=".json.tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.to_dict(), handle, indent=2, sort_keys=False)
-                handle.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_json_atomic(path, self.to_dict(), sort_keys=False)
 
     def summary(self) -> str:
         lines = [f"lmms-quant {self.plan.get('method')} ({self.digest}): {len(self.tensors)} tensors quantized"]

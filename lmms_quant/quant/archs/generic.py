@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..plan import COMPONENTS
+from ..recipe import COMPONENTS
 from .resolve import is_linear
 from .spec import ArchitectureError, BlockSpec, Family, Part
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from ..plan import COMPONENTS
+from ..recipe import COMPONENTS
 from .spec import CONDITIONS, ArchitectureError, Family, Fold
 
 log = logging.getLogger(__name__)
