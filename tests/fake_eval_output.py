@@ -16,7 +16,9 @@ Environment knobs (test instrumentation, not behaviour under test):
                        output_path, model_args, CUDA_VISIBLE_DEVICES, time)
     FAKE_EVAL_SLEEP    seconds to sleep after the samples are written and before the results (the window
                        in which a test kills the sweep: the run directory then holds partial output)
-    FAKE_EVAL_SLEEP_ON only sleep when model_args contains this substring
+    FAKE_EVAL_SLEEP_ON only sleep (and wait, below) when model_args contains this substring
+    FAKE_EVAL_WAIT_FOR a path: after the samples are written, wait until it exists (a gate the test opens,
+                       so that "the evaluation is in progress" lasts exactly as long as the test needs)
     FAKE_EVAL_FAIL_ON  substring of model_args that makes the run exit 1 (a failing configuration)
     FAKE_EVAL_NO_RESULTS  substring of model_args for which the run exits 0 without writing results
     FAKE_EVAL_DOCS     documents per task (default 40)
@@ -145,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"quant_report_{digest}.json").write_text(json.dumps(report_for(plan, digest)))
     if os.environ.get("FAKE_EVAL_SLEEP_ON", "") in args.model_args:
         time.sleep(float(os.environ.get("FAKE_EVAL_SLEEP", "0")))
+        gate = os.environ.get("FAKE_EVAL_WAIT_FOR")
+        deadline = time.monotonic() + 600
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
     if os.environ.get("FAKE_EVAL_NO_RESULTS") and os.environ["FAKE_EVAL_NO_RESULTS"] in args.model_args:
         return 0
     results["config"] = {"model": args.model, "model_args": args.model_args, "limit": args.limit,

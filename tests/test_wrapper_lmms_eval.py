@@ -80,7 +80,7 @@ def test_plan_keys_never_reach_lmms_evals_class(tiny_checkpoints, recorded_init,
     # LlavaHf asserts kwargs == {} itself; this is what it got: its own parameters and lmms-eval's batch_size
     assert recorded_init == [{"pretrained": str(ckpt), "device": "cpu", "device_map": "cpu", "dtype": "float32",
                               "batch_size": "1"}]
-    assert lm.plan.method == "gptq" and lm.args.report_dir == str(tmp_path)
+    assert lm.recipe.method == "gptq" and lm.args.report_dir == str(tmp_path)
     assert type(lm.lm).__module__ == "lmms_eval.models.chat.llava_hf"
 
 
