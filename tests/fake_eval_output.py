@@ -40,7 +40,7 @@ TASK_METRICS = {
     "gqa_local": ("exact_match", "mean"),
     "coco2017_cap_val_local": ("coco_CIDEr", "corpus"),
 }
-WRAPPER_KEYS = {"pretrained", "dtype", "device", "device_map", "trust_remote_code", "batch_size", "weight_cache",
+WRAPPER_KEYS = {"pretrained", "revision", "dtype", "device", "device_map", "trust_remote_code", "batch_size", "weight_cache",
                 "max_batch_size", "report_dir", "lmms_quant_version", "vqa_prompt", "caption_prompt"}
 COMPONENT_PARAMS = {"vit": 4000, "connector": 1000, "llm": 5000}
 OTHER_PARAMS = 500
@@ -161,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _recipe_digest(plan: dict[str, str]) -> str:
-    """The digest the real wrapper gives this recipe (the leaderboard finds the report by it)."""
-    from lmms_quant.quant.recipe import Recipe
+    """The digest the real wrapper gives this recipe (the leaderboard finds the report by it).
 
-    return Recipe.parse(plan).digest()
+    Sweeps pass canonical model_args, which spell every resolved recipe key, so the digest is the
+    hash of that spelling (`Recipe.digest`), computed here without importing the engine (torch)."""
+    canonical = json.dumps(plan, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def _log(event: str, args) -> None:

@@ -89,3 +89,14 @@ def test_a_selector_that_matches_nothing_is_an_error(tiny_checkpoints, capsys):
     assert main(["--model", "quant_blip2", "--model_args", f"pretrained={path},method=rtn,component=llm,"
                  "layer_group=front"]) == 2
     assert "selects no weight" in capsys.readouterr().err
+
+
+def test_a_wrapper_whose_class_is_an_auto_class_builds_the_same_model(tiny_checkpoints):
+    from transformers import AutoModelForImageTextToText
+
+    path = tiny_checkpoints["qwen2_5_vl"]
+    args = SimpleNamespace(pretrained=str(path), trust_remote_code=False, dtype="auto")
+    auto = load_model(SimpleNamespace(model_class=AutoModelForImageTextToText), args)
+    concrete = load_model(SimpleNamespace(model_class=FAMILY_MODEL_CLASSES["qwen2_5_vl"]), args)
+    assert type(auto) is type(concrete)
+    assert [n for n, _ in auto.named_parameters()] == [n for n, _ in concrete.named_parameters()]

@@ -72,13 +72,12 @@ def load_model(wrapper, args):
     dtype = args.dtype if args.dtype != "auto" else (getattr(config, "dtype", None) or torch.float32)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model_class = getattr(wrapper, "model_class", None)
+    model_class = getattr(wrapper, "model_class", None) or transformers.AutoModelForImageTextToText
     with torch.device("meta"):
-        if model_class is None:
-            model = transformers.AutoModelForImageTextToText.from_config(
-                config, trust_remote_code=args.trust_remote_code, dtype=dtype)
-        else:
+        if hasattr(model_class, "_from_config"):  # a concrete class
             model = model_class._from_config(config, dtype=dtype)
+        else:  # an Auto class
+            model = model_class.from_config(config, trust_remote_code=args.trust_remote_code, dtype=dtype)
     return model.eval()
 
 
