@@ -52,6 +52,9 @@ def processor_class_for_environment(processor_class):
 def build_processor(processor_class, *, image_processor, tokenizer, video_processor=None, **kwargs):
     """Construct ``processor_class``; its video processor only where this environment can have one."""
     cls = processor_class_for_environment(processor_class)
+    if needs_video_processor(cls) and video_processor is None:
+        # None given: the image+text variant with torchvision too, so a fixture is the same on every machine
+        cls = _image_text_variant(processor_class)
     if needs_video_processor(cls):
         kwargs["video_processor"] = video_processor
     return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)

@@ -245,22 +245,26 @@ def parse_plan(plan_kwargs: dict[str, Any], wrapper_keys: Sequence[str]):
 class ConfigurationChecker:
     """Validates one configuration's model arguments and spells them canonically.
 
-    The model wrapper's own keys (``wrapper_keys()``: pretrained, dtype, ...) are the wrapper's to
-    check; everything else is the engine's (:func:`parse_plan`). ``canonical_model_args`` is exactly
-    what ``lmms-quant eval`` will pass to lmms-eval, and its hash keys the run directory.
+    The wrapper's ``canonical_model_args`` checks everything (its own keys, which for ``quant``
+    depend on the lmms-eval class it wraps, and the recipe, naming any bad key); it is exactly what
+    ``lmms-quant eval`` will pass to lmms-eval, and its hash keys the run directory. The recipe keys
+    are the engine's (:func:`parse_plan`).
     """
 
     def __init__(self, model: str):
+        from lmms_quant.quant.recipe import recipe_keys
+
         self.wrapper = model_class(model)
-        self.wrapper_keys = tuple(self.wrapper.wrapper_keys())
+        self.recipe_keys = frozenset(recipe_keys())
 
     def plan_keys(self, args: dict[str, Any]) -> set[str]:
-        return {k for k in args if k not in self.wrapper_keys}
+        return {k for k in args if k in self.recipe_keys}
 
     def __call__(self, args: dict[str, Any]) -> tuple[str, Any]:
-        plan = parse_plan({k: v for k, v in args.items() if k not in self.wrapper_keys}, self.wrapper_keys)
         rendered = ",".join(f"{k}={_render_value(v)}" for k, v in args.items())
-        return self.wrapper.canonical_model_args(rendered), plan
+        canonical = self.wrapper.canonical_model_args(rendered)
+        plan = parse_plan({k: v for k, v in args.items() if k in self.recipe_keys}, ())
+        return canonical, plan
 
 
 def expand(varied_axes: dict[str, list], include: list[dict], exclude: list[dict]) -> list[dict[str, Any]]:
