@@ -83,15 +83,19 @@ class QuantBlip2(QuantVLM):
         """The text and RGB images the processor gets for one request (both generation paths use it)."""
         return blip2_prompt(request, self.vqa_prompt, self.caption_prompt), [i.convert("RGB") for i in request.images]
 
+    def processor_inputs(self, prompts: list[str], images: list[list]):
+        """The processor's batch for prompts and their images (one list per prompt), padded, as tensors."""
+        return self.processor(images=[found[0] for found in images], text=prompts, padding=True, return_tensors="pt")
+
     def generate_batch(self, requests: list[ChatRequest], gen_kwargs: dict):
         images, prompts = [], []
         for request in requests:
             prompt, found = self.prompt_and_images(request)
             if len(found) != 1:
                 raise ValueError(f"{request.where}: BLIP-2 takes exactly one image per request, got {len(found)}")
-            images.append(found[0])
+            images.append(found)
             prompts.append(prompt)
-        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        inputs = self.processor_inputs(prompts, images)
         inputs = inputs.to(self.device).to(self.model.dtype)
         output_ids = self.model.generate(**inputs, **gen_kwargs)
         return self.decode_new_tokens(inputs, output_ids, encoder_decoder=self.encoder_decoder)

@@ -98,8 +98,8 @@ class GenerationPath:
         enabled = fast if fast is not None else args.fast_generate
         enabled = enabled if enabled is not None else device.type == "cuda"
         self.parts, why = (None, "fast_generate=false") if not enabled else parts_for(wrapper.model)
-        if self.parts is not None and not hasattr(wrapper, "prompt_and_images"):
-            self.parts, why = None, f"{type(wrapper).__name__} has no prompt_and_images"
+        if self.parts is not None and not all(hasattr(wrapper, h) for h in ("prompt_and_images", "processor_inputs")):
+            self.parts, why = None, f"{type(wrapper).__name__} has no prompt_and_images / processor_inputs"
         self.why_stock = why
         if self.parts is None and args.feature_cache:
             log.info("lmms-quant: feature_cache=%s unused: it serves the fast path, and here %s", args.feature_cache, why)
@@ -111,7 +111,7 @@ class GenerationPath:
         wrapper.batch_sizes = self.sizing.sizes  # lmms-eval records lm.batch_sizes in its results
         self._vision: VisionFeatures | None = None
         self._decoder: StaticCacheDecoder | None = None
-        self._prompt_ids = PromptIds(wrapper.processor)
+        self._prompt_ids = PromptIds(wrapper.processor, getattr(wrapper, "processor_inputs", None))
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmms-quant-prefetch")
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmms-quant-prepare")
         self._prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="lmms-quant-docs")
@@ -251,7 +251,7 @@ class GenerationPath:
             else:
                 log.info("lmms-quant: this recipe quantizes the vision tower or connector; feature_cache unused")
         memory = FeatureMemory(FEATURE_MEMORY_BYTES.get(self.device.type, FEATURE_MEMORY_BYTES["cpu"]))
-        self._vision = VisionFeatures(parts, wrapper.processor, self.device, memory, disk)
+        self._vision = VisionFeatures(parts, wrapper.processor, wrapper.processor_inputs, self.device, memory, disk)
         self._decoder = StaticCacheDecoder(parts, self.device, use_graph=self.device.type == "cuda")
 
     def _serve_fast(self, rows: list[Row], greedy: Greedy, stops: list[str], results: list, bar=None) -> None:

@@ -164,14 +164,14 @@ def load_pretrained(model_class, args: WrapperArgs):
     """(processor, model) through from_pretrained: weights from safetensors, remote code only if asked.
 
     A hub id that is not in the local cache while offline gets a message that says so."""
-    from transformers import AutoProcessor
+    from lmms_quant.processors import load_processor
 
     check_pretrained(args.pretrained)
     load = {"trust_remote_code": args.trust_remote_code}
     if args.revision is not None:
         load["revision"] = args.revision
     try:
-        processor = AutoProcessor.from_pretrained(args.pretrained, **load)
+        processor = load_processor(args.pretrained, **load)
         model = model_class.from_pretrained(args.pretrained, dtype=args.dtype, device_map=args.device_map,
                                             use_safetensors=True, **load)
     except OSError as err:

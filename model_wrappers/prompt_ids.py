@@ -60,10 +60,14 @@ def _repeat(value, n: int):
 
 
 class PromptIds:
+    """``processor_inputs(prompts, images per prompt)``: how the wrapper calls its processor (the stock
+    path's own call, so every template flag and special-token rule is the stock path's)."""
+
     CHUNK = 256  # prompts per processor call
 
-    def __init__(self, processor):
+    def __init__(self, processor, processor_inputs):
         self.processor = processor
+        self.processor_inputs = processor_inputs
         self.exact = False
         self._stand_ins: dict = {}
         self._memo: dict = {}
@@ -87,7 +91,7 @@ class PromptIds:
             self.processor.image_processor = real
 
     def _call(self, prompts: list[str], images: list) -> list[list[int]]:
-        batch = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+        batch = self.processor_inputs(prompts, [[image] for image in images])
         return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
 
     def __call__(self, prompt: str, image) -> list[int]:

@@ -186,8 +186,10 @@ class VisionFeatures:
     call, text included, which then must stay on the main thread (a tokenizer is not shared safely).
     """
 
-    def __init__(self, parts, processor, device, memory: FeatureMemory, disk: DiskFeatures | None = None):
+    def __init__(self, parts, processor, processor_inputs, device, memory: FeatureMemory,
+                 disk: DiskFeatures | None = None):
         self.parts, self.processor, self.device = parts, processor, torch.device(device)
+        self.processor_inputs = processor_inputs  # the wrapper's own processor call (the stock path's)
         self.memory, self.disk = memory, disk
         self.full_processor = True
         self.images_encoded = 0
@@ -195,12 +197,12 @@ class VisionFeatures:
 
     def _pixels(self, images: list, prompts: list[str]) -> torch.Tensor:
         if self.full_processor:
-            return self.processor(images=images, text=prompts, padding=True, return_tensors="pt")["pixel_values"]
+            return self.processor_inputs(prompts, [[image] for image in images])["pixel_values"]
         return self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     def check_pixels(self, image, prompt: str) -> bool:
         """Use the image processor alone from now on if it gives the stock call's pixel values."""
-        stock = self.processor(images=[image], text=[prompt], padding=True, return_tensors="pt")["pixel_values"]
+        stock = self.processor_inputs([prompt], [[image]])["pixel_values"]
         alone = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         self.full_processor = not (alone.shape == stock.shape and torch.equal(alone, stock))
         return not self.full_processor

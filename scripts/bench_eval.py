@@ -288,8 +288,8 @@ def token_agreement(bench: Bench, model_id: str, checkpoint: Path, yamls: list[P
         for start in range(0, len(rows), 16):
             chunk = rows[start:start + 16]
             fast = path._generate(chunk, greedy, len(chunk), None).cpu()
-            inputs = lm.processor(images=[r.image for r in chunk], text=[r.prompt for r in chunk], padding=True,
-                                  return_tensors="pt").to(bench.device).to(lm.model.dtype)
+            inputs = lm.processor_inputs([r.prompt for r in chunk], [[r.image] for r in chunk])
+            inputs = inputs.to(bench.device).to(lm.model.dtype)
             with torch.no_grad():
                 stock = lm.model.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1]:].cpu()
             width = max(fast.shape[1], stock.shape[1])

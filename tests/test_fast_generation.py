@@ -127,9 +127,8 @@ def test_the_decoder_gives_generates_tokens_one_for_one(model_id, tasks):
     path._setup()
     fast = path._generate(rows, greedy, len(rows), None)
     chat = [r.request for r in rows]
-    prompts_images = [lm.prompt_and_images(r) for r in chat]
-    inputs = lm.processor(images=[i for _, im in prompts_images for i in im], text=[p for p, _ in prompts_images],
-                          padding=True, return_tensors="pt")
+    prompts, images = zip(*[lm.prompt_and_images(r) for r in chat])
+    inputs = lm.processor_inputs(list(prompts), list(images))  # what the stock path gives generate
     assert [int(n) for n in inputs["attention_mask"].sum(1)] == [len(r.ids) for r in rows]
     with torch.no_grad():
         out = lm.model.generate(**inputs, max_new_tokens=greedy.max_new_tokens, do_sample=False,
@@ -332,13 +331,13 @@ def test_prompt_ids_without_transforming_each_image_are_the_processors(model_id,
     lm = load(model_id, tasks)
     chat = [lm.chat_request(r.args) for r in requests_of(tasks)]
     prompts, images = zip(*[(p, i[0]) for p, i in (lm.prompt_and_images(r) for r in chat)])
-    expected = [lm.processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
+    expected = [lm.processor_inputs([prompt], [[image]])["input_ids"][0].tolist()  # the stock path's call
                 for prompt, image in zip(prompts, images)]
     transformed = []
     image_processor = type(lm.processor.image_processor)
     real = image_processor.__call__
     monkeypatch.setattr(image_processor, "__call__", lambda self, *a, **k: transformed.append(1) or real(self, *a, **k))
-    encoder = PromptIds(lm.processor)
+    encoder = PromptIds(lm.processor, lm.processor_inputs)
     assert encoder.many(list(prompts), list(images)) == expected
     assert not encoder.exact
     # One real call (the check) and one stand-in transform, whatever the number of requests.
