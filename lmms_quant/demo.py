@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from lmms_quant.cpu import cpu_info
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 # What varies: method × bits × component, as in the paper's component study. "rtn_tensor" is the
@@ -53,34 +55,25 @@ def _configurations(components: tuple[str, ...], bits_list: tuple[int, ...], ful
     return whole + parts
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def arithmetic_pins(cpu_flags) -> dict[str, str]:
+    """The environment that fixes the demo's arithmetic on a CPU with these feature flags."""
+    return {**PINNED_THREADS, **(PINNED_X86_AVX2 if {"avx2", "fma"} <= set(cpu_flags) else {})}
 
 
-def pin_arithmetic(environ=os.environ, cpu_flags: set[str] | None = None) -> str:
+def pin_arithmetic() -> str:
     """Fix the demo's threads and, on an x86-64 CPU with AVX2, its kernels; returns a line saying so.
 
     The libraries read these variables when they start, so this runs before torch is imported; in a
     process that has imported it already only the thread count can still be fixed."""
-    environ.update(PINNED_THREADS)
-    flags = _cpu_flags() if cpu_flags is None else cpu_flags
-    avx2 = {"avx2", "fma"} <= flags
-    if avx2:
-        environ.update(PINNED_X86_AVX2)
+    pins = arithmetic_pins(cpu_info()[1])
+    os.environ.update(pins)
     if "torch" in sys.modules:
         import torch
 
         torch.set_num_threads(1)
         return (f"arithmetic: {DTYPE}, 1 thread; torch was imported before the demo started, so its kernels are "
                 f"this CPU's own: other CPUs may give other scores")
-    if avx2:
+    if "ATEN_CPU_CAPABILITY" in pins:
         return (f"arithmetic: {DTYPE}, 1 thread, AVX2 kernels in PyTorch, MKL (CBWR) and oneDNN, so that other x86-64 "
                 f"CPUs with AVX2 compute the same numbers")
     return (f"arithmetic: {DTYPE}, 1 thread; this CPU has no AVX2, so its kernels are its own: other CPUs may "
