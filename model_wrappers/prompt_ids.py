@@ -29,7 +29,7 @@ class _TransformOnce:
     def __call__(self, *args, **kwargs):
         images = kwargs.pop("images", None) if "images" in kwargs else (args[0] if args else None)
         args = args[1:] if args and images is args[0] else args
-        flat = list(images) if isinstance(images, (list, tuple)) else [images]
+        flat = _leaves(images)  # processors may nest the images per prompt
         if not flat or any(image is not flat[0] for image in flat):
             return self._real(images, *args, **kwargs)
         key = (id(flat[0]), len(args), repr(sorted(kwargs.items(), key=lambda kv: kv[0])))
@@ -43,6 +43,12 @@ class _TransformOnce:
 
     def __getattr__(self, name):
         return getattr(self._real, name)
+
+
+def _leaves(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return [leaf for item in images for leaf in _leaves(item)]
+    return [] if images is None else [images]
 
 
 def _repeat(value, n: int):

@@ -333,14 +333,21 @@ def test_prompt_ids_without_transforming_each_image_are_the_processors(model_id,
     prompts, images = zip(*[(p, i[0]) for p, i in (lm.prompt_and_images(r) for r in chat)])
     expected = [lm.processor_inputs([prompt], [[image]])["input_ids"][0].tolist()  # the stock path's call
                 for prompt, image in zip(prompts, images)]
+    from lmms_quant.model_wrappers.prompt_ids import _leaves
+
     transformed = []
     image_processor = type(lm.processor.image_processor)
     real = image_processor.__call__
-    monkeypatch.setattr(image_processor, "__call__", lambda self, *a, **k: transformed.append(1) or real(self, *a, **k))
+
+    def counting(self, images=None, *args, **kwargs):
+        transformed.extend(_leaves(images))
+        return real(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(image_processor, "__call__", counting)
     encoder = PromptIds(lm.processor, lm.processor_inputs)
     assert encoder.many(list(prompts), list(images)) == expected
     assert not encoder.exact
-    # One real call (the check) and one stand-in transform, whatever the number of requests.
+    # Two images transformed (the check's real one, and one stand-in), whatever the number of requests.
     assert len(transformed) == 2 < len(prompts)
 
 
