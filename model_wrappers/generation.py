@@ -358,6 +358,7 @@ class GenerationPath:
         if self._decoder is not None:
             out["decoder"] = dict(self._decoder.stats)
         out["batch_sizes"] = dict(self.sizing.sizes)
+        out["pixels_prefetched"] = bool(self._prefetch)  # image transforms off the main thread
         return out
 
 
