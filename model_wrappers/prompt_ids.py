@@ -34,7 +34,8 @@ class _TransformOnce:
             return self._real(images, *args, **kwargs)
         key = (id(flat[0]), len(args), repr(sorted(kwargs.items(), key=lambda kv: kv[0])))
         if key not in self._memo:
-            self._memo[key] = (flat[0], self._real([flat[0]], *args, **kwargs))  # keeps the image alive: its id stays unique
+            # The memo keeps the image alive, so its id stays unique.
+            self._memo[key] = (flat[0], self._real([flat[0]], *args, **kwargs))
         one = self._memo[key][1]
         repeated = copy.copy(one)
         for name, value in one.items():
