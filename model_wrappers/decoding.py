@@ -189,7 +189,7 @@ class StaticCacheDecoder:
     def _prefill(self, state: _State, prompts: Prompts) -> torch.Tensor:
         from transformers import DynamicCache
 
-        P, S, B, L = prompts.prefix_len, prompts.suffix_embeds.shape[1], prompts.rows, state.length
+        P, S, L = prompts.prefix_len, prompts.suffix_embeds.shape[1], state.length
         device = self.device
         if P:
             shared = DynamicCache(config=self.parts.lm_config)
@@ -293,4 +293,5 @@ def _trim(out: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor) -> torch.Tens
     return out[:, :last + 1]
 
 
-__all__ = ["CHECK_EVERY", "Greedy", "LENGTH_BUCKET", "NEUTRAL_FIELDS", "Prompts", "StaticCacheDecoder", "greedy_settings"]
+__all__ = ["CHECK_EVERY", "Greedy", "LENGTH_BUCKET", "NEUTRAL_FIELDS", "Prompts", "StaticCacheDecoder",
+           "greedy_settings"]

@@ -102,7 +102,8 @@ class GenerationPath:
             self.parts, why = None, f"{type(wrapper).__name__} has no prompt_and_images / processor_inputs"
         self.why_stock = why
         if self.parts is None and args.feature_cache:
-            log.info("lmms-quant: feature_cache=%s unused: it serves the fast path, and here %s", args.feature_cache, why)
+            log.info("lmms-quant: feature_cache=%s unused: it serves the fast path, and here %s",
+                     args.feature_cache, why)
         self.device = device
         # Ablation switches (tests and benchmarks): each fast-path idea can be turned off on its own.
         self.share_images = True  # one vision pass per distinct image (off: one per request)
@@ -358,6 +359,7 @@ class GenerationPath:
         if self._decoder is not None:
             out["decoder"] = dict(self._decoder.stats)
         out["batch_sizes"] = dict(self.sizing.sizes)
+        out["pixels_prefetched"] = bool(self._prefetch)  # image transforms off the main thread
         return out
 
 

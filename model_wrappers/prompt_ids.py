@@ -29,12 +29,13 @@ class _TransformOnce:
     def __call__(self, *args, **kwargs):
         images = kwargs.pop("images", None) if "images" in kwargs else (args[0] if args else None)
         args = args[1:] if args and images is args[0] else args
-        flat = list(images) if isinstance(images, (list, tuple)) else [images]
+        flat = _leaves(images)  # processors may nest the images per prompt
         if not flat or any(image is not flat[0] for image in flat):
             return self._real(images, *args, **kwargs)
         key = (id(flat[0]), len(args), repr(sorted(kwargs.items(), key=lambda kv: kv[0])))
         if key not in self._memo:
-            self._memo[key] = (flat[0], self._real([flat[0]], *args, **kwargs))  # keeps the image alive: its id stays unique
+            # The memo keeps the image alive, so its id stays unique.
+            self._memo[key] = (flat[0], self._real([flat[0]], *args, **kwargs))
         one = self._memo[key][1]
         repeated = copy.copy(one)
         for name, value in one.items():
@@ -43,6 +44,12 @@ class _TransformOnce:
 
     def __getattr__(self, name):
         return getattr(self._real, name)
+
+
+def _leaves(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return [leaf for item in images for leaf in _leaves(item)]
+    return [] if images is None else [images]
 
 
 def _repeat(value, n: int):

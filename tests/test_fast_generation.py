@@ -205,12 +205,12 @@ def test_fast_generate_and_feature_cache_are_wrapper_keys_outside_the_recipe(tmp
     assert canonical["feature_cache"] == str(tmp_path / "f")
 
 
-def _evaluate(model_id, include_path, tasks, fast, tmp_path):
+def _evaluate(model_id, include_path, tasks, fast, extra=""):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     results = simple_evaluate(
-        model=model_id, model_args=f"pretrained={SHIPPED[model_id]},dtype=float32,fast_generate={fast}",
+        model=model_id, model_args=f"pretrained={SHIPPED[model_id]},dtype=float32,fast_generate={fast}{extra}",
         tasks=list(tasks), task_manager=TaskManager(include_path=str(include_path), model_name=model_id),
         batch_size=4, log_samples=True)
     responses = {task: [(s["doc_id"], s["filtered_resps"]) for s in samples] for task, samples in results["samples"].items()}
@@ -219,11 +219,14 @@ def _evaluate(model_id, include_path, tasks, fast, tmp_path):
 
 def _scores_are_the_same_through_lmms_eval(model_id, eval_tasks, include_path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # COCO's aggregation writes submissions/ into the working directory
-    stock_scores, stock_responses = _evaluate(model_id, include_path, eval_tasks, "false", tmp_path)
-    fast_scores, fast_responses = _evaluate(model_id, include_path, eval_tasks, "true", tmp_path)
-    assert fast_responses == stock_responses
-    assert fast_scores == stock_scores
+    stock_scores, stock_responses = _evaluate(model_id, include_path, eval_tasks, "false")
+    cache = f",feature_cache={tmp_path / 'features'}"
+    fast_scores, fast_responses = _evaluate(model_id, include_path, eval_tasks, "true", cache)  # writes features
+    cached_scores, cached_responses = _evaluate(model_id, include_path, eval_tasks, "true", cache)  # reads them
+    assert fast_responses == stock_responses == cached_responses
+    assert fast_scores == stock_scores == cached_scores
     assert set(fast_scores) == set(eval_tasks)
+    assert list((tmp_path / "features").rglob("*.safetensors"))
 
 
 @pytest.mark.parametrize("model_id", SHIPPED)
@@ -333,14 +336,21 @@ def test_prompt_ids_without_transforming_each_image_are_the_processors(model_id,
     prompts, images = zip(*[(p, i[0]) for p, i in (lm.prompt_and_images(r) for r in chat)])
     expected = [lm.processor_inputs([prompt], [[image]])["input_ids"][0].tolist()  # the stock path's call
                 for prompt, image in zip(prompts, images)]
+    from lmms_quant.model_wrappers.prompt_ids import _leaves
+
     transformed = []
     image_processor = type(lm.processor.image_processor)
     real = image_processor.__call__
-    monkeypatch.setattr(image_processor, "__call__", lambda self, *a, **k: transformed.append(1) or real(self, *a, **k))
+
+    def counting(self, images=None, *args, **kwargs):
+        transformed.extend(_leaves(images))
+        return real(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(image_processor, "__call__", counting)
     encoder = PromptIds(lm.processor, lm.processor_inputs)
     assert encoder.many(list(prompts), list(images)) == expected
     assert not encoder.exact
-    # One real call (the check) and one stand-in transform, whatever the number of requests.
+    # Two images transformed (the check's real one, and one stand-in), whatever the number of requests.
     assert len(transformed) == 2 < len(prompts)
 
 
