@@ -14,55 +14,14 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import torch
 
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 
 
-def random_init_(model, std: float = 0.02) -> None:
-    """Every matrix N(0, std): speed does not depend on the values, and fp16 stays finite."""
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, std)
-
-
 def build_llava_15_7b(device):
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from lmms_quant.scripts.bench_gpu import build_llava_15_7b as build
 
-    from lmms_quant.fixtures.models import CLIP_MEAN, CLIP_STD, LLAVA_CHAT_TEMPLATE, image_token_id, lm_tokenizer
-
-    tok = lm_tokenizer()
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                       num_attention_heads=16, image_size=336, patch_size=14,
-                                       projection_dim=768).to_dict(),
-        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id).to_dict(),
-        image_token_index=image_token_id(tok), image_seq_length=576, projector_hidden_act="gelu",
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    random_init_(model)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                           image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True),
-        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
-        image_token="<image>", num_additional_image_tokens=1)
-    return model, processor
+    return build(device)
 
 
 def build_blip2_opt_27b(device):
@@ -172,4 +131,4 @@ def write_bench_tasks(root: Path, n_caption_images: int, n_vqa_images: int, ques
 
 
 __all__ = ["CAPTION_PROMPT", "build_blip2_opt_27b", "build_llava_15_7b", "caption_doc_to_visual",
-           "caption_process_results", "random_init_", "save_checkpoint", "write_bench_tasks"]
+           "caption_process_results", "save_checkpoint", "write_bench_tasks"]

@@ -40,56 +40,13 @@ RUNS = {"blip2-opt-2.7b": ("vit", "connector", "llm", "all"), "llava-1.5-7b": ("
 SETS = {"real": ("blip2-opt-2.7b", "llava-1.5-7b"), "tiny": ("tiny-blip2-opt", "tiny-llava")}
 
 
-def _random_fp16(model_class, config, device):
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device(device):
-            model = model_class(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.02)
-    return model
-
-
-def build_llava_15_7b(device):
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    from lmms_quant.fixtures.models import CLIP_MEAN, CLIP_STD, LLAVA_CHAT_TEMPLATE, image_token_id, lm_tokenizer
-
-    tok = lm_tokenizer()
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                       num_attention_heads=16, image_size=336, patch_size=14,
-                                       projection_dim=768).to_dict(),
-        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                                rms_norm_eps=1e-5, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id).to_dict(),
-        image_token_index=image_token_id(tok), image_seq_length=576, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu",
-    )
-    model = _random_fp16(LlavaForConditionalGeneration, config, device)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                           image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True),
-        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
-        image_token="<image>", num_additional_image_tokens=1)
-    return model, processor
-
-
 def build(arch: str, device):
     from scripts import bench_gpu
 
     if arch == "blip2-opt-2.7b":
         return bench_gpu.build_blip2_opt_27b(device)
     if arch == "llava-1.5-7b":
-        return build_llava_15_7b(device)
+        return bench_gpu.build_llava_15_7b(device)
     from transformers import AutoProcessor
 
     from lmms_quant.fixtures.models import FIXTURE_BUILDERS, FIXTURE_MODEL_CLASSES

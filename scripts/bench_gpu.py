@@ -58,6 +58,23 @@ def _shapes_samples(n: int, seed: int):
     return out
 
 
+def random_fp16(model_class, config, device):
+    """``model_class(config)`` built in fp16 on ``device`` with std-0.02 random weights (sizes, not values, matter)."""
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device(device):
+            model = model_class(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.02)
+    return model
+
+
 def build_blip2_opt_27b(device):
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
     from transformers import Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
@@ -78,18 +95,7 @@ def build_blip2_opt_27b(device):
                               eos_token_id=tok.eos_token_id).to_dict(),
         num_query_tokens=32, image_token_index=image_token_id(tok),
     )
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        with torch.device(device):
-            model = Blip2ForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.02)
+    model = random_fp16(Blip2ForConditionalGeneration, config, device)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
@@ -97,6 +103,34 @@ def build_blip2_opt_27b(device):
         image_processor=BlipImageProcessor(size={"height": 224, "width": 224}, image_mean=list(CLIP_MEAN),
                                            image_std=list(CLIP_STD), do_convert_rgb=True),
         tokenizer=tok, num_query_tokens=32)
+    return model, processor
+
+
+def build_llava_15_7b(device):
+    """LLaVA-1.5-7B from its published sizes (CLIP ViT-L/14-336, 2-layer projector, Llama-2 7B), random fp16."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from lmms_quant.fixtures.models import CLIP_MEAN, CLIP_STD, LLAVA_CHAT_TEMPLATE, image_token_id, lm_tokenizer
+
+    tok = lm_tokenizer()
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=336, patch_size=14,
+                                       projection_dim=768).to_dict(),
+        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                                rms_norm_eps=1e-5, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id).to_dict(),
+        image_token_index=image_token_id(tok), image_seq_length=576, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )
+    model = random_fp16(LlavaForConditionalGeneration, config, device)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                           image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True),
+        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token="<image>", num_additional_image_tokens=1)
     return model, processor
 
 
