@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmms_eval_requests import build_tasks, all_requests
+
 import lmms_quant
 
 ASSETS = Path(lmms_quant.__file__).resolve().parent / "assets"
@@ -31,20 +33,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tasks(include_path):
-    from lmms_eval.api.task import ConfigurableMessagesTask
-    from lmms_eval.utils import load_yaml_config
-
-    built = {}
-    for name in TASKS:
-        config = load_yaml_config(str(Path(include_path) / f"{name}.yaml"), mode="full")
-        task = ConfigurableMessagesTask(config=config, model_name="quant_blip2")
-        task.build_all_requests(limit=None, rank=0, world_size=1)
-        built[name] = task
-    return built
+    return build_tasks(include_path, TASKS, "quant_blip2", None)
 
 
 def requests_of(tasks):
-    return [instance for task in tasks.values() for instance in task.instances]
+    return all_requests(tasks)
 
 
 def load(model_id, tasks, batch_size=4, **model_args):

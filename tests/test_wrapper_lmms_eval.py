@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmms_eval_requests import build_tasks, all_requests
+
 TASKS = ("vqav2_val_local", "gqa_local")
 DOCS_PER_TASK = 2
 CPU = "device=cpu,device_map=cpu"
@@ -19,20 +21,7 @@ CPU = "device=cpu,device_map=cpu"
 
 @pytest.fixture(scope="module")
 def tasks(include_path):
-    from lmms_eval.api.task import ConfigurableMessagesTask
-    from lmms_eval.utils import load_yaml_config
-
-    built = {}
-    for name in TASKS:
-        task = ConfigurableMessagesTask(config=load_yaml_config(str(Path(include_path) / f"{name}.yaml"), mode="full"),
-                                        model_name="quant")
-        task.build_all_requests(limit=DOCS_PER_TASK, rank=0, world_size=1)
-        built[name] = task
-    return built
-
-
-def all_requests(tasks):
-    return [instance for task in tasks.values() for instance in task.instances]
+    return build_tasks(include_path, TASKS, "quant", DOCS_PER_TASK)
 
 
 def build(arg_string, tasks=None):

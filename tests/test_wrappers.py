@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmms_eval_requests import build_tasks, all_requests, load_wrapper
+
 TASKS = ("coco2017_cap_val_local", "flickr30k_test_local", "vqav2_val_local", "gqa_local")
 DOCS_PER_TASK = 4  # COCO and Flickr30k share generation settings: 8 requests, batches of 3 mix them
 
@@ -19,33 +21,11 @@ DOCS_PER_TASK = 4  # COCO and Flickr30k share generation settings: 8 requests, b
 @pytest.fixture(scope="module")
 def tasks(include_path):
     """lmms-eval chat task objects on local data, their requests built as the evaluator builds them."""
-    from lmms_eval.api.task import ConfigurableMessagesTask
-    from lmms_eval.utils import load_yaml_config
-
-    built = {}
-    for name in TASKS:
-        config = load_yaml_config(str(Path(include_path) / f"{name}.yaml"), mode="full")
-        task = ConfigurableMessagesTask(config=config, model_name="quant_blip2")
-        task.build_all_requests(limit=DOCS_PER_TASK, rank=0, world_size=1)
-        built[name] = task
-    return built
-
-
-def all_requests(tasks):
-    return [instance for task in tasks.values() for instance in task.instances]
+    return build_tasks(include_path, TASKS, "quant_blip2", DOCS_PER_TASK)
 
 
 def load(model_id, checkpoint, tasks=None, batch_size=1, **model_args):
-    from lmms_eval.models import get_model
-
-    arg_string = ",".join([f"pretrained={checkpoint}", "dtype=float32", *(f"{k}={v}" for k, v in model_args.items())])
-    # What lmms-eval's simple_evaluate passes; --batch_size arrives as a string.
-    lm = get_model(model_id).create_from_arg_string(
-        arg_string, {"batch_size": str(batch_size), "max_batch_size": None, "device": None}
-    )
-    for name, task in (tasks or {}).items():
-        lm.task_dict[name] = task.dataset
-    return lm
+    return load_wrapper(model_id, checkpoint, tasks, batch_size, **model_args)
 
 
 def with_gen_kwargs(instance, **changes):
