@@ -1,13 +1,44 @@
 """GPTQ's fast column loop (fixed buffers, CUDA graphs) gives the same integer codes as the plain loop.
 
 ``reference_quantize_layer`` is the kernel-by-kernel loop as it stood before the performance work
-(commit e2102ee), kept here verbatim as the specification of the codes."""
+(commit e2102ee), the specification of the codes. Its grid parameters are written out here from the
+formulas, independently of `QuantGrid`: updated (issue 13) to the fixed formulas, so the codes it
+pins changed on purpose: a symmetric grid uses all 2^b codes (s = 2 max|w| / (2^b - 1), z = 2^(b-1)),
+and a narrow last group's static range comes from its own columns."""
+
+import math
 
 import pytest
 import torch
 
 from lmms_quant.quant import gptq
 from lmms_quant.quant.quantizer import QuantGrid
+
+
+def _params(xmin, xmax, bits, sym):
+    maxq = 2**bits - 1
+    if sym:
+        scale = 2 * torch.maximum(xmin.abs(), xmax.abs()) / maxq
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        xmin, xmax = torch.clamp(xmin, max=0), torch.clamp(xmax, min=0)
+        scale = (xmax - xmin) / maxq
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
+    return torch.where(scale > 0, scale, torch.ones_like(scale)), zero
+
+
+def _static_params(W, grid):
+    """Min-max parameters per cell of the original weight; each group from its own columns."""
+    if grid.granularity == "tensor":
+        return _params(W.min().reshape(1, 1), W.max().reshape(1, 1), grid.bits, grid.sym)
+    if grid.granularity == "channel":
+        return _params(W.amin(dim=1, keepdim=True), W.amax(dim=1, keepdim=True), grid.bits, grid.sym)
+    g = grid.group_size
+    groups = [W[:, k:k + g] for k in range(0, W.shape[1], g)]
+    xmin = torch.stack([c.amin(dim=1) for c in groups], dim=1)
+    xmax = torch.stack([c.amax(dim=1) for c in groups], dim=1)
+    return _params(xmin, xmax, grid.bits, grid.sym)
 
 
 def reference_quantize_layer(weight, hessian, grid, *, damp=0.01, block_size=128, act_order=False):
@@ -17,13 +48,14 @@ def reference_quantize_layer(weight, hessian, grid, *, damp=0.01, block_size=128
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     static = grid.granularity != "group" or act_order
-    n_param_rows, n_groups = grid.param_shape(rows, columns)
+    n_param_rows = 1 if grid.granularity == "tensor" else rows
+    n_groups = math.ceil(columns / grid.group_size) if grid.granularity == "group" else 1
     if static:
-        scale, zero = grid.fit(W)
+        scale, zero = _static_params(W, grid)
     else:
         scale = torch.zeros(n_param_rows, n_groups, device=W.device)
         zero = torch.zeros(n_param_rows, n_groups, device=W.device)
-    column_group = grid.column_group(columns).tolist()
+    column_group = [j // grid.group_size if grid.granularity == "group" else 0 for j in range(columns)]
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -35,7 +67,7 @@ def reference_quantize_layer(weight, hessian, grid, *, damp=0.01, block_size=128
     WT = W.T.contiguous()
     scaleT, zeroT = scale.T.contiguous(), zero.T.contiguous()
     deqT, codesT = torch.empty_like(WT), torch.empty_like(WT)
-    g, maxq = grid.group_size, grid.maxq
+    g, maxq = grid.group_size, 2**grid.bits - 1
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         W1 = WT[i1:i2].clone()
@@ -50,7 +82,7 @@ def reference_quantize_layer(weight, hessian, grid, *, damp=0.01, block_size=128
                 if end > i2:
                     tail = WT[i2:end] - U[i1:col, i2:end].T @ Err1[:i]
                     current = torch.cat([current, tail], dim=0)
-                s, z = grid.params_from_range(current.amin(dim=0), current.amax(dim=0))
+                s, z = _params(current.amin(dim=0), current.amax(dim=0), grid.bits, grid.sym)
                 scaleT[column_group[col]], zeroT[column_group[col]] = s, z
             group = column_group[col]
             s, z = scaleT[group], zeroT[group]
@@ -85,6 +117,10 @@ CASES = [
     (32, 130, QuantGrid(bits=8, sym=True, granularity="tensor"), 64, False),
     (32, 256, QuantGrid(bits=4, sym=False, granularity="group", group_size=32), 64, True),
     (32, 256, QuantGrid(bits=3, sym=False, granularity="channel"), 128, True),
+    # static groups with a narrow last group (200 = 6 x 32 + 8), and symmetric static grids.
+    (32, 200, QuantGrid(bits=4, sym=False, granularity="group", group_size=32), 64, True),
+    (32, 200, QuantGrid(bits=3, sym=True, granularity="group", group_size=32), 64, True),
+    (32, 192, QuantGrid(bits=4, sym=True, granularity="channel"), 64, False),
 ]
 
 

@@ -55,9 +55,55 @@ def test_rtn_hand_example():
     assert torch.allclose(q.scale[:, 0], torch.tensor([1.0, 0.3]))
     assert q.zero[:, 0].tolist() == [1, 0]
     assert torch.allclose(q.weight, w)
-    # Symmetric 3 bits: s = max|w| / 3; 0.5 rounds to level 0.5*3/2 = 0.75 -> 1 -> 0.667.
-    sym = quantize_rtn(torch.tensor([[0.5, -2.0]]), QuantGrid(bits=3, sym=True, granularity="tensor"))
-    assert torch.allclose(sym.weight, torch.tensor([[2 / 3, -2.0]]))
+    # Symmetric 3 bits: s = 2 max|w| / 7 = 4/7; 0.5 -> 0.875 -> level 1 -> 4/7; 1.0 -> 1.75 -> 2 -> 8/7.
+    # -2.0 is -3.5 levels: half-way between the two lowest levels (a tie, either is nearest).
+    sym = quantize_rtn(torch.tensor([[0.5, 1.0, -2.0]]), QuantGrid(bits=3, sym=True, granularity="tensor"))
+    assert torch.allclose(sym.scale, torch.tensor([[4 / 7]]))
+    assert torch.allclose(sym.weight[0, :2], torch.tensor([4 / 7, 8 / 7]))
+    assert min(abs(float(sym.weight[0, 2]) - v) for v in (-16 / 7, -12 / 7)) < 1e-6
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_grid_uses_all_2_to_the_bits_levels_like_compressed_tensors(bits):
+    # compressed-tensors' calculate_qparams (symmetric int): scale = max|w| / ((q_max - q_min) / 2) with
+    # q_min = -2^(b-1), q_max = 2^(b-1) - 1, zero-point 0; signed codes clamp(round(w / scale), q_min, q_max).
+    w = torch.linspace(-1.0, 1.0, 4001).reshape(1, -1) * 0.3
+    grid = QuantGrid(bits=bits, sym=True, granularity="channel")
+    q = quantize_rtn(w, grid)
+    q_min, q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    ct_scale = w.abs().amax() / ((q_max - q_min) / 2)
+    assert torch.allclose(q.scale, ct_scale.reshape(1, 1))
+    signed = torch.clamp(torch.round(w / q.scale), q_min, q_max)
+    assert torch.equal(q.codes.float() - 2 ** (bits - 1), signed)
+    assert torch.equal(q.weight, signed * q.scale)
+    assert int(q.codes.max()) <= 2**bits - 1
+    assert len(torch.unique(q.codes)) == 2**bits == q.max_levels()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_symmetric_error_is_below_the_old_2_to_the_bits_minus_1_level_grid(bits):
+    w = weight()
+    grid = QuantGrid(bits=bits, sym=True, granularity="group", group_size=32)
+    x = correlated_inputs()
+    cells = w.reshape(96, 4, 32)
+    old_scale = (cells.abs().amax(dim=2, keepdim=True) / (2 ** (bits - 1) - 1))
+    old = (torch.clamp(torch.round(cells / old_scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * old_scale).reshape(96, 128)
+    new = quantize_rtn(w, grid).weight
+    assert relative_output_error(x, w, new) < 0.97 * relative_output_error(x, w, old)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_a_narrow_last_group_takes_its_range_from_its_own_columns(sym):
+    # 100 columns in groups of 32: the last group holds columns 96..99 only. Column 0 (group 0) is
+    # large; the last group's values are small: its scale must not see column 0.
+    w = torch.randn(256, 100, generator=torch.Generator().manual_seed(0)) * 0.01
+    w[:, 0] = 1.0
+    grid = QuantGrid(bits=4, sym=sym, granularity="group", group_size=32)
+    q = quantize_rtn(w, grid)
+    tail = w[:, 96:]
+    expected = QuantGrid(bits=4, sym=sym, granularity="channel").fit(tail)[0]
+    assert torch.allclose(q.scale[:, -1:], expected)
+    assert float((q.weight[:, 96:] - tail).abs().max()) <= float(expected.max()) / 2 + 1e-7
 
 
 def test_rtn_per_tensor_is_the_papers_uniform_min_max():
