@@ -229,3 +229,90 @@ def test_awq_folds_into_layernorm_rmsnorm_and_linear_rows_are_exact():
     after = forward()
     for b, a in zip(before, after):
         assert torch.allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+class _Attention(nn.Module):
+    """A small multi-head attention whose output mixes q, k and v non-linearly (softmax)."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, h, bias=None):
+        b, t, d = h.shape
+        split = lambda y: y.view(b, t, self.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        scores = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5 + bias
+        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class _PreNormAttentionBlock(nn.Module):
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.attn = _Attention(d, heads)
+
+    def forward(self, x, bias):
+        return x + self.attn(self.norm(x), bias=bias)
+
+
+def test_awq_picks_the_scale_by_the_attention_modules_output_not_the_linears_own_errors():
+    from lmms_quant.quant.archs import LinearSite, Target, Unit, UnitSite
+    from lmms_quant.quant.calibration import Batch, Calibrator
+
+    torch.manual_seed(1)
+    block = _PreNormAttentionBlock().eval()
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 2.0)
+        block.norm.weight[:3] *= 15  # outlier channels, where AWQ's scales matter
+        block.attn.q.weight.mul_(4), block.attn.k.weight.mul_(4)
+    grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=16)
+    names = ["attn.q", "attn.k", "attn.v"]
+    sites = [LinearSite(n, block.get_submodule(n), f"attn.{n[-1]}", "llm", None, None, None) for n in names]
+    fold = FoldSite("norm", block.norm, None, tuple(names))
+    unit = Unit(UnitSite("block", "llm", None, None, None, sites, [fold]), [Target(s, grid) for s in sites],
+                [fold], block)
+    batches = [Batch({"x": torch.randn(4, 12, 32)}, options={"bias": torch.randn(1, 4, 12, 12)}) for _ in range(4)]
+    original = {n: block.get_submodule(n).weight.detach().clone() for n in names}
+    with torch.no_grad():
+        normed = [block.norm(b.inputs["x"]) for b in batches]  # before the fold divides the norm
+        reference = [block.attn(h, bias=b.options["bias"]) for h, b in zip(normed, batches)]
+        stats = Calibrator(block, batches, [], seed=0, device="cpu", dtype=torch.float32).collect(
+            unit, inputs=True, calls=awq.module_calls(unit))
+        _, notes = awq.quantize_unit(unit, stats, awq.AWQConfig(clip=False))
+        assert all(torch.equal(block.get_submodule(n).weight, w) for n, w in original.items())
+
+        # The attention module's output error for every alpha of the grid, computed here directly.
+        a = torch.cat([h.reshape(-1, 32) for h in normed]).abs().mean(dim=0)
+        losses = []
+        for k in range(20):
+            s = a.pow(k / 20).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            for n in names:
+                block.get_submodule(n).weight.copy_(quantize_rtn(original[n] * s, grid).weight / s)
+            err = sum(float((block.attn(h, bias=b.options["bias"]) - r).square().sum())
+                      for h, b, r in zip(normed, batches, reference))
+            losses.append(err)
+        for n in names:
+            block.get_submodule(n).weight.copy_(original[n])
+    chosen = round(notes[0]["alpha"] * 20)
+    assert notes[0]["criterion"] == "parent_output" and notes[0]["parent"] == "attn"
+    assert chosen == min(range(20), key=losses.__getitem__)
+    assert losses[chosen] <= losses[0]  # never worse than plain RTN on the block output
+    # The Linears' own errors prefer another scale here, a worse one for the attention output.
+    x = stats["attn.q"].inputs
+    _, own_alpha, _, _ = awq.search_scale(x, list(original.values()), [None] * 3, [grid] * 3, 20)
+    assert losses[round(own_alpha * 20)] > 1.1 * losses[chosen]
+
+
+def test_awq_clip_search_draws_its_rows_from_every_calibration_batch():
+    # Inputs in batch order: the first batches carry no signal. A search that reads only the first
+    # rows sees no error anywhere and keeps the full range; one that spreads over all rows clips.
+    x = correlated_inputs(n_tokens=8192)
+    x[:6144] = 0.0
+    w = weight()
+    w[0, 0] = 1.0
+    grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=32)
+    assert float(awq.clip_search(w, x, grid).min()) < 1.0
+    assert awq.spread_rows(x, 2048).shape[0] == 2048

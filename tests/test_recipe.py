@@ -60,7 +60,7 @@ def test_equal_plans_spelled_differently_have_one_digest():
 def test_different_plans_have_different_digests():
     base = {"method": "gptq", "bits": 4}
     digests = {Recipe.parse({**base, **change}).digest() for change in (
-        {}, {"bits": 3}, {"group_size": 64}, {"sym": True}, {"act_order": True}, {"component": "vit"},
+        {}, {"bits": 3}, {"group_size": 64}, {"sym": True}, {"act_order": False}, {"component": "vit"},
         {"layer_type": "attn"}, {"calib_n": 64}, {"seed": 1}, {"damp": 0.02})}
     assert len(digests) == 10
 

@@ -124,7 +124,8 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
         with torch.no_grad():
             for unit in units:
                 bar.set_postfix_str(unit.name, refresh=False)
-                stats = calibrator.collect(unit, hessian=method.NEEDS_HESSIAN, inputs=method.NEEDS_INPUTS)
+                calls = method.module_calls(unit) if hasattr(method, "module_calls") else ()
+                stats = calibrator.collect(unit, hessian=method.NEEDS_HESSIAN, inputs=method.NEEDS_INPUTS, calls=calls)
                 if needs_calibration:
                     unit = _drop_layers_without_data(unit, stats, skipped)
                     if not unit.targets:

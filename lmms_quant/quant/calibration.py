@@ -228,6 +228,58 @@ class _UnitDone(Exception):
     """Raised from a hook to stop a forward once the unit being calibrated has run."""
 
 
+@dataclass
+class ModuleCall:
+    """One recorded call of a module on a calibration batch, to be replayed (AWQ's block-output search):
+    its positional and keyword arguments (tensors as they were passed) and the batch's token masks."""
+
+    args: tuple
+    kwargs: dict
+    masks: dict
+    versions: dict = field(default_factory=dict)  # keyword tensor -> its version counter when recorded
+
+    def replay(self, module):
+        """``module``'s output on this call: the first tensor of what it returns."""
+        for key, version in self.versions.items():
+            if self.kwargs[key]._version != version:
+                raise RuntimeError(f"recorded call argument {key!r} was modified in place after the call; it "
+                                   f"cannot be replayed")
+        return _first_tensor(module(*self.args, **self.kwargs))
+
+    @classmethod
+    def record(cls, args, kwargs, masks) -> "ModuleCall":
+        # Positional inputs are cloned (the caller may update them in place after the call); keyword
+        # tensors (masks, position embeddings, shared across blocks) are kept and checked unchanged.
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+        return cls(args, kwargs, masks, {k: v._version for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+
+
+def _is_cache(value) -> bool:
+    # A key/value cache object would be extended by a replay; calibration runs without one.
+    return type(value).__name__.endswith("Cache") and not isinstance(value, torch.Tensor)
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise TypeError(f"a module output of type {type(output).__name__} has no leading tensor")
+
+
+class UnitStats(dict):
+    """Linear name -> `LayerStats` for one unit, plus ``calls``: module name -> its recorded calibration
+    calls (`ModuleCall`), for the modules a method asked to replay."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: dict[str, list[ModuleCall]] = {}
+        self.call_modules: dict[str, torch.nn.Module] = {}
+
+
 class LayerStats:
     """What the calibration passes saw at one Linear's input.
 
@@ -239,6 +291,7 @@ class LayerStats:
         self.in_features = in_features
         self.want_hessian, self.want_inputs = hessian, inputs
         self.hessian: torch.Tensor | None = None
+        self.abs_sum: torch.Tensor | None = None  # sum of |x| over calibration tokens (with inputs)
         self.n_calib = 0
         self._inputs: list[torch.Tensor] = []
         self._holdout: list[torch.Tensor] = []
@@ -262,12 +315,19 @@ class LayerStats:
                 self.hessian.addmm_(x.T, x)
             if self.want_inputs:
                 self._inputs.append(self._subsample(x, self.rows_per_batch))
+                total = x.abs().sum(dim=0)
+                self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
         else:
             self._holdout.append(self._subsample(x, self.holdout_rows_per_batch))
 
     @property
     def inputs(self) -> torch.Tensor | None:
         return torch.cat(self._inputs) if self._inputs else None
+
+    @property
+    def abs_mean(self) -> torch.Tensor | None:
+        """mean |x| per input channel over every calibration token (AWQ's activation statistic)."""
+        return None if self.abs_sum is None else self.abs_sum / max(1, self.n_calib)
 
     @property
     def holdout(self) -> torch.Tensor | None:
@@ -311,18 +371,29 @@ class Calibrator:
         self.progress = progress
         self.cache = _OutputCache(int(os.environ.get("LMMS_QUANT_CALIB_CACHE_MB", "1024")) * 2**20)
 
-    def collect(self, unit: Unit, *, hessian: bool = False, inputs: bool = False) -> dict[str, LayerStats]:
-        need_calib = hessian or inputs
+    def collect(self, unit: Unit, *, hessian: bool = False, inputs: bool = False,
+                calls: Sequence[str] = ()) -> UnitStats:
+        """Statistics of the unit's Linears over the calibration (when ``hessian`` or ``inputs``) and
+        held-out batches; ``calls``: modules whose calibration calls are recorded for replay."""
+        need_calib = hessian or inputs or bool(calls)
         rows = math.ceil(self.MAX_INPUT_ROWS / max(1, len(self.calib_batches)))
         holdout_rows = math.ceil(self.MAX_HOLDOUT_ROWS / max(1, len(self.holdout_batches)))
-        stats = {
+        stats = UnitStats({
             t.name: LayerStats(t.module.in_features, hessian=hessian, inputs=inputs, rows_per_batch=rows,
                                holdout_rows_per_batch=holdout_rows, seed=self.seed ^ zlib.crc32(t.name.encode()))
             for t in unit.targets
-        }
+        })
+        stats.calls = {name: [] for name in calls}
+        stats.call_modules = {name: self.model.get_submodule(name) for name in calls}
         names = set(stats)
         state = {"phase": "calib", "batch": None, "fired": set()}
         handles = []
+
+        def call_hook(name):
+            def hook(module, args, kwargs):
+                if state["phase"] == "calib":
+                    stats.calls[name].append(ModuleCall.record(args, kwargs, state["batch"].masks))
+            return hook
 
         def pre_hook(name, mask_key):
             def hook(module, args, kwargs):
@@ -340,6 +411,8 @@ class Calibrator:
         try:
             for t in unit.targets:
                 handles.append(t.module.register_forward_pre_hook(pre_hook(t.name, t.site.token_mask), with_kwargs=True))
+            for name, module in stats.call_modules.items():
+                handles.append(module.register_forward_pre_hook(call_hook(name), with_kwargs=True))
             handles.append(unit.exit_module.register_forward_hook(exit_hook))
             passes = ([("calib", b) for b in self.calib_batches] if need_calib else []) + [
                 ("holdout", b) for b in self.holdout_batches]
