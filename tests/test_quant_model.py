@@ -265,7 +265,7 @@ def test_calibration_from_a_local_parquet_file(tiny_checkpoints, data_root):
     _, report, changed = run(tiny_checkpoints["llava"], "llava", method="gptq", component="llm", calib=str(vqa),
                              calib_n=4, evaluated=[(str(data_root / "coco2017_cap_val"), None, "val")])
     assert report.calibration["source"] == str(vqa) and len(report.tensors) == 14
-    with pytest.raises(RecipeError, match="rows"):
+    with pytest.raises(RecipeError, match="samples but"):
         run(tiny_checkpoints["llava"], "llava", method="gptq", calib=str(vqa), calib_n=10_000)
 
 
@@ -282,4 +282,16 @@ def test_report_json_is_complete_and_written_atomically(quantized, tmp_path):
     for key in ("name", "component", "block", "role", "method", "bits", "group_size", "max_levels", "weight_error",
                 "output_error", "output_error_calib", "rtn_output_error_calib"):
         assert key in tensor
-    assert data["total"]["bits_per_weight"] < 32 and data["calibration"]["holdout_samples"] == 2
+    assert data["total"]["bits_per_weight"] < 32 and data["calibration"]["holdout_samples"] == 8
+
+
+def test_report_holdout_sets_the_held_out_samples_and_zero_runs_no_held_out_pass(tiny_checkpoints):
+    model, processor = load(tiny_checkpoints["blip2_opt"], "blip2_opt")
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    report = quantize(model, processor, Recipe.parse({"method": "rtn", "report_holdout": 0, **FAST}), progress=False)
+    assert calls == [] and report.calibration["holdout_samples"] == 0  # RTN needs no data, and none was asked
+    assert len(report.tensors) == 41 and all(t.output_error is None for t in report.tensors)
+    _, three, _ = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method="rtn", report_holdout=3)
+    assert three.calibration["holdout_samples"] == 3 and all(t.output_error is not None for t in three.tensors)
+    assert three.plan["report_holdout"] == "3"

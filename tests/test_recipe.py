@@ -136,6 +136,10 @@ BAD_PLANS = [
     ({"method": "rtn", "calib_n": 0}, "calib_n"),
     ({"method": "rtn", "calib_batch_size": -4}, "calib_batch_size"),
     ({"method": "rtn", "seed": -1}, "seed"),
+    ({"method": "gptq", "calib_style": "prose"}, "calib_style"),
+    ({"method": "gptq", "calib_style": "raw"}, "calib_style"),  # raw text reaches no vision component
+    ({"method": "rtn", "report_holdout": -1}, "report_holdout"),
+    ({"method": "rtn", "report_holdout": "some"}, "report_holdout"),
 ]
 
 
@@ -163,8 +167,8 @@ def test_other_valid_keys_are_accepted_and_ignored():
 
 
 def test_calibration_sources(tmp_path):
-    local = tmp_path / "calib.parquet"
-    local.write_bytes(b"")
+    local = tmp_path / "calib.jsonl"
+    local.write_text('{"image": "a.png", "text": "a caption"}\n')
     assert Recipe.parse({"method": "rtn", "calib": str(local)}).calib.source == CalibSource("local", str(local))
     hf = Recipe.parse({"method": "rtn", "calib": "hf:lmms-lab/COCO-Caption2017:val"})
     assert hf.calib.source == CalibSource("hf", "lmms-lab/COCO-Caption2017", None, "val")

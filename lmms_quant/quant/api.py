@@ -26,11 +26,6 @@ class QuantizationError(RuntimeError):
     """Quantization could not do what the recipe asked (e.g. no targeted layer received data)."""
 
 
-def holdout_count(calib_n: int) -> int:
-    """Held-out calibration samples drawn beside ``calib_n``: a quarter, between 1 and 32."""
-    return max(1, min(32, calib_n // 4))
-
-
 def _environment(device) -> dict:
     import transformers
 
@@ -101,11 +96,16 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
     needs_calibration = method.NEEDS_HESSIAN or method.NEEDS_INPUTS
 
     calib = recipe.calib
-    n_holdout = holdout_count(calib.n)
+    n_holdout = calib.report_holdout
     samples = load_samples(calib.source, calib.n + n_holdout, calib.seed)
+    text_only = calib.text_only or any(s.image is None for s in samples)
+    if text_only and not calib.text_only:  # a hub split is known to be text only once loaded
+        calib = dataclasses.replace(calib, source=dataclasses.replace(calib.source, modality="text"))
+    calib.check_components({u.site.component for u in units})
     style = arch.family.prompt_style
-    calib_batches = make_batches(processor, style, samples[:calib.n], calib.batch_size) if needs_calibration else []
-    holdout_batches = make_batches(processor, style, samples[calib.n:], calib.batch_size)
+    calib_batches = (make_batches(processor, style, samples[:calib.n], calib.batch_size, calib.style)
+                     if needs_calibration else [])
+    holdout_batches = make_batches(processor, style, samples[calib.n:], calib.batch_size, calib.style)
 
     from tqdm.auto import tqdm
 
@@ -166,7 +166,7 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
     sizes = account(model, arch.component_of, grids)
     calibration = {"source": calib.source.spec, "samples": calib.n, "holdout_samples": n_holdout,
                    "batch_size": calib.batch_size, "seed": calib.seed, "prompt_style": style,
-                   "used_for_quantization": needs_calibration}
+                   "calib_style": calib.style, "text_only": text_only, "used_for_quantization": needs_calibration}
     notes = [f"AWQ fold not applied: {d}" for u in units for d in u.site.dropped_folds] if recipe.method == "awq" else []
     report = QuantReport(plan=recipe.to_model_args(), digest=recipe.digest(), model=_model_info(model, arch),
                          calibration=calibration, tensors=records, sizes=sizes, skipped=skipped, folds=folds,
@@ -190,4 +190,4 @@ def _drop_layers_without_data(unit: Unit, stats, skipped: list[dict]) -> Unit:
     return dataclasses.replace(unit, targets=kept, folds=[f for f in unit.folds if all(n in names for n in f.linears)])
 
 
-__all__ = ["QuantizationError", "holdout_count", "quantize", "run_quantization"]
+__all__ = ["QuantizationError", "quantize", "run_quantization"]

@@ -1,24 +1,19 @@
-"""Calibration: real image+text batches through the real model, layer inputs captured per unit.
+"""Calibration capture: layer inputs of each unit while the real model runs on calibration batches.
 
-- Sources: ``synthetic`` (lmms_quant.fixtures' seeded shapes world), ``hf:<path>[:<name>]:<split>``
-  (datasets.load_dataset, which also reads local dataset dirs), or a local parquet/json/csv file or
-  ``save_to_disk`` directory. A source equal to a dataset being evaluated is refused.
-- Batches are made by the model's own processor, with the prompt format of its family (BLIP-2
-  "Question: … Answer: …" or a bare caption; T5 gets the answer as decoder labels; LLaVA its chat
-  template; the retrieval model is run with its image-text matching head).
-- `Calibrator.collect(unit)` runs the whole model on every batch with forward pre-hooks on the unit's
-  Linears, and stops each forward (an exception from a hook) as soon as the unit has run. Because
-  earlier units are already quantized when a later one is collected, every unit sees the outputs of
-  the quantized units before it, in any architecture, without re-implementing block call signatures.
-  Padding tokens are dropped where the table names the mask that marks them.
+`Calibrator.collect(unit)` runs the whole model on every batch (`calib_data.Batch`) with forward
+pre-hooks on the unit's Linears, and stops each forward (an exception from a hook) as soon as the
+unit has run. Because earlier units are already quantized when a later one is collected, every unit
+sees the outputs of the quantized units before it, in any architecture, without re-implementing
+block call signatures. Padding tokens are dropped where the table names the mask that marks them.
+Finished components' outputs are reused (`_OutputCache`).
+
+The data side (sources, samples, prompt styles, batches) is `calib_data`; its names are re-exported.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import random
-import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,200 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .archs import Unit
-from .recipe import CalibSource, RecipeError
-
-CAPTION_INSTRUCTION = "Provide a one-sentence caption for the provided image."
-_QA = re.compile(r"^\s*Question:\s*(?P<q>.*?)\s*Answer:\s*(?P<a>.*?)\s*$", re.S)
-_TEXT_COLUMNS = ("text", "caption", "captions", "sentences", "sentence")
-_ANSWER_COLUMNS = ("answer", "multiple_choice_answer", "answers", "label")
-
-
-@dataclass
-class CalibSample:
-    image: object  # PIL.Image.Image
-    prompt: str | None  # a question; None for a caption sample
-    response: str
-
-
-def sample_from_text(image, text: str) -> CalibSample:
-    match = _QA.match(text)
-    if match:
-        return CalibSample(image, match.group("q"), match.group("a"))
-    return CalibSample(image, None, text.strip())
-
-
-# --------------------------------------------------------------------------- sources
-
-
-def _same_path(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.realpath(a) == os.path.realpath(b)
-    return a.rstrip("/") == b.rstrip("/")
-
-
-def check_not_evaluated(source: CalibSource, evaluated_datasets: Sequence) -> None:
-    """Refuse a calibration source that is one of the evaluated (dataset_path, dataset_name, split)."""
-    calib = source.spec
-    if source.kind == "synthetic":
-        return
-    for entry in evaluated_datasets or ():
-        path, name, split = (list(entry) + [None, None, None])[:3]
-        if path is None:
-            continue
-        path = str(path)
-        clash = False
-        if source.kind == "hf":
-            clash = (_same_path(source.path, path) and (source.name or None) == (name or None)
-                     and source.split == split)
-        else:
-            local = source.path
-            inside = (os.path.isdir(path)
-                      and os.path.realpath(local).startswith(os.path.realpath(path) + os.sep)
-                      and split is not None and split in os.path.relpath(local, path).replace(os.sep, "/"))
-            clash = _same_path(local, path) or inside
-        if clash:
-            raise RecipeError(
-                f"calib={calib!r} is invalid: it is the evaluated split ({path}, {name}, {split}); calibrating "
-                f"on test data inflates scores; valid: a disjoint split or dataset, or synthetic")
-
-
-def _load_rows(source: CalibSource):
-    import datasets
-
-    if source.kind == "hf":
-        return datasets.load_dataset(source.path, source.name, split=source.split)
-    path = source.path
-    if os.path.isdir(path):
-        loaded = datasets.load_from_disk(path)
-        if isinstance(loaded, datasets.DatasetDict):
-            raise RecipeError(f"calib={path!r} is invalid: it holds several splits {list(loaded)}; "
-                            f"valid: hf:{path}:<split>")
-        return loaded
-    ext = os.path.splitext(path)[1].lower().lstrip(".")
-    builder = {"parquet": "parquet", "json": "json", "jsonl": "json", "csv": "csv"}.get(ext)
-    if builder is None:
-        raise RecipeError(f"calib={path!r} is invalid: unknown file type .{ext}; valid: .parquet, .json, .jsonl, .csv")
-    return datasets.load_dataset(builder, data_files=path, split="train")
-
-
-def _first_text(value) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        for key in ("answer", "raw", "text", "caption"):
-            if isinstance(value.get(key), str):
-                return value[key]
-    if isinstance(value, (list, tuple)) and value:
-        return _first_text(value[0])
-    return None
-
-
-def _row_sample(row: dict, image_column: str) -> CalibSample:
-    image = row[image_column]
-    if isinstance(image, dict) and image.get("bytes") is not None:
-        import io
-
-        from PIL import Image
-
-        image = Image.open(io.BytesIO(image["bytes"]))
-    image = image.convert("RGB")
-    for col in _TEXT_COLUMNS:
-        text = _first_text(row.get(col))
-        if text:
-            return sample_from_text(image, text)
-    question = row.get("question")
-    for col in _ANSWER_COLUMNS:
-        answer = _first_text(row.get(col))
-        if answer:
-            return CalibSample(image, question if isinstance(question, str) and question else None, answer)
-    raise RecipeError(f"calibration rows have no text column; valid: one of {_TEXT_COLUMNS + _ANSWER_COLUMNS}")
-
-
-def load_samples(source: CalibSource, n: int, seed: int) -> list[CalibSample]:
-    """``n`` calibration samples, the same for the same (source, n, seed)."""
-    calib = source.spec
-    if source.kind == "synthetic":
-        from lmms_quant.fixtures.datasets import calibration_samples
-
-        return [sample_from_text(s["image"], s["text"]) for s in calibration_samples(n, seed)]
-    rows = _load_rows(source)
-    if len(rows) < n:
-        raise RecipeError(f"calib={calib!r} is invalid: it has {len(rows)} rows but {n} are needed "
-                        f"(calib_n plus held-out samples); valid: a larger source or a smaller calib_n")
-    image_columns = [c for c, f in rows.features.items() if type(f).__name__ == "Image"] or (
-        ["image"] if "image" in rows.column_names else [])
-    if not image_columns:
-        raise RecipeError(f"calib={calib!r} is invalid: no image column in {rows.column_names}; valid: a dataset "
-                        f"with an image column")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    return [_row_sample(rows[i], image_columns[0]) for i in order[:n]]
-
-
-# --------------------------------------------------------------------------- batches
-
-
-@dataclass
-class Batch:
-    inputs: dict  # tensors for model(**inputs)
-    masks: dict = field(default_factory=dict)  # mask key -> bool (batch, seq): real tokens
-    options: dict = field(default_factory=dict)  # non-tensor model kwargs
-
-    def to(self, device, dtype) -> dict:
-        moved = {}
-        for key, value in self.inputs.items():
-            if torch.is_floating_point(value):
-                value = value.to(device=device, dtype=dtype)
-            else:
-                value = value.to(device)
-            moved[key] = value
-        return {**moved, **self.options}
-
-
-def _chat_prompt(processor, question: str) -> str:
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    return f"USER: <image>\n{question} ASSISTANT:"
-
-
-def _encode(processor, images, texts) -> dict:
-    encoded = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-
-
-def make_batch(processor, style: str, samples: Sequence[CalibSample]) -> Batch:
-    images = [s.image for s in samples]
-    if style == "blip2_causal":
-        texts = [f"Question: {s.prompt} Answer: {s.response}" if s.prompt else s.response for s in samples]
-        inputs = _encode(processor, images, texts)
-        return Batch(inputs, {"attention_mask": inputs["attention_mask"].bool()}, {"use_cache": False})
-    if style == "blip2_seq2seq":
-        texts = [f"Question: {s.prompt} Answer:" if s.prompt else "" for s in samples]
-        inputs = _encode(processor, images, texts)
-        targets = processor.tokenizer([s.response for s in samples], return_tensors="pt", padding=True,
-                                      padding_side="right")
-        labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, -100)
-        inputs["labels"] = labels
-        masks = {"attention_mask": inputs["attention_mask"].bool(), "decoder_mask": labels != -100}
-        return Batch(inputs, masks, {"use_cache": False})
-    if style == "blip2_itm":
-        texts = [f"{s.prompt} {s.response}" if s.prompt else s.response for s in samples]
-        return Batch(_encode(processor, images, texts), {}, {"use_image_text_matching_head": True})
-    if style in ("llava", "generic"):
-        if style == "llava" or getattr(processor, "chat_template", None):
-            texts = [f"{_chat_prompt(processor, s.prompt or CAPTION_INSTRUCTION)} {s.response}" for s in samples]
-        else:
-            texts = [f"{s.prompt} {s.response}" if s.prompt else s.response for s in samples]
-        inputs = _encode(processor, images, texts)
-        masks = {"attention_mask": inputs["attention_mask"].bool()} if "attention_mask" in inputs else {}
-        return Batch(inputs, masks, {"use_cache": False} if style == "llava" else {})
-    raise ValueError(f"prompt style: got {style!r}; valid: blip2_causal, blip2_seq2seq, blip2_itm, llava, generic")
-
-
-def make_batches(processor, style: str, samples: Sequence[CalibSample], batch_size: int) -> list[Batch]:
-    return [make_batch(processor, style, samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
-
+from .calib_data import (CAPTION_INSTRUCTION, Batch, CalibSample, check_not_evaluated, load_samples,  # noqa: F401
+                         make_batch, make_batches, sample_from_text)
 
 # --------------------------------------------------------------------------- capture
 
@@ -419,7 +222,7 @@ class Calibrator:
             for phase, batch in passes:
                 state.update(phase=phase, batch=batch, fired=set(), batch_id=id(batch))
                 try:
-                    self.model(**batch.to(self.device, self.dtype))
+                    batch.run(self.model, self.device, self.dtype)
                 except _UnitDone:
                     pass
                 if self.progress is not None:
