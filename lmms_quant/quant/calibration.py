@@ -174,11 +174,7 @@ class Calibrator:
         self.progress = progress
         self.cache = _OutputCache(int(os.environ.get("LMMS_QUANT_CALIB_CACHE_MB", "1024")) * 2**20)
 
-    def collect(self, unit: Unit, *, hessian: bool = False, inputs: bool = False,
-                calls: Sequence[str] = ()) -> UnitStats:
-        """Statistics of the unit's Linears over the calibration (when ``hessian`` or ``inputs``) and
-        held-out batches; ``calls``: modules whose calibration calls are recorded for replay."""
-        need_calib = hessian or inputs or bool(calls)
+    def new_stats(self, unit: Unit, *, hessian: bool, inputs: bool, calls: Sequence[str]) -> UnitStats:
         rows = math.ceil(self.MAX_INPUT_ROWS / max(1, len(self.calib_batches)))
         holdout_rows = math.ceil(self.MAX_HOLDOUT_ROWS / max(1, len(self.holdout_batches)))
         stats = UnitStats({
@@ -188,9 +184,13 @@ class Calibrator:
         })
         stats.calls = {name: [] for name in calls}
         stats.call_modules = {name: self.model.get_submodule(name) for name in calls}
+        return stats
+
+    @staticmethod
+    def install_hooks(unit: Unit, stats: UnitStats, state: dict) -> list:
+        """Hooks that feed ``stats`` while the unit runs (``state``: the phase and the batch being run),
+        and stop the forward (`_UnitDone`) once every Linear of the unit has seen its input."""
         names = set(stats)
-        state = {"phase": "calib", "batch": None, "fired": set()}
-        handles = []
 
         def call_hook(name):
             def hook(module, args, kwargs):
@@ -210,17 +210,36 @@ class Calibrator:
             if state["fired"] >= names:
                 raise _UnitDone
 
-        cached = self.cache.wrap(self.model, unit, state)
+        handles = []
         try:
             for t in unit.targets:
-                handles.append(t.module.register_forward_pre_hook(pre_hook(t.name, t.site.token_mask), with_kwargs=True))
+                handles.append(t.module.register_forward_pre_hook(pre_hook(t.name, t.site.token_mask),
+                                                                  with_kwargs=True))
             for name, module in stats.call_modules.items():
                 handles.append(module.register_forward_pre_hook(call_hook(name), with_kwargs=True))
             handles.append(unit.exit_module.register_forward_hook(exit_hook))
-            passes = ([("calib", b) for b in self.calib_batches] if need_calib else []) + [
-                ("holdout", b) for b in self.holdout_batches]
-            for phase, batch in passes:
-                state.update(phase=phase, batch=batch, fired=set(), batch_id=id(batch))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return handles
+
+    def passes(self, need_calib: bool) -> list[tuple[str, Batch]]:
+        return ([("calib", b) for b in self.calib_batches] if need_calib else []) + [
+            ("holdout", b) for b in self.holdout_batches]
+
+    def collect(self, unit: Unit, *, hessian: bool = False, inputs: bool = False,
+                calls: Sequence[str] = ()) -> UnitStats:
+        """Statistics of the unit's Linears over the calibration (when ``hessian`` or ``inputs``) and
+        held-out batches; ``calls``: modules whose calibration calls are recorded for replay."""
+        need_calib = hessian or inputs or bool(calls)
+        stats = self.new_stats(unit, hessian=hessian, inputs=inputs, calls=calls)
+        state = {"phase": "calib", "batch": None, "fired": set()}
+        cached = self.cache.wrap(self.model, unit, state)
+        handles = self.install_hooks(unit, stats, state)
+        try:
+            for phase, batch in self.passes(need_calib):
+                state.update(phase=phase, batch=batch, fired=set(), seen=[], batch_id=id(batch))
                 try:
                     batch.run(self.model, self.device, self.dtype)
                 except _UnitDone:
@@ -232,6 +251,9 @@ class Calibrator:
                 handle.remove()
             self.cache.unwrap(cached)
         return stats
+
+    def finished(self, unit: Unit) -> None:
+        """Called once the unit's quantized weights are in the model (nothing to do for this driver)."""
 
 
 # --------------------------------------------------------------------------- reuse of finished components
