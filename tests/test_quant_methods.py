@@ -316,3 +316,34 @@ def test_awq_clip_search_draws_its_rows_from_every_calibration_batch():
     grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=32)
     assert float(awq.clip_search(w, x, grid).min()) < 1.0
     assert awq.spread_rows(x, 2048).shape[0] == 2048
+
+
+@pytest.mark.parametrize("grid,act_order", [
+    (QuantGrid(bits=3, sym=False, granularity="group", group_size=32), False),
+    (QuantGrid(bits=4, sym=True, granularity="channel"), False),
+    (QuantGrid(bits=4, sym=False, granularity="group", group_size=48), True),
+], ids=str)
+def test_gptq_of_stacked_rows_gives_each_linear_its_own_codes(grid, act_order):
+    # q/k/v read one input, so one H: their rows stacked go through one Cholesky and one column loop.
+    x = correlated_inputs(outliers=4)
+    H = x.T @ x
+    weights = [weight(96, 128, seed=s) for s in (1, 2, 3)]
+    stacked = gptq.quantize_rows(torch.cat(weights), H, grid, act_order=act_order).qweight
+    for k, w in enumerate(weights):
+        alone = gptq.quantize_layer(w, H, grid, act_order=act_order)
+        rows = slice(96 * k, 96 * (k + 1))
+        assert torch.equal(stacked.codes[rows], alone.codes) and torch.equal(stacked.weight[rows], alone.weight)
+        assert torch.equal(stacked.scale[rows], alone.scale) and torch.equal(stacked.zero[rows], alone.zero)
+
+
+def test_gptqs_own_errors_give_the_hessian_error_without_another_product():
+    x, w = correlated_inputs(), weight()
+    x[:, 7] = 0.0  # a dead input: H_jj := 1 in the factorised matrix, not in the error
+    H = x.T @ x
+    grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=32)
+    done = gptq.quantize_rows(w, H, grid, act_order=True)
+    delta = (w - done.qweight.weight).double()
+    num = float(done.err_sq.sum() - done.lam * delta.square().sum() - delta[:, done.dead].square().sum())
+    den = float(((w @ H) * w).sum())
+    assert (num / den) ** 0.5 == pytest.approx(relative_hessian_error(H, w, done.qweight.weight), rel=1e-4)
+    assert (num / den) ** 0.5 == pytest.approx(relative_output_error(x, w, done.qweight.weight), rel=1e-3)

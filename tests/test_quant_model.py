@@ -295,3 +295,30 @@ def test_report_holdout_sets_the_held_out_samples_and_zero_runs_no_held_out_pass
     _, three, _ = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method="rtn", report_holdout=3)
     assert three.calibration["holdout_samples"] == 3 and all(t.output_error is not None for t in three.tensors)
     assert three.plan["report_holdout"] == "3"
+
+
+def test_linears_sharing_an_input_share_one_hessian_and_keep_their_codes(tiny_checkpoints, monkeypatch):
+    from lmms_quant.quant import gptq
+
+    _, stacked, _ = run(tiny_checkpoints["llava"], "llava", method="gptq", bits=3, group_size=32)
+    block = "model.language_model.layers.0"
+    q = stacked.tensor(f"{block}.self_attn.q_proj")
+    assert set(q.details["quantized_with"]) == {f"{block}.self_attn.k_proj", f"{block}.self_attn.v_proj"}
+    assert stacked.tensor(f"{block}.mlp.gate_proj").details["quantized_with"] == [f"{block}.mlp.up_proj"]
+    assert "quantized_with" not in stacked.tensor(f"{block}.mlp.down_proj").details
+    # One Linear at a time on the same Hessians: the same codes and the same calibration errors.
+    monkeypatch.setattr(gptq, "_stackable", lambda targets, stats: [[t] for t in targets])
+    _, alone, _ = run(tiny_checkpoints["llava"], "llava", method="gptq", bits=3, group_size=32)
+    for name, codes in alone.codes.items():
+        assert torch.equal(codes.codes, stacked.codes[name].codes), name
+    for a, b in zip(alone.tensors, stacked.tensors):
+        assert a.output_error_calib == pytest.approx(b.output_error_calib, rel=1e-6)
+
+
+def test_per_tensor_gptq_keeps_one_scale_per_linear_where_linears_share_an_input(tiny_checkpoints):
+    _, report, _ = run(tiny_checkpoints["llava"], "llava", method="gptq", bits=4, granularity="tensor",
+                       component="llm")
+    block = "model.language_model.layers.0.self_attn"
+    scales = [report.codes[f"{block}.{p}"].scale for p in ("q_proj", "k_proj", "v_proj")]
+    assert all(s.shape == (1, 1) for s in scales) and len({float(s) for s in scales}) == 3
+    assert all("quantized_with" not in t.details for t in report.tensors)

@@ -86,8 +86,9 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
 
     ``driver``: ``sequential`` (block inputs captured once per stack, each block run alone;
     `sequential`) or ``model`` (the model re-run up to every unit; `calibration.Calibrator`), both
-    giving the same statistics [``LMMS_QUANT_CALIB_DRIVER``, else sequential]. Timing seconds are
-    wall-clock; on CUDA they include only the work the host waited for."""
+    giving the same statistics [``LMMS_QUANT_CALIB_DRIVER``, else sequential]. ``report.timing``:
+    wall-clock seconds in calibration (forwards, capture) and in the method, which includes the
+    report's calibration statistics (``report_stats_s``)."""
     started = time.perf_counter()
     arch = resolve(model, family)
     environment = _environment(device or model.device)
@@ -134,7 +135,8 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
     folds: list[dict] = []
     codes = {}
     grids = {}
-    timing = {"calibration_s": 0.0, "method_s": 0.0}
+    # method_s includes report_stats_s: the report's calibration errors (RTN reference included)
+    timing = {"calibration_s": 0.0, "method_s": 0.0, "report_stats_s": 0.0}
 
     def quantize_unit(unit, stats) -> None:
         """The method on one unit; its weights written back and recorded."""
@@ -165,8 +167,16 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
                 details=result.info or {},
             ))
             grids[id(t.module.weight)] = t.grid
+            timing["report_stats_s"] += (result.info or {}).get("report_stats_s", 0.0)
             if keep_codes:
                 codes[t.name] = result.qweight.to_cpu()
+
+    on_cuda = any(p.is_cuda for p in model.parameters())
+
+    def clock() -> float:
+        if on_cuda:
+            torch.cuda.synchronize()  # attribute GPU time to the step that queued it (3 waits a unit)
+        return time.perf_counter()
 
     was_training = model.training
     model.eval()
@@ -175,14 +185,14 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
             for unit in units:
                 bar.set_postfix_str(unit.name, refresh=False)
                 calls = method.module_calls(unit) if hasattr(method, "module_calls") else ()
-                t0 = time.perf_counter()
+                t0 = clock()
                 stats = calibrator.collect(unit, hessian=method.NEEDS_HESSIAN, inputs=method.NEEDS_INPUTS, calls=calls)
-                t1 = time.perf_counter()
+                t1 = clock()
                 quantize_unit(unit, stats)
                 del stats
-                t2 = time.perf_counter()
+                t2 = clock()
                 calibrator.finished(unit)
-                timing["calibration_s"] += t1 - t0 + time.perf_counter() - t2
+                timing["calibration_s"] += t1 - t0 + clock() - t2
                 timing["method_s"] += t2 - t1
     finally:
         bar.close()

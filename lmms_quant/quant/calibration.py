@@ -74,13 +74,23 @@ def _first_tensor(output):
 
 
 class UnitStats(dict):
-    """Linear name -> `LayerStats` for one unit, plus ``calls``: module name -> its recorded calibration
-    calls (`ModuleCall`), for the modules a method asked to replay."""
+    """Linear name -> `LayerStats` for one unit (one object for Linears that read the same input tensor),
+    plus ``calls``: module name -> its recorded calibration calls (`ModuleCall`), for the modules a
+    method asked to replay."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.calls: dict[str, list[ModuleCall]] = {}
         self.call_modules: dict[str, torch.nn.Module] = {}
+        self.shared_with: dict[str, str] = {}  # Linear -> the Linear whose input (and LayerStats) it shares
+        self.decided: set[str] = set()
+
+    def groups(self, names) -> list[list[str]]:
+        """``names`` grouped by shared input, in order (a Linear alone is a group of one)."""
+        out: dict[str, list[str]] = {}
+        for name in names:
+            out.setdefault(self.shared_with.get(name, name), []).append(name)
+        return list(out.values())
 
 
 class LayerStats:
@@ -125,7 +135,9 @@ class LayerStats:
 
     @property
     def inputs(self) -> torch.Tensor | None:
-        return torch.cat(self._inputs) if self._inputs else None
+        if len(self._inputs) > 1:
+            self._inputs = [torch.cat(self._inputs)]  # once: Linears sharing this object read it too
+        return self._inputs[0] if self._inputs else None
 
     @property
     def abs_mean(self) -> torch.Tensor | None:
@@ -134,7 +146,9 @@ class LayerStats:
 
     @property
     def holdout(self) -> torch.Tensor | None:
-        return torch.cat(self._holdout) if self._holdout else None
+        if len(self._holdout) > 1:
+            self._holdout = [torch.cat(self._holdout)]
+        return self._holdout[0] if self._holdout else None
 
     def has_data(self) -> bool:
         if self.n_calib == 0:
@@ -201,9 +215,24 @@ class Calibrator:
         def pre_hook(name, mask_key):
             def hook(module, args, kwargs):
                 x = args[0] if args else kwargs["input"]
+                state["fired"].add(name)
+                # Linears called on the same tensor (q/k/v, gate/up, cross-attention k/v) share one
+                # LayerStats: one Hessian, one input sample. Decided on their first call, checked after.
+                seen = state.setdefault("seen", [])
+                leader = next((n for t, key, n in seen if t is x and key == mask_key), None)
+                if name not in stats.decided:
+                    stats.decided.add(name)
+                    if leader is not None and stats[leader].in_features == stats[name].in_features:
+                        stats[name] = stats[leader]
+                        stats.shared_with[name] = leader
+                if name in stats.shared_with:
+                    if leader != stats.shared_with[name]:
+                        raise RuntimeError(f"{name}: its input was {stats.shared_with[name]}'s on the first batch but "
+                                           f"not on a later one; the model's call graph changed between batches")
+                    return
+                seen.append((x, mask_key, name))
                 mask = state["batch"].masks.get(mask_key) if mask_key else None
                 stats[name].add(_tokens(x.detach(), mask, name), state["phase"])
-                state["fired"].add(name)
             return hook
 
         def exit_hook(module, args, output):

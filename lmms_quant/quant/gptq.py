@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from lmms_quant.values import bad, parse_bool, parse_float, parse_positive_int
 
 from .method import MethodConfig, RecipeError, option
-from .quantizer import (LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, relative_hessian_error)
+from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,31 @@ class HessianNotPositiveDefinite(RuntimeError):
 
 def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, *, damp: float = 0.01,
                    block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
+    return quantize_rows(weight, hessian, grid, damp=damp, block_size=block_size, act_order=act_order).qweight
+
+
+@dataclass
+class RowsResult:
+    """GPTQ of a (possibly stacked) weight: the quantized weight and what its error costs.
+
+    ``err_sq[r]`` = sum over columns of row r's scaled errors e_i^2: exactly tr(D H' D^T) for that row,
+    D = W - W_hat, H' = H + λI + (1 on dead inputs), the matrix GPTQ factorised (W - W_hat = E U)."""
+
+    qweight: QuantizedWeight
+    err_sq: torch.Tensor  # float64 (rows,)
+    lam: float
+    dead: torch.Tensor  # bool (columns,)
+
+
+def quantize_rows(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, *, damp: float = 0.01,
+                  block_size: int = 128, act_order: bool = False, overwrite_hessian: bool = False) -> RowsResult:
+    """GPTQ of ``weight`` given H. Rows are independent given H: stacking Linears that share an input
+    (q/k/v, gate/up) and quantizing them at once gives each its own codes, with one damped Cholesky.
+    ``overwrite_hessian``: damp ``hessian`` in place (saves a copy of in x in)."""
     W = weight.detach().float().clone()
     rows, columns = W.shape
-    H = hessian.detach().float().clone().to(W.device)
+    H = hessian.detach().float()
+    H = H if overwrite_hessian and H is hessian and H.device == W.device else H.clone().to(W.device)
     if not torch.any(H != 0):
         raise NoCalibrationData("the Hessian is zero: no calibration data reached this layer")
     dead = torch.diag(H) == 0
@@ -90,17 +113,24 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid,
         W, H = W[:, perm], H[perm][:, perm]
         column_group = [column_group[j] for j in perm.tolist()]
 
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    lam = damp * torch.mean(torch.diag(H))
+    H.diagonal().add_(lam)
     L, info = torch.linalg.cholesky_ex(H)
+    del H
     if int(info) != 0:
         raise HessianNotPositiveDefinite(f"the damped Hessian is not positive definite (damp={damp}); increase damp")
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    inverse_h = torch.cholesky_inverse(L)
+    del L
+    U = torch.linalg.cholesky(inverse_h, upper=True)
+    del inverse_h
 
     # Transposed: a weight column is a contiguous row here, and every per-column step below is an
     # in-place kernel on contiguous memory, with no host synchronisation.
     WT = W.T.contiguous()
+    del W
     scaleT, zeroT = scale.T.contiguous(), zero.T.contiguous()
     deqT, codesT = torch.empty_like(WT), torch.empty_like(WT)
+    err_sq = torch.zeros(rows, dtype=torch.float64, device=WT.device)
     g = grid.group_size
     # A "regular" block is full and every group that starts in it also ends in it: its column loop
     # has one fixed kernel sequence, run on fixed buffers (`_BlockLoop`), which on CUDA is captured
@@ -114,6 +144,7 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid,
             Err1 = loop.run(WT, U, scaleT, zeroT, deqT, codesT, i1, i2, column_group, group_index)
         else:
             Err1 = _irregular_block(WT, U, scaleT, zeroT, deqT, codesT, i1, i2, column_group, grid, static)
+        err_sq += Err1.double().square().sum(dim=0)
         WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
     scale, zero = scaleT.T.contiguous(), zeroT.T.contiguous()
     deq, codes = deqT.T, codesT.T
@@ -121,8 +152,9 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid,
     if perm is not None:
         inverse = torch.argsort(perm)
         deq, codes = deq[:, inverse], codes[:, inverse]
-    return QuantizedWeight(weight=deq.contiguous(), codes=codes.to(torch.uint8).contiguous(), scale=scale,
-                           zero=zero.to(torch.int32), grid=grid)
+    qweight = QuantizedWeight(weight=deq.contiguous(), codes=codes.to(torch.uint8).contiguous(), scale=scale,
+                              zero=zero.to(torch.int32), grid=grid)
+    return RowsResult(qweight, err_sq, float(lam), dead)
 
 
 def _round_column(w, q, dq, err, s, z, d, maxq, rest, u_row):
@@ -248,21 +280,91 @@ class _BlockLoop:
         return self.Err1
 
 
+def _quadratic_rows(M: torch.Tensor, H: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
+    """diag(M H M^T) in float64: each row's m H m^T, a chunk of rows at a time."""
+    out = torch.empty(M.shape[0], dtype=torch.float64, device=M.device)
+    for start in range(0, M.shape[0], chunk_rows):
+        m = M[start:start + chunk_rows]
+        out[start:start + chunk_rows] = ((m @ H) * m).double().sum(dim=1)
+    return out
+
+
+def _synced_clock(tensor: torch.Tensor) -> float:
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    return time.perf_counter()
+
+
+def _stackable(targets, stats) -> list[list]:
+    """Targets in groups that share an input (one Hessian) and a grid: GPTQ runs once per group on the
+    stacked rows. A per-tensor grid has one scale per Linear, so those are never stacked."""
+    by_name = {t.name: t for t in targets}
+    groups = stats.groups(list(by_name)) if hasattr(stats, "groups") else [[n] for n in by_name]
+    out = []
+    for names in groups:
+        split: dict = {}
+        for name in names:
+            grid = by_name[name].grid
+            key = (grid, id(by_name[name])) if grid.granularity == "tensor" else (grid,)
+            split.setdefault(key, []).append(by_name[name])
+        out += list(split.values())
+    return out
+
+
 def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult], list[dict]]:
+    """GPTQ of a unit's Linears; Linears that read one input are quantized together (one Hessian, one
+    damped Cholesky, one column loop over their stacked rows: the codes are those of one at a time).
+
+    The report's calibration errors need no extra pass: GPTQ's own scaled errors give
+    tr(D H D^T) = sum e^2 - λ ||D||^2 - (dead inputs' ||D_j||^2), and one matrix product with H
+    gives tr(W H W^T) and RTN's error for every stacked row."""
     results = {}
-    for t in unit.targets:
-        H = stats[t.name].hessian
-        weight = t.module.weight.detach().float()
+    groups = _stackable(unit.targets, stats)
+    users: dict[int, int] = {}  # LayerStats object -> groups still to read its Hessian
+    for group in groups:
+        users[id(stats[group[0].name])] = users.get(id(stats[group[0].name]), 0) + 1
+    for group in groups:
+        names = [t.name for t in group]
+        users[id(stats[names[0]])] -= 1
+        last_user = users[id(stats[names[0]])] == 0
+        grid = group[0].grid
+        weights = [t.module.weight.detach().float() for t in group]
+        W = torch.cat(weights) if len(weights) > 1 else weights[0]
+        H = stats[names[0]].hessian.to(W.device)
+        started = _synced_clock(W)
+        rtn = quantize_rtn(W, grid).weight
+        quad = _quadratic_rows(torch.cat([W, W - rtn]), H)  # before the in-place damping below
+        stats_s = _synced_clock(W) - started
         try:
-            qweight = quantize_layer(weight, H, t.grid, damp=cfg.damp, block_size=cfg.block_size,
-                                     act_order=cfg.act_order)
+            done = quantize_rows(W, H, grid, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
+                                 overwrite_hessian=last_user)
         except HessianNotPositiveDefinite as err:
-            raise HessianNotPositiveDefinite(f"{t.name}: {err}") from None
-        H = H.to(weight.device)
-        results[t.name] = LayerResult(
-            qweight,
-            calib_error=relative_hessian_error(H, weight, qweight.weight),
-            rtn_calib_error=relative_hessian_error(H, weight, quantize_rtn(weight, t.grid).weight),
-            info={"damp": cfg.damp, "act_order": cfg.act_order, "calib_tokens": stats[t.name].n_calib},
-        )
+            raise HessianNotPositiveDefinite(f"{'+'.join(names)}: {err}") from None
+        if last_user:
+            stats[names[0]].hessian = None  # damped in place: no longer the calibration Hessian
+        started = _synced_clock(W)
+        delta = (W - done.qweight.weight).double()
+        num = (done.err_sq - done.lam * delta.square().sum(dim=1) - delta[:, done.dead].square().sum(dim=1)).clamp(min=0)
+        rows = W.shape[0]
+        den, rtn_num = quad[:rows], quad[rows:]
+        start = 0
+        per_layer = []
+        for t, w in zip(group, weights):
+            end = start + w.shape[0]
+            d = float(den[start:end].sum())
+            per_layer.append((t, start, end, float(num[start:end].sum()) / d if d > 0 else float("nan"),
+                              float(rtn_num[start:end].sum()) / d if d > 0 else float("nan")))
+            start = end
+        stats_s += _synced_clock(W) - started
+        for t, r0, r1, err, rtn_err in per_layer:
+            q = done.qweight
+            qweight = q if len(group) == 1 else QuantizedWeight(
+                weight=q.weight[r0:r1].contiguous(), codes=q.codes[r0:r1].contiguous(),
+                scale=q.scale[r0:r1].contiguous(), zero=q.zero[r0:r1].contiguous(), grid=grid)
+            info = {"damp": cfg.damp, "act_order": cfg.act_order, "calib_tokens": stats[t.name].n_calib,
+                    "report_stats_s": stats_s / len(group)}
+            if len(group) > 1:
+                info["quantized_with"] = [n for n in names if n != t.name]
+            results[t.name] = LayerResult(qweight, calib_error=max(err, 0.0) ** 0.5, rtn_calib_error=rtn_err ** 0.5,
+                                          info=info)
     return results, []
