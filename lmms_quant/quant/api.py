@@ -144,14 +144,15 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
             unit = _drop_layers_without_data(unit, stats, skipped)
             if not unit.targets:
                 return
-        originals = {t.name: t.module.weight.detach().float().clone() for t in unit.targets}
+        # In the model's dtype (exact; half the memory of fp32 for fp16/bf16 models), widened per tensor.
+        originals = {t.name: t.module.weight.detach().clone() for t in unit.targets}
         results, notes = method.quantize_unit(unit, stats, recipe.config)
         folds.extend(notes)
         for t in unit.targets:
             result = results[t.name]
             t.module.weight.copy_(result.qweight.weight.to(t.module.weight.dtype))
             effective = result.effective_weight(t.module.weight.detach().float())
-            original = originals[t.name]
+            original = originals.pop(t.name).float()
             holdout = stats[t.name].holdout
             records.append(TensorRecord(
                 name=t.name, component=t.site.component, stack=t.site.stack, block=t.site.block,

@@ -21,11 +21,13 @@ For Linears that share one input X and follow a foldable op (architecture table,
   1, 0.95, ..., 0.55 and keep the factor with the smallest output error of that cell on
   ``CLIP_ROWS`` input rows drawn evenly from all calibration batches; kept only if it lowers the
   Linear's total output error.
-Linears with no exact fold are rounded (with the clip search) without scaling.
+Linears with no exact fold are rounded (with the clip search) without scaling. On CUDA the searches'
+float32 products run in TF32 (`_tf32_products`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -268,7 +270,28 @@ def quantize_layer(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, *, cl
     return clipped if float(err_clipped) < float(err_plain) else plain
 
 
+@contextlib.contextmanager
+def _tf32_products(on_cuda: bool):
+    """Float32 products in TF32 on CUDA, for the searches: their inputs are the model's fp16/bf16
+    activations (exact in TF32's 10-bit mantissa); the weight differences keep ~3 digits, far finer
+    than the loss differences between candidates. Several times faster than full fp32."""
+    if not on_cuda:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult], list[dict]]:
+    with _tf32_products(any(t.module.weight.is_cuda for t in unit.targets)):
+        return _quantize_unit(unit, stats, cfg)
+
+
+def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult], list[dict]]:
     targets = {t.name: t for t in unit.targets}
     modules = {t.name: t.module for t in unit.targets}
     inputs = {name: stats[name].inputs for name in targets}

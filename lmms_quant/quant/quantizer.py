@@ -101,10 +101,8 @@ class QuantGrid:
             return w.min().reshape(1, 1), w.max().reshape(1, 1)
         if self.granularity == "channel":
             return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
-        g = self.group_size
-        n = self.n_groups(in_features)
-        pad = n * g - in_features
-        cells = cells_view(w, self).reshape(out_features, n, g)
+        # A narrow last group is padded with a copy of its own first column (`cells_view`).
+        cells = cells_view(w, self).reshape(out_features, self.n_groups(in_features), self.group_size)
         return cells.amin(dim=2), cells.amax(dim=2)
 
     def fit(self, w: torch.Tensor, clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,6 @@ import difflib
 import hashlib
 import importlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
