@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
+
+from lmms_quant.cpu import cpu_info
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -26,9 +29,17 @@ METHODS = {
     "gptq": {"method": "gptq"},
     "awq": {"method": "awq"},
 }
-# bfloat16 halves what the unquantized weights cost (bits per weight are counted at the stored dtype)
-# and runs on any CPU; the demo's FP baseline is this dtype's.
-DTYPE = "bfloat16"
+# float32, not bfloat16: CPUs compute bf16 differently (oneDNN takes AMX or AVX512-BF16 where they
+# exist, and PyTorch's bf16 matmul refuses to run on pinned AVX2 kernels), and at 2 bits one last-bit
+# difference flips GPTQ/AWQ codes and moves the scores. Bits per weight are counted against a 16-bit
+# baseline whatever the stored dtype, so float32 costs no bpw.
+DTYPE = "float32"
+# The arithmetic of every demo evaluation, fixed before torch is imported (the configurations are
+# forks of this process): one thread, so no reduction is split by the machine's core count, and on
+# x86-64 CPUs with AVX2 the AVX2 code paths of PyTorch's kernels, MKL (its conditional numerical
+# reproducibility branch) and oneDNN, so a CPU with AVX-512 or AMX computes what any AVX2 CPU does.
+PINNED_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PINNED_X86_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 CAPTION_COMPONENTS = ("vit", "connector", "llm")
 RETRIEVAL_COMPONENTS = ("vit", "connector")
 
@@ -42,6 +53,31 @@ def _configurations(components: tuple[str, ...], bits_list: tuple[int, ...], ful
     parts = [{**plan, "bits": bits, "component": component} for plan in per_component_methods
              for bits in per_component_bits for component in components]
     return whole + parts
+
+
+def arithmetic_pins(cpu_flags) -> dict[str, str]:
+    """The environment that fixes the demo's arithmetic on a CPU with these feature flags."""
+    return {**PINNED_THREADS, **(PINNED_X86_AVX2 if {"avx2", "fma"} <= set(cpu_flags) else {})}
+
+
+def pin_arithmetic() -> str:
+    """Fix the demo's threads and, on an x86-64 CPU with AVX2, its kernels; returns a line saying so.
+
+    The libraries read these variables when they start, so this runs before torch is imported; in a
+    process that has imported it already only the thread count can still be fixed."""
+    pins = arithmetic_pins(cpu_info()[1])
+    os.environ.update(pins)
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(1)
+        return (f"arithmetic: {DTYPE}, 1 thread; torch was imported before the demo started, so its kernels are "
+                f"this CPU's own: other CPUs may give other scores")
+    if "ATEN_CPU_CAPABILITY" in pins:
+        return (f"arithmetic: {DTYPE}, 1 thread, AVX2 kernels in PyTorch, MKL (CBWR) and oneDNN, so that other x86-64 "
+                f"CPUs with AVX2 compute the same numbers")
+    return (f"arithmetic: {DTYPE}, 1 thread; this CPU has no AVX2, so its kernels are its own: other CPUs may "
+            f"give other scores")
 
 
 def demo_grids(out: Path, data_root: Path, bits: tuple[int, ...], calib_n: int, full: bool) -> list[dict]:
@@ -67,33 +103,39 @@ def demo_grids(out: Path, data_root: Path, bits: tuple[int, ...], calib_n: int, 
     ]
 
 
-SUMMARY_METRICS = (
-    ("coco2017_cap_val_local", "coco_CIDEr", "CIDEr"),
-    ("vqav2_val_local", "exact_match", "VQA acc"),
-    ("flickr30k_retrieval_local", "t2i_r1", "text→image R@1"),
-)
+def write_data(data_root: Path, n_images: int) -> Path:
+    """Held-out data: the evaluation seed stream of the synthetic world (training and calibration draw
+    from other streams). Rewritten identically on every run, so a rerun resumes the same sweep."""
+    from datasets import disable_progress_bars
+
+    from lmms_quant.fixtures.datasets import write_lmms_eval_datasets
+    from lmms_quant.fixtures.retrieval_data import write_retrieval_datasets
+
+    disable_progress_bars()  # datasets' per-file "Creating parquet" bars say nothing here
+    write_lmms_eval_datasets(data_root, n_images=n_images, seed=0)
+    write_retrieval_datasets(data_root, n_images=n_images, seed=0)
+    return data_root
 
 
-def summary_markdown(table) -> str:
-    """A compact table for the terminal/README: one row per configuration, the headline metric per task."""
-    metrics = []
-    for task, metric, title in SUMMARY_METRICS:
-        if any(c.key == f"m:{task}:{metric}" for c in table.columns):
-            metrics.append((task, metric, title))
-    header = ["model", "configuration", "bpw"] + [f"{title} (Δ)" for _, _, title in metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in table.rows:
-        cells = [row["model"], row["label"], "" if row["bpw"] is None else f"{row['bpw']:.2f}"]
-        for task, metric, _ in metrics:
-            value, delta = row.get(f"m:{task}:{metric}"), row.get(f"d:{task}:{metric}")
-            if value is None:
-                cells.append("")
-            elif delta is None:
-                cells.append(f"{value:.3f}")
-            else:
-                cells.append(f"{value:.3f} ({delta:+.3f})")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def run_grid(spec: dict, select=None) -> dict[str, str]:
+    """Run one demo grid (``select`` keeps some of its configurations); run id -> ok | skipped | failed.
+
+    Each configuration is a fork of this process, which has imported lmms-eval and indexed its tasks
+    once (`lmms_quant.task_index`) for all of them."""
+    from lmms_quant.sweep import SweepRunner, completed_run, load_grid
+    from lmms_quant.task_index import share_task_index
+    from lmms_quant.tasks_path import render_tasks
+
+    grid = load_grid(data=spec)
+    configurations = [c for c in grid.configurations if select is None or select(c)]
+    n = len(configurations)
+    baseline = " + the fp16 baseline" if any(c.is_baseline for c in configurations) else ""
+    print(f"== {spec['model']}: {n} configurations ({n - bool(baseline)}{baseline}) on {', '.join(spec['tasks'])}",
+          flush=True)
+    runner = SweepRunner(grid.output_dir, fork=True)
+    if not all(completed_run(runner.run_dir(c), c.run_id) for c in configurations):
+        share_task_index([render_tasks(spec["data_root"])])
+    return runner.run(configurations)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,34 +162,27 @@ def main(argv: list[str] | None = None) -> int:
         if not (ASSETS / name / "model.safetensors").is_file():
             print(f"lmms-quant demo: the shipped checkpoint {ASSETS / name} is missing", file=sys.stderr)
             return 1
+    arithmetic = pin_arithmetic()  # before anything imports torch
 
-    from lmms_quant.fixtures.datasets import write_lmms_eval_datasets
-    from lmms_quant.fixtures.retrieval_data import write_retrieval_datasets
-    from lmms_quant.leaderboard import write_leaderboard
-    from lmms_quant.sweep import GridError, SweepRunner, load_grid
+    from lmms_quant.leaderboard import compact_markdown, write_leaderboard
+    from lmms_quant.sweep import GridError
 
     started = time.monotonic()
     out = Path(args.out).resolve()
-    data_root = out / "data"
-    # Held-out data: the evaluation seed stream of the synthetic world (training and calibration draw
-    # from other streams). Rewritten identically on every run, so a rerun resumes the same sweep.
-    write_lmms_eval_datasets(data_root, n_images=args.n_images, seed=0)
-    write_retrieval_datasets(data_root, n_images=args.n_images, seed=0)
+    print(arithmetic, flush=True)
+    data_root = write_data(out / "data", args.n_images)
     failed = 0
     for spec in demo_grids(out, data_root, bits, args.calib_n, args.full):
         try:
-            grid = load_grid(data=spec)
+            outcome = run_grid(spec)
         except GridError as err:
             print(f"lmms-quant demo: {err}", file=sys.stderr)
             return 2
-        n = len(grid.configurations)
-        print(f"== {spec['model']}: {n} configurations ({n - 1} + the fp16 baseline) on {', '.join(spec['tasks'])}",
-              flush=True)
-        outcome = SweepRunner(grid.output_dir, fork=True).run(grid.configurations)
         failed += sum(status == "failed" for status in outcome.values())
     written, table = write_leaderboard(out / "runs", out)
     print()
-    print(summary_markdown(table))
+    print(compact_markdown(table))  # the leaderboard's compact table, as leaderboard.md shows it
+    print("Δ vs the FP16 baseline [95% paired bootstrap interval]; *: the interval excludes 0.")
     print()
     minutes = (time.monotonic() - started) / 60
     print(f"{len(table.rows)} configurations in {math.floor(minutes)}m{round(minutes % 1 * 60):02d}s. "

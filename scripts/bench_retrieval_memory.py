@@ -23,7 +23,6 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -110,10 +109,9 @@ def run_isolated(config: dict) -> dict:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from lmms_quant.atomic import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def _markdown(meta: dict, rows: list[dict]) -> str:

@@ -66,3 +66,25 @@ def test_sequential_driver_runs_each_block_at_most_three_times_per_batch(blip2_f
     assert sum(sequential) == (3 * 5 - 2) * batches == report.timing["block_forwards"] + 4 * batches
     # The model driver re-runs the stack up to each block: n (n + 1) / 2 per batch.
     assert by_model == [(5 - i) * batches for i in range(5)] and sum(by_model) == 15 * batches
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "gemma3", "qwen3_vl"])
+def test_sequential_driver_on_other_families_and_a_stack_that_is_not_a_plain_chain(tiny_checkpoints, kind):
+    # Qwen2.5-VL's vision blocks alternate window and full attention (per-block keyword arguments);
+    # Qwen3-VL adds DeepStack visual features between its first LM blocks, so block 1's input is not
+    # block 0's output: that stack goes through the model driver, the others are replayed.
+    from lmms_quant.fixtures.families import FAMILY_MODEL_CLASSES
+    from lmms_quant.processors import load_processor
+
+    runs = {}
+    for driver in ("model", "sequential"):
+        model = FAMILY_MODEL_CLASSES[kind].from_pretrained(tiny_checkpoints[kind]).eval()
+        report = run_quantization(model, load_processor(tiny_checkpoints[kind]),
+                                  Recipe.parse({"method": "gptq", **RECIPE}), progress=False, driver=driver)
+        runs[driver] = (model.state_dict(), report)
+    (a, by_model), (b, sequential) = runs["model"], runs["sequential"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [t.output_error for t in by_model.tensors] == [t.output_error for t in sequential.tensors]
+    fallback = sequential.timing.get("model_driver_stacks", {})
+    assert set(fallback) == ({"model.language_model.layers"} if kind == "qwen3_vl" else set())
+    assert sequential.timing["block_forwards"] > 0

@@ -29,13 +29,45 @@ class QuantizationError(RuntimeError):
     """Quantization could not do what the recipe asked (e.g. no targeted layer received data)."""
 
 
+# Environment variables that change which kernels run, or how many threads split a reduction: the
+# last bits of every result, and at 2 bits sometimes a code (the demo pins them, `lmms_quant.demo`).
+ARITHMETIC_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS",
+                  "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def _library_versions() -> dict:
+    """MKL and oneDNN as built into this torch (their kernels differ between versions)."""
+    import re
+
+    shown = torch.__config__.show()
+    mkl = re.search(r"Math Kernel Library Version ([0-9][0-9.]*)", shown)
+    onednn = re.search(r"MKL-DNN v([0-9][0-9.]*)", shown)
+    return {"mkl": mkl.group(1) if mkl else None, "onednn": onednn.group(1) if onednn else None}
+
+
 def _environment(device) -> dict:
+    """What the numbers were computed with: versions, and the arithmetic (threads, kernels, processor)."""
+    import importlib.metadata
+    import os
+    import platform
+
     import transformers
 
     import lmms_quant
+    from lmms_quant.cpu import ARITHMETIC_FLAGS, cpu_info
 
+    cpu, flags = cpu_info()
+    try:
+        lmms_eval = importlib.metadata.version("lmms-eval")
+    except importlib.metadata.PackageNotFoundError:
+        lmms_eval = None
     return {"lmms_quant": getattr(lmms_quant, "__version__", None), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": str(device)}
+            "transformers": transformers.__version__, "lmms_eval": lmms_eval, **_library_versions(),
+            "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+            "cpu_flags": [f for f in ARITHMETIC_FLAGS if f in flags],
+            "device": str(device), "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "arithmetic_env": {k: os.environ[k] for k in ARITHMETIC_ENV if k in os.environ}}
 
 
 def _model_info(model, arch) -> dict:

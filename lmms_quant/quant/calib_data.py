@@ -6,8 +6,9 @@
   file (text only). A source equal to a dataset being evaluated is refused.
 - Styles (``calib_style``), made by the model's own processor:
   - ``chat``: the family's prompt format — BLIP-2 "Question: … Answer: …" or a bare caption (T5 gets
-    the answer as decoder labels), LLaVA its chat template, the retrieval model its image-text pair;
-    a text-only sample gets the same wrapping without an image;
+    the answer as decoder labels), LLaVA and the chat-template families (prompt style ``chat``) their
+    chat template, the retrieval model its image-text pair; a text-only sample gets the same
+    wrapping without an image;
   - ``caption``: the image and its text, no question wrapper, no chat template;
   - ``raw``: the plain text alone, tokenized (no image, no template), as llm-compressor calibrates
     a language model.
@@ -192,9 +193,9 @@ class Batch:
         return module(**self.to(device, dtype))
 
 
-def _chat_prompt(processor, question: str, image: bool = True) -> str:
+def _chat_prompt(processor, question: str | None, image: bool = True) -> str:
     if getattr(processor, "chat_template", None):
-        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+        content = ([{"type": "image"}] if image else []) + ([{"type": "text", "text": question}] if question else [])
         conversation = [{"role": "user", "content": content}]
         return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     return f"USER: {'<image>' + chr(10) if image else ''}{question} ASSISTANT:"
@@ -214,13 +215,15 @@ def _texts(style: str, calib_style: str, processor, samples: Sequence[CalibSampl
     if calib_style == "raw":
         return [s.text for s in samples]
     if calib_style == "caption":
+        if style == "chat":  # a user turn holding only the image; the text as the answer
+            return [f"{_chat_prompt(processor, None)} {s.text}" for s in samples]
         token = getattr(processor, "image_token", None) if style in ("llava", "generic") else None
         return [f"{token}\n{s.text}" if token else s.text for s in samples]
     if style == "blip2_causal":
         return [f"Question: {s.prompt} Answer: {s.response}" if s.prompt else s.response for s in samples]
     if style == "blip2_itm":
         return [s.text for s in samples]
-    if style == "llava" or getattr(processor, "chat_template", None):
+    if style in ("llava", "chat") or getattr(processor, "chat_template", None):
         if with_images:
             return [f"{_chat_prompt(processor, s.prompt or CAPTION_INSTRUCTION)} {s.response}" for s in samples]
         # Text only: a question and its answer as a turn; a plain text as the user's message.
@@ -231,12 +234,18 @@ def _texts(style: str, calib_style: str, processor, samples: Sequence[CalibSampl
 
 def make_batch(processor, style: str, samples: Sequence[CalibSample], calib_style: str = "chat") -> Batch:
     """One batch of ``samples`` for a model of prompt ``style`` (the family's), in ``calib_style``."""
-    if style not in ("blip2_causal", "blip2_seq2seq", "blip2_itm", "llava", "generic"):
-        raise ValueError(f"prompt style: got {style!r}; valid: blip2_causal, blip2_seq2seq, blip2_itm, llava, generic")
+    if style not in ("blip2_causal", "blip2_seq2seq", "blip2_itm", "llava", "chat", "generic"):
+        raise ValueError(f"prompt style: got {style!r}; valid: blip2_causal, blip2_seq2seq, blip2_itm, llava, chat, "
+                         f"generic")
+    if style == "chat" and not getattr(processor, "chat_template", None):
+        raise ValueError(f"prompt style 'chat': {type(processor).__name__} has no chat_template; valid: a "
+                         f"processor with a chat template, or the family's plain prompt style")
     with_images = calib_style != "raw" and all(s.image is not None for s in samples)
     if calib_style == "caption" and not with_images:
         raise RecipeError("calib_style=caption is invalid for text-only samples; valid: chat or raw")
     images = [s.image for s in samples] if with_images else None
+    if images is not None and style == "chat":
+        images = [[image] for image in images]  # one list per prompt: processors that count images per prompt need it
     entry = None if with_images else TEXT_ENTRY.get(style)
     if style == "blip2_seq2seq":
         if calib_style == "raw" or not with_images:
@@ -255,7 +264,7 @@ def make_batch(processor, style: str, samples: Sequence[CalibSample], calib_styl
     if style == "blip2_itm":
         return Batch(inputs, {}, {"use_image_text_matching_head": True})
     masks = {"attention_mask": inputs["attention_mask"].bool()} if "attention_mask" in inputs else {}
-    options = {"use_cache": False} if style in ("blip2_causal", "llava") else {}
+    options = {"use_cache": False} if style in ("blip2_causal", "llava", "chat") else {}
     return Batch(inputs, masks, options, entry)
 
 

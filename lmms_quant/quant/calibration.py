@@ -12,6 +12,7 @@ The data side (sources, samples, prompt styles, batches) is `calib_data`; its na
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import zlib
@@ -397,7 +398,9 @@ class _OutputCache:
                 output, output_leaves = entry[2], entry[3]
                 if all(x._version == v for x, v in output_leaves):
                     self.hits += 1
-                    return output
+                    # A fresh container each time: callers may reassign its fields (Qwen-VL's
+                    # get_image_features replaces pooler_output by its split), which must not reach the store.
+                    return copy.copy(output)
             if entry is not None:
                 self.used -= entry[4]
                 del self.entries[key]
@@ -407,7 +410,8 @@ class _OutputCache:
                 size = _tensor_bytes(now) + _tensor_bytes(out_leaves)
                 if self.used + size <= self.budget:
                     self.entries[key] = (
-                        versions, [(x, x._version if isinstance(x, torch.Tensor) else None) for x in now], output,
+                        versions, [(x, x._version if isinstance(x, torch.Tensor) else None) for x in now],
+                        copy.copy(output),
                         [(x, x._version) for x in out_leaves if isinstance(x, torch.Tensor)], size)
                     self.used += size
             return output

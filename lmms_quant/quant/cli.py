@@ -2,7 +2,7 @@
 
     lmms-quant quantize --model quant_blip2 \\
         --model_args pretrained=Salesforce/blip2-opt-2.7b,method=gptq,bits=4,component=vit \\
-        --report r.json [--save DIR] [--device cuda]
+        --report r.json [--save DIR] [--export DIR] [--device cuda]
 
 ``--model`` and ``--model_args`` are exactly what lmms-eval takes: the same wrapper validates the
 arguments (recipe and wrapper keys, before anything is loaded), the same loader loads the
@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="lmms-quant quantize",
         description="Quantize a vision-language model (RTN/GPTQ/AWQ) and write the quantization report.",
     )
-    parser.add_argument("--model", required=True, choices=sorted(MODEL_CLASSES),
+    # `quant` wraps an lmms-eval model object (which loads itself); every other wrapper loads through
+    # the shared loader, which is what this command uses.
+    parser.add_argument("--model", required=True, choices=sorted(m for m in MODEL_CLASSES if m != "quant"),
                         help="the lmms-quant model wrapper whose checkpoints these are (same as lmms-eval's --model)")
     parser.add_argument("--model_args", required=True,
                         help="comma-separated key=value, exactly as for lmms-eval: pretrained=..., the recipe keys, "
@@ -36,32 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", required=True, help="where to write the JSON report")
     parser.add_argument("--save", default=None,
                         help="also save the quantized model, processor, integer codes and report to this new directory")
+    parser.add_argument("--export", default=None,
+                        help="also write a compressed-tensors (vLLM-loadable) packed checkpoint to this new directory")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
-
-
-def _save_model(model, processor, report, out_dir: Path) -> None:
-    """Model + processor (from_pretrained-loadable), integer codes and report; a new dir, renamed into place."""
-    import torch
-    from safetensors.torch import save_file
-
-    from lmms_quant.atomic import atomic_directory
-
-    with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        tensors, metadata = {}, {}
-        for name, q in report.codes.items():
-            tensors[f"{name}.codes"] = q.codes.contiguous()
-            tensors[f"{name}.scale"] = q.scale.to(torch.float16).contiguous()
-            if not q.grid.sym:
-                tensors[f"{name}.zero"] = q.zero.to(torch.uint8).contiguous()
-            metadata[name] = (f"bits={q.grid.bits},sym={q.grid.sym},granularity={q.grid.granularity},"
-                              f"group_size={q.grid.group_size}")
-        if tensors:
-            save_file(tensors, str(tmp / "quant_codes.safetensors"), metadata=metadata)
-        report.write_json(tmp / "quant_report.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
     save = Path(args.save) if args.save else None
     if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
         raise UsageError(f"--save {str(save)!r} exists and is not empty; refusing to overwrite it")
+    if args.export is not None:
+        from lmms_quant.quant.export import check_new_dir, require_compressed_tensors
+
+        check_new_dir(args.export)
+        require_compressed_tensors()
     if recipe.is_noop:
         print("lmms-quant quantize: method=fp16 quantizes nothing; the report only sizes the model", file=sys.stderr)
 
@@ -84,14 +70,21 @@ def run(args: argparse.Namespace) -> int:
     from lmms_quant.model_wrappers.loading import load_pretrained
 
     processor, model = load_pretrained(wrapper.model_class, wrapper_args)
+    keep_codes = save is not None or args.export is not None
     report = lmms_quant.quantize(model, processor, recipe, cache=wrapper_args.weight_cache,
-                                 device=wrapper_args.device, keep_codes=save is not None,
-                                 progress=not args.no_progress)
+                                 device=wrapper_args.device, keep_codes=keep_codes, progress=not args.no_progress)
     report.write_json(args.report)
     if save is not None:
-        _save_model(model, processor, report, save)
+        from lmms_quant.quant.saved import write_saved_run
+
+        write_saved_run(model, processor, report, save)
+    if args.export is not None:  # last: it packs the model in place
+        from lmms_quant.quant.export import export_run
+
+        export_run(model, processor, report, args.export, device=wrapper_args.device, report_path=args.report)
     print(report.summary())
-    print(f"report: {args.report}" + (f"; quantized model: {save}" if save else ""))
+    print(f"report: {args.report}" + (f"; quantized model: {save}" if save else "")
+          + (f"; packed checkpoint: {args.export}" if args.export else ""))
     return 0
 
 
