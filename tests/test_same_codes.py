@@ -3,6 +3,13 @@
 The digests below were computed with the engine as it stood before the recipe refactor (commit
 4c671b4, `QuantPlan` + `quantize_model`) and are unchanged by it. A change of the engine that moves
 them must say why (a fidelity fix), and re-pin them in the same commit.
+
+Only round-to-nearest is pinned bit for bit: it is elementwise arithmetic, the same on every CPU and
+torch build. GPTQ and AWQ go through matrix products and a Cholesky whose last bits differ between
+torch builds (the CPU and CUDA wheels of one release already differ), so their codes are pinned
+within one run instead: against the reference loop (test_quant_gptq_exact.py) and by their defining
+properties (test_quant_methods.py). At the refactor, GPTQ and AWQ digests were also compared old vs
+new on one machine and were identical.
 """
 
 import hashlib
@@ -14,10 +21,7 @@ from transformers import AutoProcessor
 from lmms_quant.fixtures.models import FIXTURE_MODEL_CLASSES
 from lmms_quant.quant import Recipe, quantize
 
-PINNED = {
-    "blip2_opt:rtn": "ae92e3643473403e", "blip2_opt:gptq": "629b72eee052090d", "blip2_opt:awq": "f24d38dbc040ac70",
-    "llava:rtn": "dc364c7fca56282e", "llava:gptq": "dd91263656a39929", "llava:awq": "28749432464aaf4f",
-}
+PINNED = {"blip2_opt:rtn": "ae92e3643473403e", "llava:rtn": "dc364c7fca56282e"}
 
 
 def state_digest(model) -> str:
