@@ -138,7 +138,7 @@ def test_exported_checkpoint_reloads_to_the_simulated_model_bit_for_bit(exported
     assert reload["differ"] == [] and reload["extra_keys"] == []
     assert reload["logits_equal"]
 
-    export_dir, names, plan = info["dir"], info["names"], info["plan"]
+    export_dir, names = info["dir"], info["names"]
     qconfig = json.loads((export_dir / "config.json").read_text())["quantization_config"]
     assert qconfig["quant_method"] == "compressed-tensors" and qconfig["format"] == "pack-quantized"
     assert qconfig["quantization_status"] == "compressed"
