@@ -1,16 +1,21 @@
 """Quantization speed and memory at real scale (one GPU), or on the tiny fixtures (CPU). A benchmark, not a test.
 
-    python scripts/bench_gpu.py --arch blip2-opt-2.7b --device cuda --out benchmarks/gpu
-    python scripts/bench_gpu.py --arch tiny --device cpu --out benchmarks/cpu
+    python scripts/bench_gpu.py --device cuda --check-reference --out benchmarks/gpu     # every target, ~5 min
+    python scripts/bench_gpu.py --arch blip2-opt-2.7b --runs gptq:all --out /tmp/b     # one architecture
+    python scripts/bench_gpu.py --arch tiny,tiny-llava --device cpu --out benchmarks/cpu
 
-``blip2-opt-2.7b`` builds BLIP-2 OPT-2.7B from its published sizes (ViT-g 39x1408, Q-Former 12x768,
-OPT 32x2560) with random weights (std 0.02; speed does not depend on values), fp16, and the
-processor of the tiny fixture resized to 224 px and 32 query tokens. For every (method, component)
-it restores the FP16 weights, runs `quantize` with 128 synthetic calibration samples (+32
-held out) and records wall time, the time inside calibration forward passes and inside the method,
-peak GPU memory and calibration throughput. It also checks, on one layer, that the CUDA-graph GPTQ
-loop gives the codes of the kernel-by-kernel loop and times the pieces of the per-layer floor.
-Results are written after every measurement (temp file + rename) to ``<out>/bench_<arch>.json``.
+Architectures are built from their published sizes with random weights (std 0.02; speed does not
+depend on values), fp16, with the tiny fixture's tokenizer and an image processor at the real
+resolution: ``blip2-opt-2.7b`` (ViT-g 39x1408, Q-Former 12x768, OPT 32x2560), ``llava-1.5-7b`` (CLIP
+ViT-L/14-336 24x1024, Vicuna-7B 32x4096) and ``llava-1.5-13b`` (the same tower, 40x5120). For every
+(method, component) it restores the FP16 weights, runs `quantize` (W4 g128, 128 synthetic
+calibration samples, the recipe defaults otherwise) and records wall time, the engine's own split
+(calibration forwards, method, the report's statistics inside the method), block forwards, peak GPU
+memory and its excess over the fp16 weights. ``--check-reference`` runs `gptq_reference.fasterquant`
+(the readable loop) and the CUDA-graph path on one real-size layer and compares their codes, and
+compares stacked q/k/v rows with one Linear at a time. The targets of issue 13 are evaluated at the
+end. Results: ``<out>/bench_gpu.json`` (rewritten after every measurement, temp file + rename) and
+``<out>/bench_gpu.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ if str(ROOT) not in sys.path:
 
 GIB = 2**30
 
+# Issue 13's targets, evaluated on whatever was measured.
+TARGETS = {
+    "blip2_gptq_all_s": 15.0,  # GPTQ of all of BLIP-2 OPT-2.7B
+    "awq_over_gptq": 1.5,  # AWQ all / GPTQ all wall time
+    "llava7b_peak_above_weights_gib": 6.0,
+    "llava13b_peak_gib": 40.0,
+    "report_stats_share": 0.10,  # the report's statistics / method time, GPTQ
+}
+
 
 def _sync(device):
     if torch.device(device).type == "cuda":
@@ -40,15 +54,21 @@ def _sync(device):
 
 
 def _write(path: Path, data: dict) -> None:
+    from lmms_quant.atomic import write_json_atomic
+
+    write_json_atomic(path, json.loads(json.dumps(data, default=str)), sort_keys=False)
+
+
+def _write_text(path: Path, text: str) -> None:
     from lmms_quant.atomic import write_text_atomic
 
-    write_text_atomic(path, json.dumps(data, indent=1, default=str))
+    write_text_atomic(path, text)
 
 
 def _shapes_samples(n: int, seed: int):
     """Calibration samples straight from the shapes world (used where `datasets` is not installed)."""
     from lmms_quant.fixtures import shapes
-    from lmms_quant.quant.calibration import sample_from_text
+    from lmms_quant.quant.calib_data import sample_from_text
 
     rng = random.Random(10_000 + seed)
     out = []
@@ -56,6 +76,18 @@ def _shapes_samples(n: int, seed: int):
         scene = shapes.make_scene(rng)
         out.append(sample_from_text(shapes.render(scene, 224), shapes.captions(scene)[0]))
     return out
+
+
+def use_shapes_samples_without_datasets() -> str:
+    """Where `datasets` is missing (the GPU box), the engine draws samples from the shapes world."""
+    try:
+        import datasets  # noqa: F401
+        return "lmms_quant.fixtures calibration_samples"
+    except ImportError:
+        from lmms_quant.quant import api, calib_data
+
+        api.load_samples = calib_data.load_samples = lambda source, n, seed: _shapes_samples(n, seed)
+        return "shapes world (datasets not installed)"
 
 
 def random_fp16(model_class, config, device):
@@ -96,9 +128,8 @@ def build_blip2_opt_27b(device):
         num_query_tokens=32, image_token_index=image_token_id(tok),
     )
     model = random_fp16(Blip2ForConditionalGeneration, config, device)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tok, key))
     processor = Blip2Processor(
         image_processor=BlipImageProcessor(size={"height": 224, "width": 224}, image_mean=list(CLIP_MEAN),
                                            image_std=list(CLIP_STD), do_convert_rgb=True),
@@ -106,22 +137,27 @@ def build_blip2_opt_27b(device):
     return model, processor
 
 
-def build_llava_15_7b(device):
-    """LLaVA-1.5-7B from its published sizes (CLIP ViT-L/14-336, 2-layer projector, Llama-2 7B), random fp16."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+LLAVA_TEXT = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+              "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)}
+
+
+def build_llava_15(device, size: str = "7b"):
+    """LLaVA-1.5 at its published sizes: CLIP ViT-L/14 at 336 px (576 image tokens), MLP projector, Vicuna."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     from lmms_quant.fixtures.models import CLIP_MEAN, CLIP_STD, LLAVA_CHAT_TEMPLATE, image_token_id, lm_tokenizer
 
     tok = lm_tokenizer()
+    text = LLAVA_TEXT[size]
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                        num_attention_heads=16, image_size=336, patch_size=14,
                                        projection_dim=768).to_dict(),
-        text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                                rms_norm_eps=1e-5, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id).to_dict(),
+        text_config=LlamaConfig(vocab_size=32064, max_position_embeddings=4096, num_key_value_heads=None,
+                                rms_norm_eps=1e-5,
+                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, **text).to_dict(),
         image_token_index=image_token_id(tok), image_seq_length=576, vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu",
     )
@@ -134,198 +170,241 @@ def build_llava_15_7b(device):
     return model, processor
 
 
-def build_tiny(device):
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
-
-    from lmms_quant.fixtures.models import build_tiny_blip2_opt
-
-    path = build_tiny_blip2_opt(Path(tempfile.mkdtemp()) / "blip2_opt")
-    return Blip2ForConditionalGeneration.from_pretrained(path).to(device).eval(), Blip2Processor.from_pretrained(path)
+def build_llava_15_7b(device):
+    """LLaVA-1.5-7B from its published sizes (CLIP ViT-L/14-336, 2-layer projector, Llama-2 7B), random fp16."""
+    return build_llava_15(device, "7b")
 
 
-class Timers:
-    """Wall time inside calibration passes and inside the method, per quantize call."""
+def build_tiny(device, kind: str = "blip2_opt"):
+    from lmms_quant.fixtures.models import FIXTURE_BUILDERS, FIXTURE_MODEL_CLASSES
+    from transformers import AutoProcessor
 
-    def __init__(self, device):
-        from lmms_quant.quant import api, awq, calibration, gptq, rtn
-
-        self.device, self.collect_s, self.method_s = device, 0.0, 0.0
-        timers = self
-        original_collect = calibration.Calibrator.collect
-
-        def collect(self_, *args, **kwargs):
-            _sync(timers.device)
-            t0 = time.perf_counter()
-            try:
-                return original_collect(self_, *args, **kwargs)
-            finally:
-                _sync(timers.device)
-                timers.collect_s += time.perf_counter() - t0
-
-        calibration.Calibrator.collect = collect
-        for module in (gptq, awq, rtn):
-            original = module.quantize_unit
-
-            def unit(*args, _original=original, **kwargs):
-                _sync(timers.device)
-                t0 = time.perf_counter()
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    _sync(timers.device)
-                    timers.method_s += time.perf_counter() - t0
-
-            module.quantize_unit = unit
-        self.api = api
-
-    def reset(self):
-        self.collect_s = self.method_s = 0.0
+    path = FIXTURE_BUILDERS[kind](Path(tempfile.mkdtemp()) / kind)
+    return FIXTURE_MODEL_CLASSES[kind].from_pretrained(path).to(device).eval(), AutoProcessor.from_pretrained(path)
 
 
-def layer_check(device, rows=2560, columns=10240) -> dict:
-    """One OPT fc2-shaped layer: graph loop vs kernel-by-kernel loop (codes, time), and the floor pieces."""
+ARCHS = {
+    "blip2-opt-2.7b": (build_blip2_opt_27b, "gptq:all,awq:all,rtn:all,gptq:llm,gptq:vit"),
+    "llava-1.5-7b": (lambda device: build_llava_15(device, "7b"), "gptq:all,awq:llm"),
+    "llava-1.5-13b": (lambda device: build_llava_15(device, "13b"), "gptq:all"),
+    "tiny": (build_tiny, "gptq:all,awq:all,rtn:all"),
+    "tiny-llava": (lambda device: build_tiny(device, "llava"), "gptq:all,awq:all,rtn:all"),
+}
+
+
+def reference_check(device) -> dict:
+    """The readable GPTQ loop against the fast path on real-size layers: the same codes?"""
     from lmms_quant.quant import gptq
+    from lmms_quant.quant.gptq_reference import fasterquant
     from lmms_quant.quant.quantizer import QuantGrid
 
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(8192, columns, device=device, generator=g, dtype=torch.float16)
-    w = torch.randn(rows, columns, device=device, generator=g) * 0.02
-    grid = QuantGrid(bits=4, sym=False, granularity="group", group_size=128)
-    out = {"shape": [rows, columns], "tokens": 8192}
-
-    def timed(fn, repeat=1):
+    def timed(fn):
         _sync(device)
         t0 = time.perf_counter()
-        for _ in range(repeat):
-            result = fn()
+        result = fn()
         _sync(device)
-        return result, (time.perf_counter() - t0) / repeat
+        return result, time.perf_counter() - t0
 
-    H = torch.zeros(columns, columns, device=device)
-    _, out["hessian_addmm_s"] = timed(lambda: H.addmm_(x.float().T, x.float()), 3)
-    H = x.float().T @ x.float()
-    _, out["cholesky_inverse_s"] = timed(
-        lambda: torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H + torch.eye(columns, device=device))), upper=True))
-    fast, out["gptq_layer_s"] = timed(lambda: gptq.quantize_layer(w, H, grid))
-    fast, out["gptq_layer_s_second"] = timed(lambda: gptq.quantize_layer(w, H, grid))
-    graphs = gptq._BlockLoop.graphs_disabled
-    gptq._BlockLoop.graphs_disabled, gptq._BlockLoop._cache = True, {}
-    try:
-        eager, out["gptq_layer_eager_s"] = timed(lambda: gptq.quantize_layer(w, H, grid))
-    finally:
-        gptq._BlockLoop.graphs_disabled, gptq._BlockLoop._cache = graphs, {}
-    out["graph_used"] = not graphs and torch.device(device).type == "cuda"
-    out["codes_equal_graph_vs_eager"] = bool(torch.equal(fast.codes, eager.codes))
-    out["codes_mismatch_fraction"] = float((fast.codes != eager.codes).float().mean())
+    grid = QuantGrid(bits=4, sym=False, granularity="group", group_size=128)
+    out = {}
+    g = torch.Generator(device=device).manual_seed(0)
+    rows, columns = (2560, 10240) if torch.device(device).type == "cuda" else (64, 256)
+    x = torch.randn(8192, columns, device=device, generator=g, dtype=torch.float16).float()
+    w = torch.randn(rows, columns, device=device, generator=g) * 0.02
+    H = x.T @ x
+    for act_order in (True, False):
+        fast, fast_s = timed(lambda a=act_order: gptq.quantize_layer(w, H, grid, act_order=a))
+        fast, fast_s = timed(lambda a=act_order: gptq.quantize_layer(w, H, grid, act_order=a))  # graphs captured
+        ref, ref_s = timed(lambda a=act_order: fasterquant(w, H, grid, act_order=a))
+        out[f"opt_fc2_{rows}x{columns}_act_order_{act_order}"] = {
+            "codes_equal": bool(torch.equal(fast.codes, ref.codes)),
+            "codes_mismatch_fraction": float((fast.codes != ref.codes).float().mean()),
+            "weights_equal": bool(torch.equal(fast.weight, ref.weight)),
+            "fast_s": fast_s, "reference_s": ref_s,
+            "graph_used": torch.device(device).type == "cuda" and not gptq._BlockLoop.graphs_disabled}
+    d = 4096 if torch.device(device).type == "cuda" else 128
+    x = torch.randn(8192, d, device=device, generator=g, dtype=torch.float16).float()
+    H = x.T @ x
+    qkv = [torch.randn(d, d, device=device, generator=g) * 0.02 for _ in range(3)]
+    stacked, stacked_s = timed(lambda: gptq.quantize_rows(torch.cat(qkv), H, grid, act_order=True).qweight)
+    alone, alone_s = timed(lambda: [gptq.quantize_layer(w_, H, grid, act_order=True) for w_ in qkv])
+    codes = torch.cat([a.codes for a in alone])
+    out[f"llama_qkv_3x{d}x{d}_stacked_vs_alone"] = {
+        "codes_equal": bool(torch.equal(stacked.codes, codes)),
+        "codes_mismatch_fraction": float((stacked.codes != codes).float().mean()),
+        "stacked_s": stacked_s, "one_at_a_time_s": alone_s}
+    # One OPT block's four groups (q/k/v stacked, out, fc1, fc2): interleaved on streams vs one by one.
+    dm, df = (2560, 10240) if torch.device(device).type == "cuda" else (64, 256)
+    xs = {c: torch.randn(8192, c, device=device, generator=g, dtype=torch.float16).float() for c in (dm, df)}
+    hs = {c: x_.T @ x_ for c, x_ in xs.items()}
+    shapes = [(3 * dm, dm), (dm, dm), (df, dm), (dm, df)]
+    jobs = [dict(weight=torch.randn(r, c, device=device, generator=g) * 0.02, hessian=hs[c], grid=grid, act_order=True)
+            for r, c in shapes]
+    serial, serial_s = timed(lambda: [gptq.quantize_rows(**job) for job in jobs])
+    together, together_s = timed(lambda: gptq.quantize_rows_concurrently(jobs))
+    mismatch = [float((a.qweight.codes != b.qweight.codes).float().mean()) for a, b in zip(serial, together)]
+    out["opt_block_groups_concurrent_vs_serial"] = {
+        "codes_equal": all(m == 0 for m in mismatch), "codes_mismatch_fraction": max(mismatch),
+        "serial_s": serial_s, "concurrent_s": together_s}
     return out
 
 
-def eval_throughput(model, processor, device, n_images=32, batch=8, new_tokens=30) -> dict:
-    samples = _shapes_samples(n_images, seed=7)
-    prompts = ["Question: what is in the image? Answer:"] * batch
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for start in range(0, n_images, batch):
-            inputs = processor(images=[s.image for s in samples[start:start + batch]], text=prompts,
-                               return_tensors="pt", padding=True).to(device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    _sync(device)
-    return {"images": n_images, "batch": batch, "new_tokens": new_tokens,
-            "images_per_s": n_images / (time.perf_counter() - t0)}
+def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> None:
+    from lmms_quant.quant import Recipe, quantize
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", choices=("blip2-opt-2.7b", "tiny"), default="tiny")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
-    parser.add_argument("--runs", default="gptq:all,rtn:all,awq:all,gptq:llm,gptq:vit,gptq:connector",
-                        help="comma-separated method:component pairs, in order")
-    parser.add_argument("--calib-n", type=int, default=128)
-    parser.add_argument("--calib-batch-size", type=int, default=8)
-    parser.add_argument("--deadline-s", type=float, default=1e9, help="start no new run after this many seconds")
-    parser.add_argument("--layer-check", action="store_true")
-    parser.add_argument("--eval", action="store_true", help="generation throughput FP16 vs after the first run")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = time.perf_counter()
     device = args.device
-
-    from lmms_quant.quant import Recipe, calibration, quantize
-
-    try:
-        import datasets  # noqa: F401
-        samples_from = "lmms_quant.fixtures calibration_samples"
-    except ImportError:
-        from lmms_quant.quant import api
-
-        calibration.load_samples = api.load_samples = lambda calib, n, seed: _shapes_samples(n, seed)
-        samples_from = "shapes world (datasets not installed)"
-
-    import transformers
-
-    result = {
-        "arch": args.arch, "device": device, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "card": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-        "command": " ".join(sys.argv), "calib_samples_from": samples_from, "runs": [],
-    }
-    out_path = args.out / f"bench_{args.arch}.json"
-    if args.layer_check:
-        result["layer_check"] = layer_check(device) if args.arch != "tiny" else layer_check(device, 64, 256)
-        print("layer check", result["layer_check"], flush=True)
-        _write(out_path, result)
-
     t0 = time.perf_counter()
-    model, processor = (build_blip2_opt_27b if args.arch != "tiny" else build_tiny)(device)
+    model, processor = ARCHS[arch][0](device)
     _sync(device)
-    result["build_s"] = time.perf_counter() - t0
-    result["fp16_weights_gib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GIB
-    pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    timers = Timers(device)
-    if args.eval:
-        result["eval_fp16"] = eval_throughput(model, processor, device)
-        print("eval fp16", result["eval_fp16"], flush=True)
+    entry = {"arch": arch, "build_s": time.perf_counter() - t0, "runs": [],
+             "fp16_weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / GIB}
+    result["archs"].append(entry)
+    runs = (args.runs or ARCHS[arch][1]).split(",")
+    pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if len(runs) > 1 else None
     _write(out_path, result)
-
-    for index, spec in enumerate(args.runs.split(",")):
+    for index, spec in enumerate(runs):
         if time.perf_counter() - started > args.deadline_s:
-            result.setdefault("not_run", []).append(spec)
+            entry.setdefault("not_run", []).append(spec)
             continue
         method, component = spec.split(":")
         if index:
             model.load_state_dict(pristine)
-        plan = Recipe.parse({"method": method, "component": component, "bits": 4, "group_size": 128,
-                                      "calib_n": args.calib_n, "calib_batch_size": args.calib_batch_size})
-        timers.reset()
+        recipe = Recipe.parse({"method": method, "component": component, "bits": 4, "group_size": 128,
+                               "calib_n": args.calib_n, "calib_batch_size": args.calib_batch_size})
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         _sync(device)
         t0 = time.perf_counter()
-        report = quantize(model, processor, plan, device=device, progress=False)
+        report = quantize(model, processor, recipe, device=device, progress=False)
         _sync(device)
         wall = time.perf_counter() - t0
-        n_holdout = report.calibration["holdout_samples"]
-        n_units = report.timing["units"]
-        passes = (args.calib_n if method != "rtn" else 0) + n_holdout
-        run = {"method": method, "component": component, "wall_s": wall, "calibration_forward_s": timers.collect_s,
-               "method_s": timers.method_s, "other_s": wall - timers.collect_s - timers.method_s,
-               "units": n_units, "linears": len(report.tensors),
-               "calibration_samples_per_s": passes * n_units / timers.collect_s if timers.collect_s else None,
+        timing = report.timing
+        run = {"method": method, "component": component, "wall_s": wall,
+               "calibration_s": timing.get("calibration_s"), "method_s": timing.get("method_s"),
+               "report_stats_s": timing.get("report_stats_s"), "driver": timing.get("driver"),
+               "block_forwards": timing.get("block_forwards"), "capture_passes": timing.get("capture_passes"),
+               "model_driver_stacks": timing.get("model_driver_stacks"), "units": timing.get("units"),
+               "linears": len(report.tensors), "holdout_samples": report.calibration["holdout_samples"],
                "mean_output_error": sum(t.output_error or 0 for t in report.tensors) / max(1, len(report.tensors))}
+        if run["method_s"]:
+            run["report_stats_share"] = (run["report_stats_s"] or 0) / run["method_s"]
         if torch.device(device).type == "cuda":
             run["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GIB
-            run["peak_above_weights_gib"] = run["peak_gpu_gib"] - result["fp16_weights_gib"]
-        if args.eval and index == 0:
-            run["eval_quantized"] = eval_throughput(model, processor, device)
-        result["runs"].append(run)
-        print(json.dumps(run), flush=True)
+            run["peak_above_weights_gib"] = run["peak_gpu_gib"] - entry["fp16_weights_gib"]
+        entry["runs"].append(run)
+        print(arch, json.dumps(run), flush=True)
         _write(out_path, result)
+    del model, pristine
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def evaluate_targets(result: dict) -> list[dict]:
+    def runs(arch):
+        return {f"{r['method']}:{r['component']}": r for a in result["archs"] if a["arch"] == arch for r in a["runs"]}
+
+    checks = []
+    blip2 = runs("blip2-opt-2.7b")
+    if "gptq:all" in blip2:
+        checks.append({"target": "BLIP-2 OPT-2.7B, GPTQ all < 15 s", "measured": blip2["gptq:all"]["wall_s"],
+                       "met": blip2["gptq:all"]["wall_s"] < TARGETS["blip2_gptq_all_s"]})
+        if "awq:all" in blip2:
+            ratio = blip2["awq:all"]["wall_s"] / blip2["gptq:all"]["wall_s"]
+            checks.append({"target": "BLIP-2 AWQ all <= 1.5 x GPTQ all", "measured": ratio,
+                           "met": ratio <= TARGETS["awq_over_gptq"]})
+    llava7 = runs("llava-1.5-7b")
+    for method in ("gptq", "awq"):
+        peaks = [r["peak_above_weights_gib"] for r in llava7.values()
+                 if "peak_above_weights_gib" in r and r["method"] == method]
+        if peaks:
+            checks.append({"target": f"LLaVA-1.5-7B {method.upper()} peak <= fp16 weights + 6 GiB",
+                           "measured": max(peaks), "met": max(peaks) <= TARGETS["llava7b_peak_above_weights_gib"]})
+    llava13 = runs("llava-1.5-13b")
+    peaks = [r["peak_gpu_gib"] for r in llava13.values() if "peak_gpu_gib" in r]
+    if peaks:
+        checks.append({"target": "LLaVA-1.5-13B shape, peak < 40 GiB", "measured": max(peaks),
+                       "met": max(peaks) < TARGETS["llava13b_peak_gib"]})
+    shares = [r["report_stats_share"] for a in result["archs"] for r in a["runs"]
+              if r["method"] == "gptq" and r.get("report_stats_share") is not None]
+    if shares:
+        checks.append({"target": "GPTQ: report statistics <= 10 % of method time", "measured": max(shares),
+                       "met": max(shares) <= TARGETS["report_stats_share"]})
+    return checks
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# bench_gpu: {result['card']}, torch {result['torch']}, transformers {result['transformers']}",
+             "", f"`{result['command']}` ({result['date']}); W4 g128 asymmetric, {result['calib_n']} calibration "
+             f"samples, batch {result['calib_batch_size']}; samples: {result['calib_samples_from']}.", "",
+             "| arch | method : component | wall s | calibration s | method s | report stats s | block fwd | "
+             "peak GiB | peak - fp16 weights GiB | mean held-out layer error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, p=2: "" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    for arch in result["archs"]:
+        for r in arch["runs"]:
+            lines.append(f"| {arch['arch']} | {r['method']} : {r['component']} | {fmt(r['wall_s'])} | "
+                         f"{fmt(r['calibration_s'])} | {fmt(r['method_s'])} | {fmt(r['report_stats_s'])} | "
+                         f"{fmt(r['block_forwards'])} | {fmt(r.get('peak_gpu_gib'))} | "
+                         f"{fmt(r.get('peak_above_weights_gib'))} | {fmt(r['mean_output_error'], 4)} |")
+        for spec in arch.get("not_run", []):
+            lines.append(f"| {arch['arch']} | {spec} | not run (deadline) | | | | | | | |")
+    if result.get("targets"):
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {c['target']} | {c['measured']:.3f} | {'yes' if c['met'] else 'NO'} |" for c in result["targets"]]
+    if result.get("reference_check"):
+        lines += ["", "| reference check | codes equal | mismatch fraction | times s |", "|---|---|---|---|"]
+        for name, c in result["reference_check"].items():
+            times = ", ".join(f"{k} {v:.3f}" for k, v in c.items() if k.endswith("_s"))
+            lines.append(f"| {name} | {c['codes_equal']} | {c['codes_mismatch_fraction']:.2e} | {times} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arch", default=None, help=f"comma-separated, of {', '.join(ARCHS)} "
+                        "[cuda: blip2-opt-2.7b,llava-1.5-7b,llava-1.5-13b; cpu: tiny,tiny-llava]")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--runs", default=None, help="comma-separated method:component pairs [per arch]")
+    parser.add_argument("--calib-n", type=int, default=128)
+    parser.add_argument("--calib-batch-size", type=int, default=8)
+    parser.add_argument("--deadline-s", type=float, default=1e9, help="start no new run after this many seconds")
+    parser.add_argument("--check-reference", action="store_true", help="gptq_reference vs the fast path, real size")
+    args = parser.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    archs = (args.arch or ("blip2-opt-2.7b,llava-1.5-7b,llava-1.5-13b" if cuda else "tiny,tiny-llava")).split(",")
+    for arch in archs:
+        if arch not in ARCHS:
+            parser.error(f"--arch: got {arch!r}; valid: {', '.join(ARCHS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    import transformers
+
+    result = {
+        "device": args.device, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "card": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "command": " ".join(sys.argv), "calib_n": args.calib_n, "calib_batch_size": args.calib_batch_size,
+        "calib_samples_from": use_shapes_samples_without_datasets(), "archs": [],
+    }
+    out_path = args.out / "bench_gpu.json"
+    if args.check_reference:
+        result["reference_check"] = reference_check(args.device)
+        print("reference check", json.dumps(result["reference_check"]), flush=True)
+        _write(out_path, result)
+    for arch in archs:
+        if time.perf_counter() - started > args.deadline_s:
+            result.setdefault("not_run", []).append(arch)
+            continue
+        run_arch(arch, args, result, out_path, started)
+        result["targets"] = evaluate_targets(result)
+        _write(out_path, result)
+        _write_text(args.out / "bench_gpu.md", markdown(result))
     result["total_s"] = time.perf_counter() - started
     _write(out_path, result)
+    _write_text(args.out / "bench_gpu.md", markdown(result))
+    print(markdown(result), flush=True)
     return 0
 
 

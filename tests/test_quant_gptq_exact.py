@@ -1,70 +1,23 @@
-"""GPTQ's fast column loop (fixed buffers, CUDA graphs) gives the same integer codes as the plain loop.
+"""GPTQ's fast column loop (fixed buffers, CUDA graphs) gives the same integer codes as the readable one.
 
-``reference_quantize_layer`` is the kernel-by-kernel loop as it stood before the performance work
-(commit e2102ee), kept here verbatim as the specification of the codes."""
+The specification is `lmms_quant.quant.gptq_reference.fasterquant` (the whole algorithm in one
+function, shaped like the IST-DASLab reference, with its grid parameters written out from the
+formulas). It replaced the kernel-by-kernel loop kept here before (commit e2102ee's), with the fixed
+formulas of issue 13, so the codes pinned changed on purpose: a symmetric grid uses all 2^b codes
+(s = 2 max|w| / (2^b - 1), z = 2^(b-1)), and a narrow last group's static range comes from its own
+columns."""
 
 import pytest
 import torch
 
 from lmms_quant.quant import gptq
-from lmms_quant.quant.quantizer import QuantGrid
+from lmms_quant.quant.gptq_reference import fasterquant
+from lmms_quant.quant.quantizer import QuantGrid, quantize_rtn
 
 
 def reference_quantize_layer(weight, hessian, grid, *, damp=0.01, block_size=128, act_order=False):
-    W = weight.detach().float().clone()
-    rows, columns = W.shape
-    H = hessian.detach().float().clone().to(W.device)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    static = grid.granularity != "group" or act_order
-    n_param_rows, n_groups = grid.param_shape(rows, columns)
-    if static:
-        scale, zero = grid.fit(W)
-    else:
-        scale = torch.zeros(n_param_rows, n_groups, device=W.device)
-        zero = torch.zeros(n_param_rows, n_groups, device=W.device)
-    column_group = grid.column_group(columns).tolist()
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-        column_group = [column_group[j] for j in perm.tolist()]
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    L, _ = torch.linalg.cholesky_ex(H)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    WT = W.T.contiguous()
-    scaleT, zeroT = scale.T.contiguous(), zero.T.contiguous()
-    deqT, codesT = torch.empty_like(WT), torch.empty_like(WT)
-    g, maxq = grid.group_size, grid.maxq
-    for i1 in range(0, columns, block_size):
-        i2 = min(i1 + block_size, columns)
-        W1 = WT[i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Q1, C1 = deqT[i1:i2], codesT[i1:i2]
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not static and col % g == 0:
-                end = min(col + g, columns)
-                current = W1[i:min(end, i2) - i1]
-                if end > i2:
-                    tail = WT[i2:end] - U[i1:col, i2:end].T @ Err1[:i]
-                    current = torch.cat([current, tail], dim=0)
-                s, z = grid.params_from_range(current.amin(dim=0), current.amax(dim=0))
-                scaleT[column_group[col]], zeroT[column_group[col]] = s, z
-            group = column_group[col]
-            s, z = scaleT[group], zeroT[group]
-            w, q, dq, err = W1[i], C1[i], Q1[i], Err1[i]
-            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
-            torch.sub(q, z, out=dq).mul_(s)
-            torch.sub(w, dq, out=err).div_(U1[i, i])
-            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
-        WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
-    codes, deq = codesT.T, deqT.T
-    if perm is not None:
-        inverse = torch.argsort(perm)
-        deq, codes = deq[:, inverse], codes[:, inverse]
-    return codes.to(torch.uint8), deq, scaleT.T, zeroT.T
+    q = fasterquant(weight, hessian, grid, damp=damp, block_size=block_size, act_order=act_order)
+    return q.codes, q.weight, q.scale, q.zero
 
 
 def _layer(rows, columns, seed):
@@ -85,6 +38,10 @@ CASES = [
     (32, 130, QuantGrid(bits=8, sym=True, granularity="tensor"), 64, False),
     (32, 256, QuantGrid(bits=4, sym=False, granularity="group", group_size=32), 64, True),
     (32, 256, QuantGrid(bits=3, sym=False, granularity="channel"), 128, True),
+    # static groups with a narrow last group (200 = 6 x 32 + 8), and symmetric static grids.
+    (32, 200, QuantGrid(bits=4, sym=False, granularity="group", group_size=32), 64, True),
+    (32, 200, QuantGrid(bits=3, sym=True, granularity="group", group_size=32), 64, True),
+    (32, 192, QuantGrid(bits=4, sym=True, granularity="channel"), 64, False),
 ]
 
 
@@ -107,3 +64,19 @@ def test_gptq_buffers_reused_across_layers_of_one_shape_keep_no_state():
     gptq.quantize_layer(w1, H1, grid, block_size=64)
     second = gptq.quantize_layer(w2, H2, grid, block_size=64)
     assert torch.equal(second.codes, reference_quantize_layer(w2, H2, grid, block_size=64)[0])
+
+
+@pytest.mark.parametrize("grid", [QuantGrid(bits=3, sym=False, granularity="group", group_size=32),
+                                  QuantGrid(bits=4, sym=True, granularity="channel")], ids=str)
+def test_the_reference_with_uncorrelated_inputs_is_round_to_nearest(grid):
+    # H = I: Hinv is diagonal, no error reaches another column, every column is plainly rounded.
+    w, _ = _layer(24, 96, seed=5)
+    q = fasterquant(w, torch.eye(96), grid, block_size=32)
+    assert torch.equal(q.codes, quantize_rtn(w, grid).codes)
+
+
+def test_the_reference_spreads_rounding_error_and_beats_rtn():
+    w, H = _layer(32, 128, seed=6)
+    grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=32)
+    err = lambda approx: float(((w - approx) @ H * (w - approx)).sum())  # noqa: E731
+    assert err(fasterquant(w, H, grid).weight) < 0.8 * err(quantize_rtn(w, grid).weight)

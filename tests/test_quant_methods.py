@@ -55,9 +55,55 @@ def test_rtn_hand_example():
     assert torch.allclose(q.scale[:, 0], torch.tensor([1.0, 0.3]))
     assert q.zero[:, 0].tolist() == [1, 0]
     assert torch.allclose(q.weight, w)
-    # Symmetric 3 bits: s = max|w| / 3; 0.5 rounds to level 0.5*3/2 = 0.75 -> 1 -> 0.667.
-    sym = quantize_rtn(torch.tensor([[0.5, -2.0]]), QuantGrid(bits=3, sym=True, granularity="tensor"))
-    assert torch.allclose(sym.weight, torch.tensor([[2 / 3, -2.0]]))
+    # Symmetric 3 bits: s = 2 max|w| / 7 = 4/7; 0.5 -> 0.875 -> level 1 -> 4/7; 1.0 -> 1.75 -> 2 -> 8/7.
+    # -2.0 is -3.5 levels: half-way between the two lowest levels (a tie, either is nearest).
+    sym = quantize_rtn(torch.tensor([[0.5, 1.0, -2.0]]), QuantGrid(bits=3, sym=True, granularity="tensor"))
+    assert torch.allclose(sym.scale, torch.tensor([[4 / 7]]))
+    assert torch.allclose(sym.weight[0, :2], torch.tensor([4 / 7, 8 / 7]))
+    assert min(abs(float(sym.weight[0, 2]) - v) for v in (-16 / 7, -12 / 7)) < 1e-6
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_grid_uses_all_2_to_the_bits_levels_like_compressed_tensors(bits):
+    # compressed-tensors' calculate_qparams (symmetric int): scale = max|w| / ((q_max - q_min) / 2) with
+    # q_min = -2^(b-1), q_max = 2^(b-1) - 1, zero-point 0; signed codes clamp(round(w / scale), q_min, q_max).
+    w = torch.linspace(-1.0, 1.0, 4001).reshape(1, -1) * 0.3
+    grid = QuantGrid(bits=bits, sym=True, granularity="channel")
+    q = quantize_rtn(w, grid)
+    q_min, q_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    ct_scale = w.abs().amax() / ((q_max - q_min) / 2)
+    assert torch.allclose(q.scale, ct_scale.reshape(1, 1))
+    signed = torch.clamp(torch.round(w / q.scale), q_min, q_max)
+    assert torch.equal(q.codes.float() - 2 ** (bits - 1), signed)
+    assert torch.equal(q.weight, signed * q.scale)
+    assert int(q.codes.max()) <= 2**bits - 1
+    assert len(torch.unique(q.codes)) == 2**bits == q.max_levels()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_symmetric_error_is_below_the_old_2_to_the_bits_minus_1_level_grid(bits):
+    w = weight()
+    grid = QuantGrid(bits=bits, sym=True, granularity="group", group_size=32)
+    x = correlated_inputs()
+    cells = w.reshape(96, 4, 32)
+    old_scale = (cells.abs().amax(dim=2, keepdim=True) / (2 ** (bits - 1) - 1))
+    old = (torch.clamp(torch.round(cells / old_scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * old_scale).reshape(96, 128)
+    new = quantize_rtn(w, grid).weight
+    assert relative_output_error(x, w, new) < 0.97 * relative_output_error(x, w, old)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_a_narrow_last_group_takes_its_range_from_its_own_columns(sym):
+    # 100 columns in groups of 32: the last group holds columns 96..99 only. Column 0 (group 0) is
+    # large; the last group's values are small: its scale must not see column 0.
+    w = torch.randn(256, 100, generator=torch.Generator().manual_seed(0)) * 0.01
+    w[:, 0] = 1.0
+    grid = QuantGrid(bits=4, sym=sym, granularity="group", group_size=32)
+    q = quantize_rtn(w, grid)
+    tail = w[:, 96:]
+    expected = QuantGrid(bits=4, sym=sym, granularity="channel").fit(tail)[0]
+    assert torch.allclose(q.scale[:, -1:], expected)
+    assert float((q.weight[:, 96:] - tail).abs().max()) <= float(expected.max()) / 2 + 1e-7
 
 
 def test_rtn_per_tensor_is_the_papers_uniform_min_max():
@@ -183,3 +229,121 @@ def test_awq_folds_into_layernorm_rmsnorm_and_linear_rows_are_exact():
     after = forward()
     for b, a in zip(before, after):
         assert torch.allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+class _Attention(nn.Module):
+    """A small multi-head attention whose output mixes q, k and v non-linearly (softmax)."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, h, bias=None):
+        b, t, d = h.shape
+        split = lambda y: y.view(b, t, self.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        scores = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5 + bias
+        return self.o((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class _PreNormAttentionBlock(nn.Module):
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.attn = _Attention(d, heads)
+
+    def forward(self, x, bias):
+        return x + self.attn(self.norm(x), bias=bias)
+
+
+def test_awq_picks_the_scale_by_the_attention_modules_output_not_the_linears_own_errors():
+    from lmms_quant.quant.archs import LinearSite, Target, Unit, UnitSite
+    from lmms_quant.quant.calibration import Batch, Calibrator
+
+    torch.manual_seed(1)
+    block = _PreNormAttentionBlock().eval()
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 2.0)
+        block.norm.weight[:3] *= 15  # outlier channels, where AWQ's scales matter
+        block.attn.q.weight.mul_(4), block.attn.k.weight.mul_(4)
+    grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=16)
+    names = ["attn.q", "attn.k", "attn.v"]
+    sites = [LinearSite(n, block.get_submodule(n), f"attn.{n[-1]}", "llm", None, None, None) for n in names]
+    fold = FoldSite("norm", block.norm, None, tuple(names))
+    unit = Unit(UnitSite("block", "llm", None, None, None, sites, [fold]), [Target(s, grid) for s in sites],
+                [fold], block)
+    batches = [Batch({"x": torch.randn(4, 12, 32)}, options={"bias": torch.randn(1, 4, 12, 12)}) for _ in range(4)]
+    original = {n: block.get_submodule(n).weight.detach().clone() for n in names}
+    with torch.no_grad():
+        normed = [block.norm(b.inputs["x"]) for b in batches]  # before the fold divides the norm
+        reference = [block.attn(h, bias=b.options["bias"]) for h, b in zip(normed, batches)]
+        stats = Calibrator(block, batches, [], seed=0, device="cpu", dtype=torch.float32).collect(
+            unit, inputs=True, calls=awq.module_calls(unit))
+        _, notes = awq.quantize_unit(unit, stats, awq.AWQConfig(clip=False))
+        assert all(torch.equal(block.get_submodule(n).weight, w) for n, w in original.items())
+
+        # The attention module's output error for every alpha of the grid, computed here directly.
+        a = torch.cat([h.reshape(-1, 32) for h in normed]).abs().mean(dim=0)
+        losses = []
+        for k in range(20):
+            s = a.pow(k / 20).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            for n in names:
+                block.get_submodule(n).weight.copy_(quantize_rtn(original[n] * s, grid).weight / s)
+            err = sum(float((block.attn(h, bias=b.options["bias"]) - r).square().sum())
+                      for h, b, r in zip(normed, batches, reference))
+            losses.append(err)
+        for n in names:
+            block.get_submodule(n).weight.copy_(original[n])
+    chosen = round(notes[0]["alpha"] * 20)
+    assert notes[0]["criterion"] == "parent_output" and notes[0]["parent"] == "attn"
+    assert chosen == min(range(20), key=losses.__getitem__)
+    assert losses[chosen] <= losses[0]  # never worse than plain RTN on the block output
+    # The Linears' own errors prefer another scale here, a worse one for the attention output.
+    x = stats["attn.q"].inputs
+    _, own_alpha, _, _ = awq.search_scale(x, list(original.values()), [None] * 3, [grid] * 3, 20)
+    assert losses[round(own_alpha * 20)] > 1.1 * losses[chosen]
+
+
+def test_awq_clip_search_draws_its_rows_from_every_calibration_batch():
+    # Inputs in batch order: the first batches carry no signal. A search that reads only the first
+    # rows sees no error anywhere and keeps the full range; one that spreads over all rows clips.
+    x = correlated_inputs(n_tokens=8192)
+    x[:6144] = 0.0
+    w = weight()
+    w[0, 0] = 1.0
+    grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=32)
+    assert float(awq.clip_search(w, x, grid).min()) < 1.0
+    assert awq.spread_rows(x, 2048).shape[0] == 2048
+
+
+@pytest.mark.parametrize("grid,act_order", [
+    (QuantGrid(bits=3, sym=False, granularity="group", group_size=32), False),
+    (QuantGrid(bits=4, sym=True, granularity="channel"), False),
+    (QuantGrid(bits=4, sym=False, granularity="group", group_size=48), True),
+], ids=str)
+def test_gptq_of_stacked_rows_gives_each_linear_its_own_codes(grid, act_order):
+    # q/k/v read one input, so one H: their rows stacked go through one Cholesky and one column loop.
+    x = correlated_inputs(outliers=4)
+    H = x.T @ x
+    weights = [weight(96, 128, seed=s) for s in (1, 2, 3)]
+    stacked = gptq.quantize_rows(torch.cat(weights), H, grid, act_order=act_order).qweight
+    for k, w in enumerate(weights):
+        alone = gptq.quantize_layer(w, H, grid, act_order=act_order)
+        rows = slice(96 * k, 96 * (k + 1))
+        assert torch.equal(stacked.codes[rows], alone.codes) and torch.equal(stacked.weight[rows], alone.weight)
+        assert torch.equal(stacked.scale[rows], alone.scale) and torch.equal(stacked.zero[rows], alone.zero)
+
+
+def test_gptqs_own_errors_give_the_hessian_error_without_another_product():
+    x, w = correlated_inputs(), weight()
+    x[:, 7] = 0.0  # a dead input: H_jj := 1 in the factorised matrix, not in the error
+    H = x.T @ x
+    grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=32)
+    done = gptq.quantize_rows(w, H, grid, act_order=True)
+    delta = (w - done.qweight.weight).double()
+    num = float(done.err_sq.sum() - done.lam * delta.square().sum() - delta[:, done.dead].square().sum())
+    den = float(((w @ H) * w).sum())
+    assert (num / den) ** 0.5 == pytest.approx(relative_hessian_error(H, w, done.qweight.weight), rel=1e-4)
+    assert (num / den) ** 0.5 == pytest.approx(relative_output_error(x, w, done.qweight.weight), rel=1e-3)

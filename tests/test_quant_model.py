@@ -85,20 +85,27 @@ def test_gptq_output_error_on_calibration_data_is_at_most_rtns_for_every_layer(q
 
 
 @pytest.mark.parametrize("kind", ["blip2_opt", "llava", "blip2_t5", "blip2_itm"])
-def test_awq_activation_weighted_error_is_at_most_rtns(quantized, kind):
+def test_awq_error_is_at_most_rtns_where_its_scale_was_searched(quantized, kind):
     _, report, _ = quantized(kind, "awq")
+    # Every scale is chosen on a grid holding alpha = 0 (plain RTN), by the output of the fold's parent:
+    # the attention / MLP module for several Linears, the Linear itself for one.
+    assert report.folds and all(f["search_loss"] <= f["search_loss_rtn"] for f in report.folds)
+    parents = {f["parent"] for f in report.folds if f["criterion"] == "parent_output"}
+    assert all(len(f["linears"]) > 1 for f in report.folds if f["criterion"] == "parent_output")
+    if kind in ("blip2_opt", "llava", "blip2_t5"):
+        assert parents  # q/k/v (and gate/up) are searched on their attention (MLP) module's output
     by_fold = {}
     for record in report.tensors:
+        if record.details.get("search_criterion") != "linear_output":
+            continue  # a parent-searched scale trades the Linears' own errors for the parent's
         norm = record.details["calib_output_norm"]
-        key = record.details.get("fold_from", record.name)  # Linears sharing one scale are compared together
+        key = record.details["fold_from"]
         awq_sq, rtn_sq = by_fold.get(key, (0.0, 0.0))
         by_fold[key] = (awq_sq + (record.output_error_calib * norm) ** 2,
                         rtn_sq + (record.rtn_output_error_calib * norm) ** 2)
     for key, (awq_sq, rtn_sq) in by_fold.items():
         # Float tolerance: a Linear whose rows a later fold divided is RTN'd in those units.
         assert awq_sq <= rtn_sq * (1 + 1e-5), key
-    assert sum(a for a, _ in by_fold.values()) < sum(r for _, r in by_fold.values())
-    assert all(f["search_loss"] <= f["search_loss_rtn"] for f in report.folds)
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
@@ -258,7 +265,7 @@ def test_calibration_from_a_local_parquet_file(tiny_checkpoints, data_root):
     _, report, changed = run(tiny_checkpoints["llava"], "llava", method="gptq", component="llm", calib=str(vqa),
                              calib_n=4, evaluated=[(str(data_root / "coco2017_cap_val"), None, "val")])
     assert report.calibration["source"] == str(vqa) and len(report.tensors) == 14
-    with pytest.raises(RecipeError, match="rows"):
+    with pytest.raises(RecipeError, match="samples but"):
         run(tiny_checkpoints["llava"], "llava", method="gptq", calib=str(vqa), calib_n=10_000)
 
 
@@ -275,4 +282,43 @@ def test_report_json_is_complete_and_written_atomically(quantized, tmp_path):
     for key in ("name", "component", "block", "role", "method", "bits", "group_size", "max_levels", "weight_error",
                 "output_error", "output_error_calib", "rtn_output_error_calib"):
         assert key in tensor
-    assert data["total"]["bits_per_weight"] < 32 and data["calibration"]["holdout_samples"] == 2
+    assert data["total"]["bits_per_weight"] < 32 and data["calibration"]["holdout_samples"] == 8
+
+
+def test_report_holdout_sets_the_held_out_samples_and_zero_runs_no_held_out_pass(tiny_checkpoints):
+    model, processor = load(tiny_checkpoints["blip2_opt"], "blip2_opt")
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    report = quantize(model, processor, Recipe.parse({"method": "rtn", "report_holdout": 0, **FAST}), progress=False)
+    assert calls == [] and report.calibration["holdout_samples"] == 0  # RTN needs no data, and none was asked
+    assert len(report.tensors) == 41 and all(t.output_error is None for t in report.tensors)
+    _, three, _ = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method="rtn", report_holdout=3)
+    assert three.calibration["holdout_samples"] == 3 and all(t.output_error is not None for t in three.tensors)
+    assert three.plan["report_holdout"] == "3"
+
+
+def test_linears_sharing_an_input_share_one_hessian_and_keep_their_codes(tiny_checkpoints, monkeypatch):
+    from lmms_quant.quant import gptq
+
+    _, stacked, _ = run(tiny_checkpoints["llava"], "llava", method="gptq", bits=3, group_size=32)
+    block = "model.language_model.layers.0"
+    q = stacked.tensor(f"{block}.self_attn.q_proj")
+    assert set(q.details["quantized_with"]) == {f"{block}.self_attn.k_proj", f"{block}.self_attn.v_proj"}
+    assert stacked.tensor(f"{block}.mlp.gate_proj").details["quantized_with"] == [f"{block}.mlp.up_proj"]
+    assert "quantized_with" not in stacked.tensor(f"{block}.mlp.down_proj").details
+    # One Linear at a time on the same Hessians: the same codes and the same calibration errors.
+    monkeypatch.setattr(gptq, "_stackable", lambda targets, stats: [[t] for t in targets])
+    _, alone, _ = run(tiny_checkpoints["llava"], "llava", method="gptq", bits=3, group_size=32)
+    for name, codes in alone.codes.items():
+        assert torch.equal(codes.codes, stacked.codes[name].codes), name
+    for a, b in zip(alone.tensors, stacked.tensors):
+        assert a.output_error_calib == pytest.approx(b.output_error_calib, rel=1e-6)
+
+
+def test_per_tensor_gptq_keeps_one_scale_per_linear_where_linears_share_an_input(tiny_checkpoints):
+    _, report, _ = run(tiny_checkpoints["llava"], "llava", method="gptq", bits=4, granularity="tensor",
+                       component="llm")
+    block = "model.language_model.layers.0.self_attn"
+    scales = [report.codes[f"{block}.{p}"].scale for p in ("q_proj", "k_proj", "v_proj")]
+    assert all(s.shape == (1, 1) for s in scales) and len({float(s) for s in scales}) == 3
+    assert all("quantized_with" not in t.details for t in report.tensors)

@@ -60,7 +60,7 @@ def test_equal_plans_spelled_differently_have_one_digest():
 def test_different_plans_have_different_digests():
     base = {"method": "gptq", "bits": 4}
     digests = {Recipe.parse({**base, **change}).digest() for change in (
-        {}, {"bits": 3}, {"group_size": 64}, {"sym": True}, {"act_order": True}, {"component": "vit"},
+        {}, {"bits": 3}, {"group_size": 64}, {"sym": True}, {"act_order": False}, {"component": "vit"},
         {"layer_type": "attn"}, {"calib_n": 64}, {"seed": 1}, {"damp": 0.02})}
     assert len(digests) == 10
 
@@ -136,6 +136,10 @@ BAD_PLANS = [
     ({"method": "rtn", "calib_n": 0}, "calib_n"),
     ({"method": "rtn", "calib_batch_size": -4}, "calib_batch_size"),
     ({"method": "rtn", "seed": -1}, "seed"),
+    ({"method": "gptq", "calib_style": "prose"}, "calib_style"),
+    ({"method": "gptq", "calib_style": "raw"}, "calib_style"),  # raw text reaches no vision component
+    ({"method": "rtn", "report_holdout": -1}, "report_holdout"),
+    ({"method": "rtn", "report_holdout": "some"}, "report_holdout"),
 ]
 
 
@@ -163,8 +167,8 @@ def test_other_valid_keys_are_accepted_and_ignored():
 
 
 def test_calibration_sources(tmp_path):
-    local = tmp_path / "calib.parquet"
-    local.write_bytes(b"")
+    local = tmp_path / "calib.jsonl"
+    local.write_text('{"image": "a.png", "text": "a caption"}\n')
     assert Recipe.parse({"method": "rtn", "calib": str(local)}).calib.source == CalibSource("local", str(local))
     hf = Recipe.parse({"method": "rtn", "calib": "hf:lmms-lab/COCO-Caption2017:val"})
     assert hf.calib.source == CalibSource("hf", "lmms-lab/COCO-Caption2017", None, "val")

@@ -155,10 +155,10 @@ def test_model_identity_follows_the_checkpoint_contents(tmp_path):
 
 
 def test_calibration_fingerprint_hashes_local_data(tmp_path):
-    data = tmp_path / "calib.parquet"
-    data.write_bytes(b"a")
+    data = tmp_path / "calib.txt"
+    data.write_text("a")
     first = calibration_fingerprint(CalibSource.parse(str(data)))
-    data.write_bytes(b"b")
+    data.write_text("b")
     assert calibration_fingerprint(CalibSource.parse(str(data))) != first
     assert calibration_fingerprint(CalibSource.parse("synthetic")) == "synthetic"
     assert calibration_fingerprint(CalibSource.parse("hf:org/ds:train")) == "hf:org/ds:train"

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 import torch
 
 from .archs import Family, Unit, resolve, select
-from .calibration import Calibrator, check_not_evaluated, load_samples, make_batches
+from .calib_data import check_not_evaluated, load_samples, make_batches
+from .calibration import Calibrator
+from .sequential import SequentialCalibrator
 from .recipe import Recipe, method_module
 from .report import QuantReport, TensorRecord, account
 from .quantizer import relative_output_error
@@ -24,11 +27,6 @@ log = logging.getLogger(__name__)
 
 class QuantizationError(RuntimeError):
     """Quantization could not do what the recipe asked (e.g. no targeted layer received data)."""
-
-
-def holdout_count(calib_n: int) -> int:
-    """Held-out calibration samples drawn beside ``calib_n``: a quarter, between 1 and 32."""
-    return max(1, min(32, calib_n // 4))
 
 
 # Environment variables that change which kernels run, or how many threads split a reduction: the
@@ -115,8 +113,14 @@ def quantize(model, processor, recipe: Recipe, *, evaluated=(), cache=None, devi
 
 
 def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_codes: bool = False,
-                     progress: bool = True, family: Family | None = None) -> QuantReport:
-    """One quantization run (no cache, no leak check: `quantize` does those)."""
+                     progress: bool = True, family: Family | None = None, driver: str | None = None) -> QuantReport:
+    """One quantization run (no cache, no leak check: `quantize` does those).
+
+    ``driver``: ``sequential`` (block inputs captured once per stack, each block run alone;
+    `sequential`) or ``model`` (the model re-run up to every unit; `calibration.Calibrator`), both
+    giving the same statistics [``LMMS_QUANT_CALIB_DRIVER``, else sequential]. ``report.timing``:
+    wall-clock seconds in calibration (forwards, capture) and in the method, which includes the
+    report's calibration statistics (``report_stats_s``)."""
     started = time.perf_counter()
     arch = resolve(model, family)
     environment = _environment(device or model.device)
@@ -133,60 +137,96 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
     needs_calibration = method.NEEDS_HESSIAN or method.NEEDS_INPUTS
 
     calib = recipe.calib
-    n_holdout = holdout_count(calib.n)
+    n_holdout = calib.report_holdout
     samples = load_samples(calib.source, calib.n + n_holdout, calib.seed)
+    text_only = calib.text_only or any(s.image is None for s in samples)
+    if text_only and not calib.text_only:  # a hub split is known to be text only once loaded
+        calib = dataclasses.replace(calib, source=dataclasses.replace(calib.source, modality="text"))
+    calib.check_components({u.site.component for u in units})
     style = arch.family.prompt_style
-    calib_batches = make_batches(processor, style, samples[:calib.n], calib.batch_size) if needs_calibration else []
-    holdout_batches = make_batches(processor, style, samples[calib.n:], calib.batch_size)
+    calib_batches = (make_batches(processor, style, samples[:calib.n], calib.batch_size, calib.style)
+                     if needs_calibration else [])
+    holdout_batches = make_batches(processor, style, samples[calib.n:], calib.batch_size, calib.style)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(units) * (len(calib_batches) + len(holdout_batches)), desc=f"lmms-quant {recipe.method}",
                unit="batch", disable=not progress)
-    calibrator = Calibrator(model, calib_batches, holdout_batches, seed=calib.seed, progress=bar)
+    driver = driver or os.environ.get("LMMS_QUANT_CALIB_DRIVER", "sequential")
+    if driver == "sequential":
+        calibrator = SequentialCalibrator(model, calib_batches, holdout_batches, units=units,
+                                          need_calib=needs_calibration or hasattr(method, "module_calls"),
+                                          seed=calib.seed, progress=bar)
+    elif driver == "model":
+        calibrator = Calibrator(model, calib_batches, holdout_batches, seed=calib.seed, progress=bar)
+    else:
+        raise ValueError(f"driver: got {driver!r}; valid: sequential, model")
     tied = _tied_names(model)
     records: list[TensorRecord] = []
     skipped: list[dict] = []
     folds: list[dict] = []
     codes = {}
     grids = {}
+    # method_s includes report_stats_s: the report's calibration errors (RTN reference included)
+    timing = {"calibration_s": 0.0, "method_s": 0.0, "report_stats_s": 0.0}
+
+    def quantize_unit(unit, stats) -> None:
+        """The method on one unit; its weights written back and recorded."""
+        if needs_calibration:
+            unit = _drop_layers_without_data(unit, stats, skipped)
+            if not unit.targets:
+                return
+        # In the model's dtype (exact; half the memory of fp32 for fp16/bf16 models), widened per tensor.
+        originals = {t.name: t.module.weight.detach().clone() for t in unit.targets}
+        results, notes = method.quantize_unit(unit, stats, recipe.config)
+        folds.extend(notes)
+        for t in unit.targets:
+            result = results[t.name]
+            t.module.weight.copy_(result.qweight.weight.to(t.module.weight.dtype))
+            effective = result.effective_weight(t.module.weight.detach().float())
+            original = originals.pop(t.name).float()
+            holdout = stats[t.name].holdout
+            records.append(TensorRecord(
+                name=t.name, component=t.site.component, stack=t.site.stack, block=t.site.block,
+                role=t.site.role, method=recipe.method, bits=t.grid.bits, granularity=t.grid.granularity,
+                group_size=t.grid.group_size, sym=t.grid.sym, shape=tuple(original.shape),
+                n_groups=t.grid.n_groups(original.shape[1]), max_levels=result.qweight.max_levels(),
+                weight_error=_relative(original, effective),
+                output_error=None if holdout is None else relative_output_error(holdout, original, effective),
+                output_error_calib=result.calib_error, rtn_output_error_calib=result.rtn_calib_error,
+                feeds_output=t.site.feeds_output,
+                tied_to=[n for n in tied.get(id(t.module.weight), []) if n != f"{t.name}.weight"],
+                holdout_tokens=0 if holdout is None else int(holdout.shape[0]),
+                details=result.info or {},
+            ))
+            grids[id(t.module.weight)] = t.grid
+            timing["report_stats_s"] += (result.info or {}).get("report_stats_s", 0.0)
+            if keep_codes:
+                codes[t.name] = result.qweight.to_cpu()
+
+    on_cuda = any(p.is_cuda for p in model.parameters())
+
+    def clock() -> float:
+        if on_cuda:
+            torch.cuda.synchronize()  # attribute GPU time to the step that queued it (3 waits a unit)
+        return time.perf_counter()
+
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for unit in units:
                 bar.set_postfix_str(unit.name, refresh=False)
-                stats = calibrator.collect(unit, hessian=method.NEEDS_HESSIAN, inputs=method.NEEDS_INPUTS)
-                if needs_calibration:
-                    unit = _drop_layers_without_data(unit, stats, skipped)
-                    if not unit.targets:
-                        continue
-                originals = {t.name: t.module.weight.detach().float().clone() for t in unit.targets}
-                results, notes = method.quantize_unit(unit, stats, recipe.config)
-                folds += notes
-                for t in unit.targets:
-                    result = results[t.name]
-                    t.module.weight.copy_(result.qweight.weight.to(t.module.weight.dtype))
-                    effective = result.effective_weight(t.module.weight.detach().float())
-                    original = originals[t.name]
-                    holdout = stats[t.name].holdout
-                    records.append(TensorRecord(
-                        name=t.name, component=t.site.component, stack=t.site.stack, block=t.site.block,
-                        role=t.site.role, method=recipe.method, bits=t.grid.bits, granularity=t.grid.granularity,
-                        group_size=t.grid.group_size, sym=t.grid.sym, shape=tuple(original.shape),
-                        n_groups=t.grid.n_groups(original.shape[1]), max_levels=result.qweight.max_levels(),
-                        weight_error=_relative(original, effective),
-                        output_error=None if holdout is None else relative_output_error(holdout, original, effective),
-                        output_error_calib=result.calib_error, rtn_output_error_calib=result.rtn_calib_error,
-                        feeds_output=t.site.feeds_output,
-                        tied_to=[n for n in tied.get(id(t.module.weight), []) if n != f"{t.name}.weight"],
-                        holdout_tokens=0 if holdout is None else int(holdout.shape[0]),
-                        details=result.info or {},
-                    ))
-                    grids[id(t.module.weight)] = t.grid
-                    if keep_codes:
-                        codes[t.name] = result.qweight.to_cpu()
-                del stats, results, originals
+                calls = method.module_calls(unit) if hasattr(method, "module_calls") else ()
+                t0 = clock()
+                stats = calibrator.collect(unit, hessian=method.NEEDS_HESSIAN, inputs=method.NEEDS_INPUTS, calls=calls)
+                t1 = clock()
+                quantize_unit(unit, stats)
+                del stats
+                t2 = clock()
+                calibrator.finished(unit)
+                timing["calibration_s"] += t1 - t0 + clock() - t2
+                timing["method_s"] += t2 - t1
     finally:
         bar.close()
         model.train(was_training)
@@ -197,14 +237,22 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
     sizes = account(model, arch.component_of, grids)
     calibration = {"source": calib.source.spec, "samples": calib.n, "holdout_samples": n_holdout,
                    "batch_size": calib.batch_size, "seed": calib.seed, "prompt_style": style,
-                   "used_for_quantization": needs_calibration}
+                   "calib_style": calib.style, "text_only": text_only, "used_for_quantization": needs_calibration}
     notes = [f"AWQ fold not applied: {d}" for u in units for d in u.site.dropped_folds] if recipe.method == "awq" else []
     report = QuantReport(plan=recipe.to_model_args(), digest=recipe.digest(), model=_model_info(model, arch),
                          calibration=calibration, tensors=records, sizes=sizes, skipped=skipped, folds=folds,
-                         notes=notes, timing={"total_s": time.perf_counter() - started, "units": len(units)},
+                         notes=notes, timing={"total_s": time.perf_counter() - started, "units": len(units),
+                                              **timing, "driver": driver, **_driver_counts(calibrator)},
                          environment=environment, codes=codes)
     log.info("%s", report.summary())
     return report
+
+
+def _driver_counts(calibrator) -> dict:
+    counts = {name: getattr(calibrator, name) for name in ("block_forwards", "capture_passes") if hasattr(calibrator, name)}
+    if getattr(calibrator, "not_replayable", None):
+        counts["model_driver_stacks"] = dict(calibrator.not_replayable)
+    return counts
 
 
 def _drop_layers_without_data(unit: Unit, stats, skipped: list[dict]) -> Unit:
@@ -221,4 +269,4 @@ def _drop_layers_without_data(unit: Unit, stats, skipped: list[dict]) -> Unit:
     return dataclasses.replace(unit, targets=kept, folds=[f for f in unit.folds if all(n in names for n in f.linears)])
 
 
-__all__ = ["QuantizationError", "holdout_count", "quantize", "run_quantization"]
+__all__ = ["QuantizationError", "quantize", "run_quantization"]

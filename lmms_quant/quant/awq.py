@@ -2,23 +2,35 @@
 
 For Linears that share one input X and follow a foldable op (architecture table, `archs.Fold`):
 
-- a_j = mean |X_j|; for alpha in {0, 1/grid, ..., (grid-1)/grid}: s = a^alpha normalised by
-  sqrt(max s * min s); loss = sum over the Linears of ||X W^T - (X/s) Q(W diag(s))^T||^2 (output rows
-  weighted back to original units when a later fold already divided them). alpha = 0 is s = 1, plain
-  RTN, so the chosen scale is never worse than RTN on the calibration inputs.
+- a_j = mean |X_j| over every calibration token; for alpha in {0, 1/grid, ..., (grid-1)/grid}:
+  s = a^alpha normalised by sqrt(max s * min s), and the Linears get Q(W diag(s)) diag(1/s).
+- The loss that picks alpha is the output error of the fold's *parent*: the module whose output
+  carries the sum of the scale's effects, found as the Linears' common module prefix — the
+  attention module for q/k/v, the MLP module for gate/up (llm-awq's ``module2inspect``,
+  llm-compressor's lowest common ancestor). It is re-run on its recorded calibration calls (the
+  arguments and keyword arguments of every calibration batch, `calibration.ModuleCall`) and compared
+  with its floating-point output on the real tokens. A fold of one Linear is its own parent: its
+  loss is ||X W^T - (X/s) Q(W diag(s))^T||^2 on a row subsample of its inputs (output rows weighted
+  back to original units when a later fold already divided them). alpha = 0 is s = 1, plain RTN,
+  so the chosen scale is never worse than RTN on the parent's calibration output.
 - The scale is folded: the Linears' input columns are multiplied by s and the previous op divided by
   s — a LayerNorm's weight and bias, an RMSNorm's weight (Gemma's (1 + w) as a whole), or a Linear's
   output rows and bias. Folds
   are processed last-to-first in a block so that a Linear's row scale is known before its columns
-  are searched.
+  are searched (a parent re-run sees every earlier-processed fold inside it, exactly compensated).
 - Clip search (optional; not for q/k, as in the reference): per cell, shrink the min-max range by
-  1, 0.95, ..., 0.55 and keep the factor with the smallest output error of that cell; kept only if
-  it lowers the Linear's total output error.
-Linears with no exact fold are rounded (with the clip search) without scaling.
+  1, 0.95, ..., 0.55 and keep the factor with the smallest output error of that cell on
+  ``CLIP_ROWS`` input rows drawn evenly from all calibration batches; kept only if it lowers the
+  Linear's total output error.
+Linears with no exact fold are rounded (with the clip search) without scaling. On CUDA the searches'
+float32 products run in TF32 (`_tf32_products`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -67,9 +79,11 @@ def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) ->
 
 
 def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list[torch.Tensor | None],
-                 grids: list[QuantGrid], n_grid: int) -> tuple[torch.Tensor, float, float, float]:
-    """(best s, its alpha, its loss, the alpha=0 / RTN loss) for Linears sharing input ``x``."""
-    mean_abs = x.abs().mean(dim=0)
+                 grids: list[QuantGrid], n_grid: int,
+                 mean_abs: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
+    """(best s, its alpha, its loss, the alpha=0 / RTN loss) for Linears sharing input ``x``, by their
+    own output error on ``x``; ``mean_abs`` (default: that of ``x``) is a = mean |X_j|."""
+    mean_abs = x.abs().mean(dim=0) if mean_abs is None else mean_abs.to(x.device)
     best = None
     rtn_loss = None
     for k in range(n_grid):
@@ -86,6 +100,83 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list
         if best is None or loss < best[2]:
             best = (s, alpha, loss)
     return best[0], best[1], best[2], rtn_loss
+
+
+def fold_parent(fold: FoldSite) -> str:
+    """The module whose output carries every effect of ``fold``'s scale: its Linears' common module
+    prefix (the attention / MLP module of q,k,v / gate,up; the Linear itself for a fold of one)."""
+    return ".".join(os.path.commonprefix([name.split(".") for name in fold.linears]))
+
+
+def module_calls(unit) -> list[str]:
+    """The modules whose calibration calls AWQ replays: the parents of folds of several Linears."""
+    names: list[str] = []
+    for fold in unit.folds:
+        parent = fold_parent(fold)
+        if parent not in fold.linears and parent not in names:
+            names.append(parent)
+    return names
+
+
+def _inside(name: str, parent: str) -> bool:
+    return name == parent or name.startswith(parent + ".")
+
+
+def _self_contained(parent: str, applied: list[FoldSite]) -> bool:
+    """Whether the parent's output is in original units after the folds already applied: each of them
+    lies wholly inside the parent (compensated there) or wholly outside it."""
+    for fold in applied:
+        inside = [_inside(fold.prev_name, parent)] + [_inside(n, parent) for n in fold.linears]
+        if any(inside) and not all(inside):
+            return False
+    return True
+
+
+def _real_tokens(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is not None and tuple(y.shape[:-1]) == tuple(mask.shape):
+        return y[mask.to(y.device)]
+    return y.reshape(-1, y.shape[-1])
+
+
+def search_scale_block(parent: nn.Module, calls: list, mean_abs: torch.Tensor, linears: list[str],
+                       in_parent: dict[str, nn.Module], current: dict[str, torch.Tensor], grids: list[QuantGrid],
+                       n_grid: int, mask_key: str | None) -> tuple[torch.Tensor, float, float, float, list[float]]:
+    """(best s, its alpha, its loss, the alpha=0 / RTN loss, every alpha's loss) by the parent's output.
+
+    ``in_parent``: the quantized Linears inside the parent; during the search they hold their current
+    (fold-adjusted, floating-point) weights, the fold's ``linears`` the candidate Q(W s)/s; their
+    weights are put back afterwards. The loss is the mean squared error of the parent's output on the
+    real tokens of every recorded calibration call."""
+    saved = {n: m.weight.detach().clone() for n, m in in_parent.items()}
+
+    def install(weights: dict[str, torch.Tensor]) -> None:
+        for name, w in weights.items():
+            in_parent[name].weight.copy_(w.to(in_parent[name].weight.dtype))
+
+    def run() -> list[torch.Tensor]:
+        return [_real_tokens(call.replay(parent), call.masks.get(mask_key) if mask_key else None) for call in calls]
+
+    losses = []
+    best = None
+    try:
+        install({n: current[n] for n in in_parent})
+        reference = run()
+        n_elements = sum(r.numel() for r in reference)
+        for k in range(n_grid):
+            alpha = k / n_grid
+            s = mean_abs.pow(alpha).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            install({n: scaled_rtn_weight(current[n], s, g) for n, g in zip(linears, grids)})
+            total = torch.zeros((), device=mean_abs.device)
+            for out, ref in zip(run(), reference):
+                total = total + (out.float() - ref.float()).square().sum().to(total.device)
+            loss = float(total) / max(1, n_elements)
+            losses.append(loss)
+            if best is None or loss < best[2]:
+                best = (s, alpha, loss)
+    finally:
+        install(saved)
+    return best[0], best[1], best[2], losses[0], losses
 
 
 def apply_fold(fold: FoldSite, s: torch.Tensor, modules: dict[str, nn.Module],
@@ -144,10 +235,17 @@ def _cell_sq_errors(x: torch.Tensor, delta: torch.Tensor, grid: QuantGrid,
     return out if weight2 is None else out * weight2[:, None]
 
 
+def spread_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """At most ``n`` rows of ``x``, evenly spaced over all of it (rows come in calibration-batch order)."""
+    if x.shape[0] <= n:
+        return x
+    return x[torch.arange(n, device=x.device) * x.shape[0] // n]
+
+
 def clip_search(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid,
                 row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-cell range shrink factor in {1, 0.95, ..., 0.55} minimising that cell's output error."""
-    x = x[:CLIP_ROWS]
+    x = spread_rows(x, CLIP_ROWS)
     best_err = best_ratio = None
     for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS)):
         ratio = 1 - step / CLIP_STEPS
@@ -174,7 +272,28 @@ def quantize_layer(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, *, cl
     return clipped if float(err_clipped) < float(err_plain) else plain
 
 
+@contextlib.contextmanager
+def _tf32_products(on_cuda: bool):
+    """Float32 products in TF32 on CUDA, for the searches: their inputs are the model's fp16/bf16
+    activations (exact in TF32's 10-bit mantissa); the weight differences keep ~3 digits, far finer
+    than the loss differences between candidates. Several times faster than full fp32."""
+    if not on_cuda:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult], list[dict]]:
+    with _tf32_products(any(t.module.weight.is_cuda for t in unit.targets)):
+        return _quantize_unit(unit, stats, cfg)
+
+
+def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult], list[dict]]:
     targets = {t.name: t for t in unit.targets}
     modules = {t.name: t.module for t in unit.targets}
     inputs = {name: stats[name].inputs for name in targets}
@@ -185,12 +304,28 @@ def quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult], 
     fold_info: dict[str, dict] = {}
     notes = []
 
+    calls = getattr(stats, "calls", {})
+    call_modules = getattr(stats, "call_modules", {})
+    applied: list[FoldSite] = []
     for fold in reversed(unit.folds):
         x = inputs[fold.linears[0]]
         grids = [targets[n].grid for n in fold.linears]
-        s, alpha, loss, rtn_loss = search_scale(
-            x, [current[n] for n in fold.linears], [row_scale.get(n) for n in fold.linears], grids, cfg.grid)
+        parent = fold_parent(fold)
+        losses = None
+        mean_abs = stats[fold.linears[0]].abs_mean
+        if calls.get(parent) and _self_contained(parent, applied):
+            criterion = "parent_output"
+            in_parent = {n: m for n, m in modules.items() if _inside(n, parent)}
+            s, alpha, loss, rtn_loss, losses = search_scale_block(
+                call_modules[parent], calls[parent], mean_abs, list(fold.linears), in_parent, current, grids,
+                cfg.grid, targets[fold.linears[0]].site.token_mask)
+        else:
+            criterion = "linear_output"
+            s, alpha, loss, rtn_loss = search_scale(
+                x, [current[n] for n in fold.linears], [row_scale.get(n) for n in fold.linears], grids, cfg.grid,
+                mean_abs)
         apply_fold(fold, s, modules, current)
+        applied.append(fold)
         if fold.prev_name in current:
             scale = row_scale.setdefault(fold.prev_name, torch.ones(current[fold.prev_name].shape[0],
                                                                      device=s.device))
@@ -198,9 +333,12 @@ def quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult], 
         for n in fold.linears:
             col_scale[n] = s
             fold_info[n] = {"fold_from": fold.prev_name, "alpha": alpha, "search_loss": loss,
-                            "search_loss_rtn": rtn_loss}
-        notes.append({"prev": fold.prev_name, "linears": list(fold.linears), "alpha": alpha,
-                      "search_loss": loss, "search_loss_rtn": rtn_loss})
+                            "search_loss_rtn": rtn_loss, "search_criterion": criterion, "search_parent": parent}
+        note = {"prev": fold.prev_name, "linears": list(fold.linears), "alpha": alpha, "search_loss": loss,
+                "search_loss_rtn": rtn_loss, "criterion": criterion, "parent": parent}
+        if losses is not None:
+            note["losses"] = losses
+        notes.append(note)
 
     results = {}
     for name, t in targets.items():
@@ -215,15 +353,26 @@ def quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult], 
                              info={"scaled": s is not None, "clip_searched": qweight.clip is not None,
                                    **fold_info.get(name, {}), "calib_tokens": stats[name].n_calib})
         effective = result.effective_weight(qweight.weight)
-        result.calib_error = _relative(x, original[name], effective)
-        result.rtn_calib_error = _relative(x, original[name], quantize_rtn(original[name], t.grid).weight)
+        started = time.perf_counter()
+        reference = original[name]
+        norm_sq, (awq_sq, rtn_sq) = _output_sq_norms(x, reference, [effective, quantize_rtn(reference, t.grid).weight])
+        result.calib_error = (awq_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
+        result.rtn_calib_error = (rtn_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         # ||X W^T|| turns the relative errors back into the absolute ones the scale search sums.
-        result.info["calib_output_norm"] = float(_weighted_sq_error(x, original[name], None)) ** 0.5
+        result.info["calib_output_norm"] = norm_sq ** 0.5
+        result.info["report_stats_s"] = time.perf_counter() - started
         results[name] = result
     return results, notes
 
 
-def _relative(x: torch.Tensor, reference: torch.Tensor, approx: torch.Tensor) -> float:
-    num = float(_weighted_sq_error(x, reference - approx, None))
-    den = float(_weighted_sq_error(x, reference, None))
-    return (num / den) ** 0.5 if den > 0 else float("nan")
+def _output_sq_norms(x: torch.Tensor, reference: torch.Tensor, approxes: list[torch.Tensor],
+                     chunk_rows: int = 4096) -> tuple[float, list[float]]:
+    """||X W^T||^2 and each ||X (W - A)^T||^2, from one product of X with the stacked [W; W - A...]."""
+    stacked = torch.cat([reference] + [reference - a for a in approxes]).T
+    rows = reference.shape[0]
+    totals = torch.zeros(1 + len(approxes), dtype=torch.float64, device=reference.device)
+    for start in range(0, x.shape[0], chunk_rows):
+        y = (x[start:start + chunk_rows] @ stacked).double().square()
+        totals += y.reshape(y.shape[0], 1 + len(approxes), rows).sum(dim=(0, 2))
+    values = totals.tolist()
+    return values[0], values[1:]

@@ -1,16 +1,13 @@
-"""Calibration: real image+text batches through the real model, layer inputs captured per unit.
+"""Calibration capture: layer inputs of each unit while the real model runs on calibration batches.
 
-- Sources: ``synthetic`` (lmms_quant.fixtures' seeded shapes world), ``hf:<path>[:<name>]:<split>``
-  (datasets.load_dataset, which also reads local dataset dirs), or a local parquet/json/csv file or
-  ``save_to_disk`` directory. A source equal to a dataset being evaluated is refused.
-- Batches are made by the model's own processor, with the prompt format of its family (BLIP-2
-  "Question: … Answer: …" or a bare caption; T5 gets the answer as decoder labels; LLaVA its chat
-  template; the retrieval model is run with its image-text matching head).
-- `Calibrator.collect(unit)` runs the whole model on every batch with forward pre-hooks on the unit's
-  Linears, and stops each forward (an exception from a hook) as soon as the unit has run. Because
-  earlier units are already quantized when a later one is collected, every unit sees the outputs of
-  the quantized units before it, in any architecture, without re-implementing block call signatures.
-  Padding tokens are dropped where the table names the mask that marks them.
+`Calibrator.collect(unit)` runs the whole model on every batch (`calib_data.Batch`) with forward
+pre-hooks on the unit's Linears, and stops each forward (an exception from a hook) as soon as the
+unit has run. Because earlier units are already quantized when a later one is collected, every unit
+sees the outputs of the quantized units before it, in any architecture, without re-implementing
+block call signatures. Padding tokens are dropped where the table names the mask that marks them.
+Finished components' outputs are reused (`_OutputCache`).
+
+The data side (sources, samples, prompt styles, batches) is `calib_data`; its names are re-exported.
 """
 
 from __future__ import annotations
@@ -18,8 +15,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
-import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,214 +22,76 @@ from dataclasses import dataclass, field
 import torch
 
 from .archs import Unit
-from .recipe import CalibSource, RecipeError
-
-CAPTION_INSTRUCTION = "Provide a one-sentence caption for the provided image."
-_QA = re.compile(r"^\s*Question:\s*(?P<q>.*?)\s*Answer:\s*(?P<a>.*?)\s*$", re.S)
-_TEXT_COLUMNS = ("text", "caption", "captions", "sentences", "sentence")
-_ANSWER_COLUMNS = ("answer", "multiple_choice_answer", "answers", "label")
-
-
-@dataclass
-class CalibSample:
-    image: object  # PIL.Image.Image
-    prompt: str | None  # a question; None for a caption sample
-    response: str
-
-
-def sample_from_text(image, text: str) -> CalibSample:
-    match = _QA.match(text)
-    if match:
-        return CalibSample(image, match.group("q"), match.group("a"))
-    return CalibSample(image, None, text.strip())
-
-
-# --------------------------------------------------------------------------- sources
-
-
-def _same_path(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.realpath(a) == os.path.realpath(b)
-    return a.rstrip("/") == b.rstrip("/")
-
-
-def check_not_evaluated(source: CalibSource, evaluated_datasets: Sequence) -> None:
-    """Refuse a calibration source that is one of the evaluated (dataset_path, dataset_name, split)."""
-    calib = source.spec
-    if source.kind == "synthetic":
-        return
-    for entry in evaluated_datasets or ():
-        path, name, split = (list(entry) + [None, None, None])[:3]
-        if path is None:
-            continue
-        path = str(path)
-        clash = False
-        if source.kind == "hf":
-            clash = (_same_path(source.path, path) and (source.name or None) == (name or None)
-                     and source.split == split)
-        else:
-            local = source.path
-            inside = (os.path.isdir(path)
-                      and os.path.realpath(local).startswith(os.path.realpath(path) + os.sep)
-                      and split is not None and split in os.path.relpath(local, path).replace(os.sep, "/"))
-            clash = _same_path(local, path) or inside
-        if clash:
-            raise RecipeError(
-                f"calib={calib!r} is invalid: it is the evaluated split ({path}, {name}, {split}); calibrating "
-                f"on test data inflates scores; valid: a disjoint split or dataset, or synthetic")
-
-
-def _load_rows(source: CalibSource):
-    import datasets
-
-    if source.kind == "hf":
-        return datasets.load_dataset(source.path, source.name, split=source.split)
-    path = source.path
-    if os.path.isdir(path):
-        loaded = datasets.load_from_disk(path)
-        if isinstance(loaded, datasets.DatasetDict):
-            raise RecipeError(f"calib={path!r} is invalid: it holds several splits {list(loaded)}; "
-                            f"valid: hf:{path}:<split>")
-        return loaded
-    ext = os.path.splitext(path)[1].lower().lstrip(".")
-    builder = {"parquet": "parquet", "json": "json", "jsonl": "json", "csv": "csv"}.get(ext)
-    if builder is None:
-        raise RecipeError(f"calib={path!r} is invalid: unknown file type .{ext}; valid: .parquet, .json, .jsonl, .csv")
-    return datasets.load_dataset(builder, data_files=path, split="train")
-
-
-def _first_text(value) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        for key in ("answer", "raw", "text", "caption"):
-            if isinstance(value.get(key), str):
-                return value[key]
-    if isinstance(value, (list, tuple)) and value:
-        return _first_text(value[0])
-    return None
-
-
-def _row_sample(row: dict, image_column: str) -> CalibSample:
-    image = row[image_column]
-    if isinstance(image, dict) and image.get("bytes") is not None:
-        import io
-
-        from PIL import Image
-
-        image = Image.open(io.BytesIO(image["bytes"]))
-    image = image.convert("RGB")
-    for col in _TEXT_COLUMNS:
-        text = _first_text(row.get(col))
-        if text:
-            return sample_from_text(image, text)
-    question = row.get("question")
-    for col in _ANSWER_COLUMNS:
-        answer = _first_text(row.get(col))
-        if answer:
-            return CalibSample(image, question if isinstance(question, str) and question else None, answer)
-    raise RecipeError(f"calibration rows have no text column; valid: one of {_TEXT_COLUMNS + _ANSWER_COLUMNS}")
-
-
-def load_samples(source: CalibSource, n: int, seed: int) -> list[CalibSample]:
-    """``n`` calibration samples, the same for the same (source, n, seed)."""
-    calib = source.spec
-    if source.kind == "synthetic":
-        from lmms_quant.fixtures.datasets import calibration_samples
-
-        return [sample_from_text(s["image"], s["text"]) for s in calibration_samples(n, seed)]
-    rows = _load_rows(source)
-    if len(rows) < n:
-        raise RecipeError(f"calib={calib!r} is invalid: it has {len(rows)} rows but {n} are needed "
-                        f"(calib_n plus held-out samples); valid: a larger source or a smaller calib_n")
-    image_columns = [c for c, f in rows.features.items() if type(f).__name__ == "Image"] or (
-        ["image"] if "image" in rows.column_names else [])
-    if not image_columns:
-        raise RecipeError(f"calib={calib!r} is invalid: no image column in {rows.column_names}; valid: a dataset "
-                        f"with an image column")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    return [_row_sample(rows[i], image_columns[0]) for i in order[:n]]
-
-
-# --------------------------------------------------------------------------- batches
-
-
-@dataclass
-class Batch:
-    inputs: dict  # tensors for model(**inputs)
-    masks: dict = field(default_factory=dict)  # mask key -> bool (batch, seq): real tokens
-    options: dict = field(default_factory=dict)  # non-tensor model kwargs
-
-    def to(self, device, dtype) -> dict:
-        moved = {}
-        for key, value in self.inputs.items():
-            if torch.is_floating_point(value):
-                value = value.to(device=device, dtype=dtype)
-            else:
-                value = value.to(device)
-            moved[key] = value
-        return {**moved, **self.options}
-
-
-def _chat_prompt(processor, question: str) -> str:
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    return f"USER: <image>\n{question} ASSISTANT:"
-
-
-def _encode(processor, images, texts) -> dict:
-    encoded = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-
-
-def make_batch(processor, style: str, samples: Sequence[CalibSample]) -> Batch:
-    images = [s.image for s in samples]
-    if style == "blip2_causal":
-        texts = [f"Question: {s.prompt} Answer: {s.response}" if s.prompt else s.response for s in samples]
-        inputs = _encode(processor, images, texts)
-        return Batch(inputs, {"attention_mask": inputs["attention_mask"].bool()}, {"use_cache": False})
-    if style == "blip2_seq2seq":
-        texts = [f"Question: {s.prompt} Answer:" if s.prompt else "" for s in samples]
-        inputs = _encode(processor, images, texts)
-        targets = processor.tokenizer([s.response for s in samples], return_tensors="pt", padding=True,
-                                      padding_side="right")
-        labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, -100)
-        inputs["labels"] = labels
-        masks = {"attention_mask": inputs["attention_mask"].bool(), "decoder_mask": labels != -100}
-        return Batch(inputs, masks, {"use_cache": False})
-    if style == "blip2_itm":
-        texts = [f"{s.prompt} {s.response}" if s.prompt else s.response for s in samples]
-        return Batch(_encode(processor, images, texts), {}, {"use_image_text_matching_head": True})
-    if style == "chat":
-        if not getattr(processor, "chat_template", None):
-            raise ValueError(f"prompt style 'chat': {type(processor).__name__} has no chat_template; valid: a "
-                             f"processor with a chat template, or the family's plain prompt style")
-        # One image per sample as its own list: processors that count images per prompt (Gemma 3) need it.
-        texts = [f"{_chat_prompt(processor, s.prompt or CAPTION_INSTRUCTION)} {s.response}" for s in samples]
-        inputs = _encode(processor, [[image] for image in images], texts)
-        return Batch(inputs, {"attention_mask": inputs["attention_mask"].bool()}, {"use_cache": False})
-    if style in ("llava", "generic"):
-        if style == "llava" or getattr(processor, "chat_template", None):
-            texts = [f"{_chat_prompt(processor, s.prompt or CAPTION_INSTRUCTION)} {s.response}" for s in samples]
-        else:
-            texts = [f"{s.prompt} {s.response}" if s.prompt else s.response for s in samples]
-        inputs = _encode(processor, images, texts)
-        masks = {"attention_mask": inputs["attention_mask"].bool()} if "attention_mask" in inputs else {}
-        return Batch(inputs, masks, {"use_cache": False} if style == "llava" else {})
-    raise ValueError(f"prompt style: got {style!r}; valid: blip2_causal, blip2_seq2seq, blip2_itm, llava, chat, generic")
-
-
-def make_batches(processor, style: str, samples: Sequence[CalibSample], batch_size: int) -> list[Batch]:
-    return [make_batch(processor, style, samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
-
+from .calib_data import (CAPTION_INSTRUCTION, Batch, CalibSample, check_not_evaluated, load_samples,  # noqa: F401
+                         make_batch, make_batches, sample_from_text)
 
 # --------------------------------------------------------------------------- capture
 
 
 class _UnitDone(Exception):
     """Raised from a hook to stop a forward once the unit being calibrated has run."""
+
+
+@dataclass
+class ModuleCall:
+    """One recorded call of a module on a calibration batch, to be replayed (AWQ's block-output search):
+    its positional and keyword arguments (tensors as they were passed) and the batch's token masks."""
+
+    args: tuple
+    kwargs: dict
+    masks: dict
+    versions: dict = field(default_factory=dict)  # keyword tensor -> its version counter when recorded
+
+    def replay(self, module):
+        """``module``'s output on this call: the first tensor of what it returns."""
+        for key, version in self.versions.items():
+            if self.kwargs[key]._version != version:
+                raise RuntimeError(f"recorded call argument {key!r} was modified in place after the call; it "
+                                   f"cannot be replayed")
+        return _first_tensor(module(*self.args, **self.kwargs))
+
+    @classmethod
+    def record(cls, args, kwargs, masks) -> "ModuleCall":
+        # Positional inputs are cloned (the caller may update them in place after the call); keyword
+        # tensors (masks, position embeddings, shared across blocks) are kept and checked unchanged.
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+        return cls(args, kwargs, masks, {k: v._version for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+
+
+def _is_cache(value) -> bool:
+    # A key/value cache object would be extended by a replay; calibration runs without one.
+    return type(value).__name__.endswith("Cache") and not isinstance(value, torch.Tensor)
+
+
+def _first_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    raise TypeError(f"a module output of type {type(output).__name__} has no leading tensor")
+
+
+class UnitStats(dict):
+    """Linear name -> `LayerStats` for one unit (one object for Linears that read the same input tensor),
+    plus ``calls``: module name -> its recorded calibration calls (`ModuleCall`), for the modules a
+    method asked to replay."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: dict[str, list[ModuleCall]] = {}
+        self.call_modules: dict[str, torch.nn.Module] = {}
+        self.shared_with: dict[str, str] = {}  # Linear -> the Linear whose input (and LayerStats) it shares
+        self.decided: set[str] = set()
+
+    def groups(self, names) -> list[list[str]]:
+        """``names`` grouped by shared input, in order (a Linear alone is a group of one)."""
+        out: dict[str, list[str]] = {}
+        for name in names:
+            out.setdefault(self.shared_with.get(name, name), []).append(name)
+        return list(out.values())
 
 
 class LayerStats:
@@ -248,6 +105,7 @@ class LayerStats:
         self.in_features = in_features
         self.want_hessian, self.want_inputs = hessian, inputs
         self.hessian: torch.Tensor | None = None
+        self.abs_sum: torch.Tensor | None = None  # sum of |x| over calibration tokens (with inputs)
         self.n_calib = 0
         self._inputs: list[torch.Tensor] = []
         self._holdout: list[torch.Tensor] = []
@@ -271,16 +129,27 @@ class LayerStats:
                 self.hessian.addmm_(x.T, x)
             if self.want_inputs:
                 self._inputs.append(self._subsample(x, self.rows_per_batch))
+                total = x.abs().sum(dim=0)
+                self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
         else:
             self._holdout.append(self._subsample(x, self.holdout_rows_per_batch))
 
     @property
     def inputs(self) -> torch.Tensor | None:
-        return torch.cat(self._inputs) if self._inputs else None
+        if len(self._inputs) > 1:
+            self._inputs = [torch.cat(self._inputs)]  # once: Linears sharing this object read it too
+        return self._inputs[0] if self._inputs else None
+
+    @property
+    def abs_mean(self) -> torch.Tensor | None:
+        """mean |x| per input channel over every calibration token (AWQ's activation statistic)."""
+        return None if self.abs_sum is None else self.abs_sum / max(1, self.n_calib)
 
     @property
     def holdout(self) -> torch.Tensor | None:
-        return torch.cat(self._holdout) if self._holdout else None
+        if len(self._holdout) > 1:
+            self._holdout = [torch.cat(self._holdout)]
+        return self._holdout[0] if self._holdout else None
 
     def has_data(self) -> bool:
         if self.n_calib == 0:
@@ -320,42 +189,89 @@ class Calibrator:
         self.progress = progress
         self.cache = _OutputCache(int(os.environ.get("LMMS_QUANT_CALIB_CACHE_MB", "1024")) * 2**20)
 
-    def collect(self, unit: Unit, *, hessian: bool = False, inputs: bool = False) -> dict[str, LayerStats]:
-        need_calib = hessian or inputs
+    def new_stats(self, unit: Unit, *, hessian: bool, inputs: bool, calls: Sequence[str]) -> UnitStats:
         rows = math.ceil(self.MAX_INPUT_ROWS / max(1, len(self.calib_batches)))
         holdout_rows = math.ceil(self.MAX_HOLDOUT_ROWS / max(1, len(self.holdout_batches)))
-        stats = {
+        stats = UnitStats({
             t.name: LayerStats(t.module.in_features, hessian=hessian, inputs=inputs, rows_per_batch=rows,
                                holdout_rows_per_batch=holdout_rows, seed=self.seed ^ zlib.crc32(t.name.encode()))
             for t in unit.targets
-        }
+        })
+        stats.calls = {name: [] for name in calls}
+        stats.call_modules = {name: self.model.get_submodule(name) for name in calls}
+        return stats
+
+    @staticmethod
+    def install_hooks(unit: Unit, stats: UnitStats, state: dict) -> list:
+        """Hooks that feed ``stats`` while the unit runs (``state``: the phase and the batch being run),
+        and stop the forward (`_UnitDone`) once every Linear of the unit has seen its input."""
         names = set(stats)
-        state = {"phase": "calib", "batch": None, "fired": set()}
-        handles = []
+
+        def call_hook(name):
+            def hook(module, args, kwargs):
+                if state["phase"] == "calib":
+                    stats.calls[name].append(ModuleCall.record(args, kwargs, state["batch"].masks))
+            return hook
 
         def pre_hook(name, mask_key):
             def hook(module, args, kwargs):
                 x = args[0] if args else kwargs["input"]
+                state["fired"].add(name)
+                # Linears called on the same tensor (q/k/v, gate/up, cross-attention k/v) share one
+                # LayerStats: one Hessian, one input sample. Decided on their first call, checked after.
+                seen = state.setdefault("seen", [])
+                leader = next((n for t, key, n in seen if t is x and key == mask_key), None)
+                if name not in stats.decided:
+                    stats.decided.add(name)
+                    if leader is not None and stats[leader].in_features == stats[name].in_features:
+                        stats[name] = stats[leader]
+                        stats.shared_with[name] = leader
+                if name in stats.shared_with:
+                    if leader != stats.shared_with[name]:
+                        raise RuntimeError(f"{name}: its input was {stats.shared_with[name]}'s on the first batch but "
+                                           f"not on a later one; the model's call graph changed between batches")
+                    return
+                seen.append((x, mask_key, name))
                 mask = state["batch"].masks.get(mask_key) if mask_key else None
                 stats[name].add(_tokens(x.detach(), mask, name), state["phase"])
-                state["fired"].add(name)
             return hook
 
         def exit_hook(module, args, output):
             if state["fired"] >= names:
                 raise _UnitDone
 
-        cached = self.cache.wrap(self.model, unit, state)
+        handles = []
         try:
             for t in unit.targets:
-                handles.append(t.module.register_forward_pre_hook(pre_hook(t.name, t.site.token_mask), with_kwargs=True))
+                handles.append(t.module.register_forward_pre_hook(pre_hook(t.name, t.site.token_mask),
+                                                                  with_kwargs=True))
+            for name, module in stats.call_modules.items():
+                handles.append(module.register_forward_pre_hook(call_hook(name), with_kwargs=True))
             handles.append(unit.exit_module.register_forward_hook(exit_hook))
-            passes = ([("calib", b) for b in self.calib_batches] if need_calib else []) + [
-                ("holdout", b) for b in self.holdout_batches]
-            for phase, batch in passes:
-                state.update(phase=phase, batch=batch, fired=set(), batch_id=id(batch))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return handles
+
+    def passes(self, need_calib: bool) -> list[tuple[str, Batch]]:
+        return ([("calib", b) for b in self.calib_batches] if need_calib else []) + [
+            ("holdout", b) for b in self.holdout_batches]
+
+    def collect(self, unit: Unit, *, hessian: bool = False, inputs: bool = False,
+                calls: Sequence[str] = ()) -> UnitStats:
+        """Statistics of the unit's Linears over the calibration (when ``hessian`` or ``inputs``) and
+        held-out batches; ``calls``: modules whose calibration calls are recorded for replay."""
+        need_calib = hessian or inputs or bool(calls)
+        stats = self.new_stats(unit, hessian=hessian, inputs=inputs, calls=calls)
+        state = {"phase": "calib", "batch": None, "fired": set()}
+        cached = self.cache.wrap(self.model, unit, state)
+        handles = self.install_hooks(unit, stats, state)
+        try:
+            for phase, batch in self.passes(need_calib):
+                state.update(phase=phase, batch=batch, fired=set(), seen=[], batch_id=id(batch))
                 try:
-                    self.model(**batch.to(self.device, self.dtype))
+                    batch.run(self.model, self.device, self.dtype)
                 except _UnitDone:
                     pass
                 if self.progress is not None:
@@ -365,6 +281,9 @@ class Calibrator:
                 handle.remove()
             self.cache.unwrap(cached)
         return stats
+
+    def finished(self, unit: Unit) -> None:
+        """Called once the unit's quantized weights are in the model (nothing to do for this driver)."""
 
 
 # --------------------------------------------------------------------------- reuse of finished components

@@ -6,6 +6,8 @@ A method module (``rtn.py``, ``gptq.py``, ``awq.py``) declares:
   (the model_args key, the default, the parser). It is the method's part of a `Recipe`.
 - ``NEEDS_HESSIAN`` / ``NEEDS_INPUTS``: what calibration must collect for it (the sum of x x^T per
   Linear; or the Linear's input tokens themselves).
+- optionally ``module_calls(unit) -> [module name]``: modules whose calibration calls (arguments and
+  keyword arguments per batch) the method replays; they arrive in ``stats.calls`` (AWQ's parent search).
 - ``quantize_unit(unit, stats, cfg) -> (results, notes)``: quantize the selected Linears of one unit
   (a block, or a set of non-block Linears) given the collected statistics; ``results[name]`` is a
   `LayerResult`, ``notes`` free-form records for the report (AWQ's folds).

@@ -4,9 +4,18 @@ W is (out_features, in_features). A *cell* is the set of weights that share one 
 the whole tensor, one output row ("channel"), or ``group_size`` consecutive input columns of one
 row ("group"; the last group of a row is narrower when ``group_size`` does not divide in_features).
 
+Codes are unsigned, q in 0..2^b-1, and w_hat = (q - z) * s for both grids:
+
 - asymmetric: min <= 0 <= max are stretched over codes 0..2^b-1, s = (max-min)/(2^b-1), integer
-  zero-point z = round(-min/s); w_hat = (q - z) * s.
-- symmetric: s = max|w| / (2^(b-1)-1), z = 2^(b-1) fixed (not stored); q - z in [-2^(b-1), 2^(b-1)-1].
+  zero-point z = round(-min/s) (clamped to 0..2^b-1); q = clamp(round(w/s) + z, 0, 2^b-1).
+- symmetric: every one of the 2^b codes is used, as in the GPTQ reference (IST-DASLab ``quant.py``)
+  and compressed-tensors (``calculate_qparams``: scale = max|w| / ((q_max - q_min)/2) with the signed
+  int range q_min = -2^(b-1), q_max = 2^(b-1)-1): s = 2·max|w| / (2^b-1), z = 2^(b-1) fixed (not
+  stored), q = clamp(round(w/s) + 2^(b-1), 0, 2^b-1). The signed code of a packed symmetric export
+  (compressed-tensors: zero-point 0) is exactly q - 2^(b-1) = clamp(round(w/s), -2^(b-1), 2^(b-1)-1),
+  with the same s. Levels run from -2^(b-1)·s to (2^(b-1)-1)·s; ±max|w| fall half-way between the
+  two outermost levels on their side (w/s = ±(2^(b-1) - 1/2)), as in both references.
+- a narrow last group (group_size not dividing in_features) takes its range from its own columns.
 
 Scales stay fp32 during simulation; the size accounting (report.py) charges them as fp16, the format
 a packed export stores (the difference is below fp16 resolution of the scale).
@@ -73,7 +82,7 @@ class QuantGrid:
         """(scale, zero) for cells whose weights lie in [xmin, xmax] (fp32 tensors of one shape)."""
         if self.sym:
             amax = torch.maximum(xmin.abs(), xmax.abs())
-            scale = amax / (2 ** (self.bits - 1) - 1)
+            scale = 2 * amax / self.maxq
             zero = torch.full_like(scale, 2 ** (self.bits - 1))
         else:
             xmin = torch.clamp(xmin, max=0)
@@ -92,13 +101,8 @@ class QuantGrid:
             return w.min().reshape(1, 1), w.max().reshape(1, 1)
         if self.granularity == "channel":
             return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
-        g = self.group_size
-        n = self.n_groups(in_features)
-        pad = n * g - in_features
-        if pad:
-            # Pad with a copy of each row's first column: it changes neither min nor max of the last cell.
-            w = torch.cat([w, w[:, :1].expand(out_features, pad)], dim=1)
-        cells = w.reshape(out_features, n, g)
+        # A narrow last group is padded with a copy of its own first column (`cells_view`).
+        cells = cells_view(w, self).reshape(out_features, self.n_groups(in_features), self.group_size)
         return cells.amin(dim=2), cells.amax(dim=2)
 
     def fit(self, w: torch.Tensor, clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

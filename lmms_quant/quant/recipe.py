@@ -16,8 +16,13 @@ parts and never the raw keys again:
   channel | group [follows group_size: -1 → channel]; ``group_size`` -1 or a positive int [128];
   ``sym`` [false: asymmetric with an integer zero-point].
 - ``recipe.calib`` (`Calibration`): ``calib`` = synthetic | hf:<path>[:<name>]:<split> | a local
-  parquet/json/csv file or save_to_disk directory [synthetic] (its `CalibSource`); ``calib_n`` [128];
-  ``calib_batch_size`` [8]; ``seed`` [0].
+  .txt (text only: a sample per line or paragraph) or parquet/json/jsonl/csv file or save_to_disk
+  directory — image+text, or text only without an image column [synthetic] (its `CalibSource`, whose
+  file is checked here, cheaply); ``calib_n`` [128]; ``calib_batch_size`` [8]; ``seed`` [0];
+  ``calib_style`` chat (the family's prompt format, image+text) | raw (plain text, no image, no
+  template: the language model alone) | caption (the image and its text, no prompt) [chat];
+  ``report_holdout`` held-out samples for the report's output errors, 0 = none [8]. A text-only
+  source or the raw style with vit/connector selected is refused (no image would reach them).
 
 Values may arrive typed the way lmms-eval types them, or as strings (see `lmms_quant.values`). Every
 bad key or value is a `RecipeError` naming the key, the value and the valid choices.
@@ -31,13 +36,13 @@ import difflib
 import hashlib
 import importlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from lmms_quant.values import bad, format_value, is_unset, parse_bool, parse_int, parse_positive_int
 
+from .calib_source import CalibSource
 from .method import MethodConfig, RecipeError
 
 # The registry: method name -> the module that implements it (see method.py). fp16 is "no method".
@@ -65,7 +70,9 @@ DEFAULT_GROUP_SIZE = 128
 
 SELECTION_KEYS = ("bits", "vit_bits", "connector_bits", "llm_bits", "component", "layer_group", "layer_type", "include")
 GRID_KEYS = ("granularity", "group_size", "sym")
-CALIB_KEYS = ("calib", "calib_n", "calib_batch_size", "seed")
+CALIB_KEYS = ("calib", "calib_n", "calib_batch_size", "seed", "calib_style", "report_holdout")
+CALIB_STYLES = ("chat", "raw", "caption")
+DEFAULT_REPORT_HOLDOUT = 8
 
 
 def method_module(name: str):
@@ -262,72 +269,69 @@ class Grid:
 
 
 @dataclass(frozen=True)
-class CalibSource:
-    """Where calibration samples come from: ``synthetic``, a hub dataset split, or a local path."""
-
-    kind: str  # "synthetic" | "hf" | "local"
-    path: str | None = None  # hub path, or an absolute local path
-    name: str | None = None  # hub config name
-    split: str | None = None
-
-    VALID = "synthetic, hf:<path>[:<name>]:<split>, or an existing local parquet/json/csv file or save_to_disk dir"
-
-    @classmethod
-    def parse(cls, value) -> "CalibSource":
-        if not isinstance(value, str):
-            raise bad("calib", value, cls.VALID, f"a {type(value).__name__}", RecipeError)
-        spelled = value.strip()
-        if spelled.lower() == "synthetic":
-            return cls("synthetic")
-        if spelled.startswith("hf:"):
-            parts = spelled[3:].split(":")
-            if len(parts) == 2:
-                path, name, split = parts[0], None, parts[1]
-            elif len(parts) == 3:
-                path, name, split = parts
-            else:
-                raise bad("calib", value, cls.VALID, "hf: needs <path>:<split> or <path>:<name>:<split>", RecipeError)
-            if not path or not split or name == "":
-                raise bad("calib", value, cls.VALID, "an empty part", RecipeError)
-            return cls("hf", path, name, split)
-        if os.path.exists(spelled):
-            return cls("local", os.path.abspath(spelled))
-        raise bad("calib", value, cls.VALID, "no such file or directory", RecipeError)
-
-    @property
-    def spec(self) -> str:
-        """The canonical spelling (what ``calib=`` says in to_model_args)."""
-        if self.kind == "synthetic":
-            return "synthetic"
-        if self.kind == "local":
-            return self.path
-        return "hf:" + ":".join(p for p in (self.path, self.name, self.split) if p is not None)
-
-
-@dataclass(frozen=True)
 class Calibration:
-    """The calibration data: its source, how many samples, in batches of how many, drawn with which seed."""
+    """The calibration data: its source, how many samples, in batches of how many, drawn with which
+    seed, in which prompt style, and how many further samples the report's held-out errors use."""
 
-    source: CalibSource = field(default_factory=lambda: CalibSource("synthetic"))
+    source: CalibSource = field(default_factory=lambda: CalibSource("synthetic", modality="image+text"))
     n: int = 128
     batch_size: int = 8
     seed: int = 0
+    style: str = "chat"
+    report_holdout: int = DEFAULT_REPORT_HOLDOUT
 
     @classmethod
     def parse(cls, given: Mapping) -> "Calibration":
         seed = parse_int("seed", given.get("seed", 0), "an int >= 0", RecipeError)
         if seed < 0:
             raise bad("seed", given.get("seed"), "an int >= 0", error=RecipeError)
-        return cls(
+        valid_holdout = "an int >= 0 (0: no held-out errors in the report)"
+        holdout = parse_int("report_holdout", given.get("report_holdout", DEFAULT_REPORT_HOLDOUT), valid_holdout,
+                            RecipeError)
+        if holdout < 0:
+            raise bad("report_holdout", given.get("report_holdout"), valid_holdout, error=RecipeError)
+        style = given.get("calib_style", "chat")
+        if not isinstance(style, str) or style.strip().lower() not in CALIB_STYLES:
+            raise bad("calib_style", style, ", ".join(CALIB_STYLES), error=RecipeError)
+        calib = cls(
             source=CalibSource.parse(given.get("calib", "synthetic")),
             n=parse_positive_int("calib_n", given.get("calib_n", 128), "e.g. 128", RecipeError),
             batch_size=parse_positive_int("calib_batch_size", given.get("calib_batch_size", 8), "e.g. 8", RecipeError),
-            seed=seed,
+            seed=seed, style=style.strip().lower(), report_holdout=holdout,
         )
+        if calib.style == "caption" and calib.source.text_only:
+            raise RecipeError(f"calib_style=caption is invalid with calib={calib.source.spec!r}: the source is text "
+                              f"only, and a caption needs its image; valid: calib_style=chat or raw, or an image+text "
+                              f"source")
+        return calib
+
+    @property
+    def text_only(self) -> bool:
+        """Whether no image reaches the model: a text-only source, or the raw style (plain text)."""
+        return self.source.text_only or self.style == "raw"
+
+    def check_components(self, components: Iterable[str]) -> None:
+        """A text-only calibration reaches only the language model: refuse one for vit/connector."""
+        visual = [c for c in components if c in ("vit", "connector")]
+        if not (self.text_only and visual):
+            return
+        if self.style == "raw":
+            key, value, why = "calib_style", "raw", "the raw style feeds plain text"
+        else:
+            key, value, why = "calib", self.source.spec, "the source is text only"
+        raise RecipeError(f"{key}={value!r} is invalid with component {'+'.join(visual)}: {why}, so no image reaches "
+                          f"them; valid: component=llm, or an image+text source with calib_style=chat or caption")
 
     def to_model_args(self) -> dict[str, str]:
-        return {"calib": self.source.spec, "calib_n": str(self.n), "calib_batch_size": str(self.batch_size),
+        args = {"calib": self.source.spec, "calib_n": str(self.n), "calib_batch_size": str(self.batch_size),
                 "seed": str(self.seed)}
+        # Keys added after recipe digests were first pinned are spelled only when not at their default,
+        # so every earlier recipe keeps its digest (cache keys, run ids, report names).
+        if self.style != "chat":
+            args["calib_style"] = self.style
+        if self.report_holdout != DEFAULT_REPORT_HOLDOUT:
+            args["report_holdout"] = str(self.report_holdout)
+        return args
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -376,8 +380,10 @@ class Recipe:
                     raise RecipeError(f"{key}={given[key]!r} is invalid with method={method} (it would be ignored); "
                                       f"valid: only with method={owner}")
         config = method_module(method).Config.parse(given)
-        return cls(method=method, selection=Selection.parse(given), grid=Grid.parse(given),
-                   calib=Calibration.parse(given), config=config)
+        selection = Selection.parse(given)
+        calib = Calibration.parse(given)
+        calib.check_components(selection.targets(COMPONENTS))
+        return cls(method=method, selection=selection, grid=Grid.parse(given), calib=calib, config=config)
 
     @property
     def is_noop(self) -> bool:

@@ -1,0 +1,125 @@
+"""GPTQ, readable: the whole algorithm in one function, shaped like the IST-DASLab reference ``fasterquant``.
+
+This is the specification `gptq.quantize_layer` (fixed buffers, CUDA graphs) is tested against: the
+same integer codes, dequantized weights, scales and zeros, bit for bit, on CPU (tests) and on CUDA
+(``scripts/bench_gpu.py --check-reference``). It is not used to quantize models.
+
+Two deliberate differences from ``fasterquant`` (both documented in `gptq`):
+
+- a dead input (H_jj = 0) keeps its column, plainly rounded (the reference zeroes it);
+- group parameters are found on the *error-updated* columns of the group when the loop enters it
+  (the reference reads the columns of W that the current block's updates have not reached yet;
+  the two agree when every group starts a block, e.g. group 128 with block 128). With act-order the
+  groups are static (the reference's ``static_groups=True``): found on the original W up front.
+
+Storage: the loop keeps Wᵀ, so that a weight column is a contiguous row, and performs each
+arithmetic step with the same kernel the fast path runs (``addr_`` for the in-block update,
+``addmm_`` for the lazy update of later columns). Float rounding is then identical too, which is
+what lets the tests demand equal codes rather than close ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quantizer import QuantGrid, QuantizedWeight
+
+
+def find_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of cells spanning [xmin, xmax]; codes 0..2^b-1 with w_hat = (q - zero) * scale."""
+    maxq = 2**bits - 1
+    if sym:
+        scale = 2 * torch.maximum(xmin.abs(), xmax.abs()) / maxq  # all 2^b codes, zero in the middle
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        xmin, xmax = torch.clamp(xmin, max=0), torch.clamp(xmax, min=0)  # 0 is always a level
+        scale = (xmax - xmin) / maxq
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero cell
+        zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
+    return torch.where(scale > 0, scale, torch.ones_like(scale)), zero
+
+
+def _static_params(W: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parameters of every cell from the original weight (each group from its own columns)."""
+    if grid.granularity == "tensor":
+        return find_params(W.min().reshape(1, 1), W.max().reshape(1, 1), grid.bits, grid.sym)
+    if grid.granularity == "channel":
+        return find_params(W.amin(dim=1, keepdim=True), W.amax(dim=1, keepdim=True), grid.bits, grid.sym)
+    groups = [W[:, k:k + grid.group_size] for k in range(0, W.shape[1], grid.group_size)]
+    xmin = torch.stack([c.amin(dim=1) for c in groups], dim=1)
+    xmax = torch.stack([c.amax(dim=1) for c in groups], dim=1)
+    return find_params(xmin, xmax, grid.bits, grid.sym)
+
+
+def fasterquant(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, *, damp: float = 0.01,
+                block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
+    """Quantize ``weight`` (out x in) given H = sum x xᵀ of its calibration inputs."""
+    W = weight.detach().float().clone()
+    rows, columns = W.shape
+    H = hessian.detach().float().clone().to(W.device)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+
+    # Which cell each column belongs to, and the cell parameters known up front (static) or not yet.
+    g, maxq = grid.group_size, grid.maxq
+    grouped = grid.granularity == "group"
+    static = not grouped or act_order
+    n_groups = -(-columns // g) if grouped else 1
+    cell_of = [j // g if grouped else 0 for j in range(columns)]
+    if static:
+        scale, zero = _static_params(W, grid)
+    else:
+        scale = torch.zeros(rows, n_groups, device=W.device)
+        zero = torch.zeros(rows, n_groups, device=W.device)
+
+    perm = None
+    if act_order:  # columns with the largest H_jj first
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        cell_of = [cell_of[j] for j in perm.tolist()]
+
+    # Hinv: the upper Cholesky factor of (H + λI)^-1, λ = damp · mean(diag H).
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise ValueError(f"the damped Hessian is not positive definite (damp={damp})")
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+    WT = W.T.contiguous()  # WT[j] is column j of W
+    scaleT, zeroT = scale.T.contiguous(), zero.T.contiguous()
+    QT, codesT = torch.empty_like(WT), torch.empty_like(WT)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        count = i2 - i1
+        W1 = WT[i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            col = i1 + i
+            if not static and col % g == 0:
+                # The group's parameters from its columns as they are now (error feedback included);
+                # columns past this block still lack this block's lazy update: apply it for them.
+                end = min(col + g, columns)
+                current = W1[i:min(end, i2) - i1]
+                if end > i2:
+                    current = torch.cat([current, WT[i2:end] - Hinv[i1:col, i2:end].T @ Err1[:i]], dim=0)
+                scaleT[cell_of[col]], zeroT[cell_of[col]] = find_params(
+                    current.amin(dim=0), current.amax(dim=0), grid.bits, grid.sym)
+            s, z = scaleT[cell_of[col]], zeroT[cell_of[col]]
+            w = W1[i]
+            q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)  # the integer code
+            dq = torch.sub(q, z).mul_(s)  # its value
+            err = torch.sub(w, dq).div_(Hinv1[i, i])
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)  # spread the error over the block's later columns
+            codesT[col], QT[col], Err1[i] = q, dq, err
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)  # ... and, lazily, over every later column
+
+    codes, deq = codesT.T, QT.T
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        codes, deq = codes[:, inverse], deq[:, inverse]
+    return QuantizedWeight(weight=deq.contiguous(), codes=codes.to(torch.uint8).contiguous(),
+                           scale=scaleT.T.contiguous(), zero=zeroT.T.contiguous().to(torch.int32), grid=grid)
+
+
+__all__ = ["fasterquant", "find_params"]

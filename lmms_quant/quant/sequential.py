@@ -1,0 +1,256 @@
+"""The sequential calibration driver: a stack's block inputs captured once, then each block run alone.
+
+For a stack of blocks (the nn.ModuleList an architecture table names), one forward of the model per
+batch, stopped at the last block this run needs, records every block's call: the hidden-state input
+of the first needed block and, for each block, its other arguments and keyword arguments (attention
+masks, position embeddings, encoder hidden states, T5's position bias). Then, block by block:
+
+1. the block alone runs on the held inputs of every batch, with the unit's hooks (Hessians, inputs,
+   AWQ's parent calls, held-out rows);
+2. the method quantizes it (`api.run_quantization`);
+3. the quantized block runs again on the same inputs (`finished`): its outputs are the next block's
+   inputs.
+
+That is O(depth) block forwards, where the model driver (`calibration.Calibrator`) re-runs the model
+up to every unit, O(depth²). The statistics are that driver's: each block sees the outputs of the
+already-quantized blocks before it, computed by the same kernels on the same tensors, batch by batch.
+
+Assumptions, checked where they can be: a block's hidden-state input is the previous block's first
+output (checked on the first batch); a block's other arguments do not depend on the weights of the
+earlier blocks of its stack (true of masks, position embeddings, encoder states, T5's relative
+position bias); keyword tensors are not changed in place after the call (checked by version
+counters). A stack that fails a check, units outside a stack (projectors, heads) and models
+dispatched by accelerate go through the model driver, which also moves from one stack to the next
+(ViT -> Q-Former -> projection -> LM) by running the model once up to the next stack, reusing the
+stored outputs of finished components.
+
+Memory: captured hidden states stay on the model's device, in its dtype, up to
+``LMMS_QUANT_SEQUENTIAL_DEVICE_MB`` (default 4096 MiB, for one block's inputs and the outputs being
+made); past it, further batches are held on the CPU and moved in when run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .archs import Unit
+from .calibration import Calibrator, UnitStats, _first_tensor, _is_cache, _UnitDone
+
+DEFAULT_DEVICE_MB = 4096
+
+
+@dataclass
+class _BlockCall:
+    """A block's call on one batch, without its hidden-state input."""
+
+    rest: tuple  # positional arguments after the hidden state (all of them when it came by keyword)
+    kwargs: dict
+    versions: dict  # keyword tensor -> version counter when recorded
+    by_keyword: bool  # the hidden state came as ``hidden_states=``
+
+
+def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, _BlockCall]:
+    by_keyword = not args
+    hidden = kwargs["hidden_states"] if by_keyword else args[0]
+    kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items() if not (by_keyword and k == "hidden_states")}
+    versions = {k: v._version for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    return hidden, _BlockCall(tuple(args[1:]), kwargs, versions, by_keyword)
+
+
+class _StackState:
+    """What the driver holds for the stack being calibrated."""
+
+    def __init__(self, name: str, blocks, index: int, last: int):
+        self.name, self.blocks, self.index, self.last = name, blocks, index, last
+        self.hidden: dict[str, list[torch.Tensor]] = {}  # phase -> the current block's input, per batch
+        self.calls: dict[str, list[dict[int, _BlockCall]]] = {}  # phase -> per batch, block index -> its call
+
+
+class SequentialCalibrator(Calibrator):
+    """`Calibrator` whose stack units are calibrated block by block on captured inputs (see module doc)."""
+
+    def __init__(self, model, calib_batches, holdout_batches, *, units: Sequence[Unit], need_calib: bool, seed: int,
+                 device=None, dtype=None, progress=None, device_budget_bytes: int | None = None):
+        super().__init__(model, calib_batches, holdout_batches, seed=seed, device=device, dtype=dtype,
+                         progress=progress)
+        self.need_calib = need_calib
+        self.last_block: dict[str, int] = {}
+        for unit in units:
+            if unit.site.stack is not None and unit.site.block is not None:
+                self.last_block[unit.site.stack] = max(self.last_block.get(unit.site.stack, -1), unit.site.block)
+        if device_budget_bytes is None:
+            device_budget_bytes = int(os.environ.get("LMMS_QUANT_SEQUENTIAL_DEVICE_MB", DEFAULT_DEVICE_MB)) * 2**20
+        self.budget = device_budget_bytes
+        self.on_device = 0
+        self.state: _StackState | None = None
+        self.not_replayable: dict[str, str] = {}  # stack -> why it went through the model driver
+        self.block_forwards = 0
+        self.capture_passes = 0
+
+    # ------------------------------------------------------------------ the driver's steps
+
+    def collect(self, unit: Unit, *, hessian: bool = False, inputs: bool = False,
+                calls: Sequence[str] = ()) -> UnitStats:
+        stack, index = unit.site.stack, unit.site.block
+        if stack is None or index is None or stack in self.not_replayable or getattr(self.model, "hf_device_map", None):
+            self._drop_state()
+            return super().collect(unit, hessian=hessian, inputs=inputs, calls=calls)
+        if self.state is None or self.state.name != stack or self.state.index > index:
+            self._drop_state()
+            why = self._capture(unit)
+            if why:
+                self.not_replayable[stack] = why
+                return super().collect(unit, hessian=hessian, inputs=inputs, calls=calls)
+        while self.state.index < index:  # blocks between the selected ones are run as they are
+            self._advance()
+        need_calib = hessian or inputs or bool(calls)
+        stats = self.new_stats(unit, hessian=hessian, inputs=inputs, calls=calls)
+        state = {"phase": "calib", "batch": None, "fired": set()}
+        handles = self.install_hooks(unit, stats, state)
+        try:
+            for phase, position, batch in self._passes(need_calib):
+                state.update(phase=phase, batch=batch, fired=set(), seen=[])
+                try:
+                    self._run_block(index, phase, position)
+                except _UnitDone:
+                    pass
+                if self.progress is not None:
+                    self.progress.update(1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return stats
+
+    def finished(self, unit: Unit) -> None:
+        state = self.state
+        if state is None or unit.site.stack != state.name or unit.site.block != state.index:
+            return
+        if state.index >= state.last:
+            self._drop_state()  # no later block of this stack is calibrated: its outputs are not needed
+        else:
+            self._advance()
+
+    # ------------------------------------------------------------------ capture and replay
+
+    def _passes(self, need_calib: bool):
+        phases = [("calib", self.calib_batches)] if need_calib else []
+        phases.append(("holdout", self.holdout_batches))
+        return [(phase, i, batch) for phase, batches in phases for i, batch in enumerate(batches)]
+
+    def _capture(self, unit: Unit) -> str | None:
+        """Record the stack's block calls on every batch; the reason it cannot be replayed, or None."""
+        name, first = unit.site.stack, unit.site.block
+        last = self.last_block[name]
+        blocks = self.model.get_submodule(name)
+        state = _StackState(name, blocks, first, last)
+        record: dict = {}
+        outputs: dict[int, torch.Tensor] = {}
+        check = {"on": True, "broken": None}
+
+        def pre_hook(j):
+            def hook(module, args, kwargs):
+                hidden, call = _split(args, kwargs)
+                if check["on"] and j > first:
+                    previous = outputs.get(j - 1)
+                    same = previous is not None and (hidden is previous or (
+                        hidden.shape == previous.shape and hidden.dtype == previous.dtype and torch.equal(hidden, previous)))
+                    if not same:
+                        check["broken"] = f"block {j}'s input is not block {j - 1}'s output"
+                if j == first:
+                    record["hidden"] = hidden.detach().clone()
+                record[j] = call
+                if j == last:
+                    raise _UnitDone
+            return hook
+
+        def post_hook(j):
+            def hook(module, args, output):
+                if check["on"]:
+                    outputs[j] = _first_tensor(output)
+            return hook
+
+        cache_state = {"phase": "calib", "batch_id": None}
+        cached = self.cache.wrap(self.model, unit, cache_state)
+        handles = []
+        try:
+            for j in range(first, last + 1):
+                handles.append(blocks[j].register_forward_pre_hook(pre_hook(j), with_kwargs=True))
+                if j < last:
+                    handles.append(blocks[j].register_forward_hook(post_hook(j)))
+            for phase, batch in self.passes(self.need_calib):
+                record.clear()
+                cache_state.update(phase=phase, batch_id=id(batch))
+                try:
+                    batch.run(self.model, self.device, self.dtype)
+                except _UnitDone:
+                    pass
+                self.capture_passes += 1
+                if check["broken"]:
+                    return check["broken"]
+                if "hidden" not in record or any(j not in record for j in range(first, last + 1)):
+                    return f"blocks {first}..{last} of {name} are not all called in one forward"
+                check["on"] = False
+                outputs.clear()
+                state.hidden.setdefault(phase, []).append(self._hold(record["hidden"]))
+                state.calls.setdefault(phase, []).append({j: record[j] for j in range(first, last + 1)})
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.cache.unwrap(cached)
+        self.state = state
+        return None
+
+    def _run_block(self, index: int, phase: str, position: int):
+        state = self.state
+        call = state.calls[phase][position][index]
+        for key, version in call.versions.items():
+            if call.kwargs[key]._version != version:
+                raise RuntimeError(f"{state.name}.{index}: keyword argument {key!r} was changed in place after the "
+                                   f"model called the block; the sequential driver cannot replay it "
+                                   f"(LMMS_QUANT_CALIB_DRIVER=model)")
+        hidden = state.hidden[phase][position]
+        if hidden.device.type == "cpu" and torch.device(self.device).type != "cpu":
+            hidden = hidden.to(self.device)  # held on the CPU past the device budget
+        self.block_forwards += 1
+        block = state.blocks[index]
+        if call.by_keyword:
+            return block(*call.rest, hidden_states=hidden, **call.kwargs)
+        return block(hidden, *call.rest, **call.kwargs)
+
+    def _advance(self) -> None:
+        """Run the current block (quantized or not) on its inputs: they become the next block's."""
+        state = self.state
+        for phase, held in state.hidden.items():
+            for position in range(len(held)):
+                output = _first_tensor(self._run_block(state.index, phase, position)).detach()
+                self._release(held[position])
+                held[position] = self._hold(output)
+        state.index += 1
+
+    # ------------------------------------------------------------------ memory
+
+    def _hold(self, tensor: torch.Tensor) -> torch.Tensor:
+        size = tensor.numel() * tensor.element_size()
+        if tensor.device.type != "cpu" and self.on_device + size > self.budget:
+            return tensor.to("cpu")
+        if tensor.device.type != "cpu":
+            self.on_device += size
+        return tensor
+
+    def _release(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != "cpu":
+            self.on_device -= tensor.numel() * tensor.element_size()
+
+    def _drop_state(self) -> None:
+        if self.state is not None:
+            for held in self.state.hidden.values():
+                for tensor in held:
+                    self._release(tensor)
+        self.state = None
+
+
+__all__ = ["SequentialCalibrator"]
