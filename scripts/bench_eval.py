@@ -158,7 +158,8 @@ class Bench:
                                 path=lm._generation_path.summary())
                 run["tasks"].setdefault(kind, {})[path_name] = measured
                 print(f"{name} {kind} {path_name}: {measured['images_per_s']:.1f} images/s "
-                      f"({measured['requests']} requests in {measured['generate_s']:.1f} s)", flush=True)
+                      f"({measured['requests']} requests in {measured['generate_s']:.1f} s)"
+                      f"{time_breakdown(measured['path'])}", flush=True)
                 self.write()
         fast = run["tasks"].get("caption", {}).get("fast")
         if fast and "path" in fast:
@@ -308,6 +309,18 @@ def token_agreement(bench: Bench, model_id: str, checkpoint: Path, yamls: list[P
             "tokens": tokens_total, "token_agreement": tokens_equal / max(1, tokens_total)}
 
 
+def time_breakdown(path: dict) -> str:
+    """Where a fast run's time went (GPU phases by CUDA events; waits and CPU work on the main thread)."""
+    seconds = path.get("time_s") or {}
+    if not seconds:
+        return ""
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]))
+    decoder = path.get("decoder", {})
+    steps = decoder.get("graph_replays", 0) + decoder.get("eager_steps", 0)
+    per_step = f"; {1000 * seconds.get('decode', 0) / steps:.2f} ms per decode step" if steps else ""
+    return f" [{parts}{per_step}]"
+
+
 def table(result: dict) -> str:
     lines = ["| model | task | batch | stock img/s | fast img/s | speed-up | roofline img/s | fast / roofline | "
              "target | met |",
@@ -334,6 +347,11 @@ def table(result: dict) -> str:
         sweep = result["sweep"]
         lines.append(f"\nsweep (4 LLM-only configurations, shared feature cache): the vision tower saw "
                      f"{sweep['vision_forward_images']} images for {sweep['distinct_images']} distinct images")
+    for run in result["runs"]:
+        for kind, paths in run["tasks"].items():
+            fast = paths.get("fast") or {}
+            if "path" in fast:
+                lines.append(f"{run['model']} {kind} fast:{time_breakdown(fast['path'])}")
     for what, error in result.get("errors", {}).items():
         lines.append(f"error in {what}: {error}")
     for run in result["runs"]:
