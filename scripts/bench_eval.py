@@ -378,6 +378,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-images", dest="sweep_images", type=int)
     parser.add_argument("--image-size", dest="image_size", type=int)
     parser.add_argument("--agreement-images", dest="agreement_images", type=int, default=24)
+    parser.add_argument("--steps", default="agreement,throughput,sweep",
+                        help="which measurements, in this order: agreement, throughput, sweep")
     parser.add_argument("--deadline-s", dest="deadline_s", type=float, default=420,
                         help="start nothing new after this many seconds")
     args = parser.parse_args(argv)
@@ -398,8 +400,16 @@ def main(argv=None) -> int:
                                     bench.sizes["vqa_images"], image_size=bench.sizes["image_size"])
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     # Most telling first: a step that fails is recorded and the next one runs.
-    steps = [("agreement", bench.agreement)] + [(f"throughput {n}", lambda n=n: bench.throughput(n)) for n in names]
-    if "blip2" in names:
+    wanted = {w.strip() for w in args.steps.split(",")}
+    unknown = wanted - {"agreement", "throughput", "sweep"}
+    if unknown:
+        print(f"bench_eval: --steps {args.steps!r}: unknown {sorted(unknown)}; valid: agreement, throughput, sweep",
+              file=sys.stderr)
+        return 2
+    steps = [("agreement", bench.agreement)] if "agreement" in wanted else []
+    if "throughput" in wanted:
+        steps += [(f"throughput {n}", lambda n=n: bench.throughput(n)) for n in names]
+    if "sweep" in wanted and "blip2" in names:
         steps.append(("sweep", bench.sweep))
     for what, step in steps:
         try:
