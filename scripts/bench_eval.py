@@ -383,6 +383,12 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline-s", dest="deadline_s", type=float, default=420,
                         help="start nothing new after this many seconds")
     args = parser.parse_args(argv)
+    wanted = {w.strip() for w in args.steps.split(",")}
+    unknown = wanted - {"agreement", "throughput", "sweep"}
+    if unknown:
+        print(f"bench_eval: --steps {args.steps!r}: unknown {sorted(unknown)}; valid: agreement, throughput, sweep",
+              file=sys.stderr)
+        return 2
     missing = [m for m in ("lmms_eval", "datasets", "lmms_quant.model_wrappers") if not _importable(m)]
     if missing:
         print(f"bench_eval: cannot import {', '.join(missing)}; install lmms-quant and lmms-eval first "
@@ -400,12 +406,6 @@ def main(argv=None) -> int:
                                     bench.sizes["vqa_images"], image_size=bench.sizes["image_size"])
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     # Most telling first: a step that fails is recorded and the next one runs.
-    wanted = {w.strip() for w in args.steps.split(",")}
-    unknown = wanted - {"agreement", "throughput", "sweep"}
-    if unknown:
-        print(f"bench_eval: --steps {args.steps!r}: unknown {sorted(unknown)}; valid: agreement, throughput, sweep",
-              file=sys.stderr)
-        return 2
     steps = [("agreement", bench.agreement)] if "agreement" in wanted else []
     if "throughput" in wanted:
         steps += [(f"throughput {n}", lambda n=n: bench.throughput(n)) for n in names]
