@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,45 @@ class Prompts:
         return Prompts(self.prefix_embeds, self.group_of_row[take], self.suffix_embeds[take], self.suffix_valid[take])
 
 
+class PhaseClock:
+    """Seconds per named phase: CUDA events on a GPU (read once the batch is done, no extra waits), wall
+    time on a CPU. Tells where an evaluation's time goes (vision, prefill, decode, waiting for the CPU)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda" if device is not None else False
+        self._seconds: dict[str, float] = {}
+        self._events: list = []
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def lap(self, name: str, since):
+        end = self.now()
+        if self.cuda:
+            self._events.append((name, since, end))
+        else:
+            self.add(name, end - since)
+        return end
+
+    def add(self, name: str, seconds: float) -> None:
+        self._seconds[name] = self._seconds.get(name, 0.0) + seconds
+
+    def settle(self) -> None:
+        """Read the recorded events (call when the GPU has passed them, e.g. after copying results back)."""
+        for name, start, end in self._events:
+            end.synchronize()
+            self.add(name, start.elapsed_time(end) / 1000)
+        self._events.clear()
+
+    def totals(self) -> dict[str, float]:
+        self.settle()
+        return dict(self._seconds)
+
+
 class _State:
     """The static cache and every buffer one decode step reads and writes, for one (rows, length)."""
 
@@ -139,7 +179,8 @@ class StaticCacheDecoder:
         self._cache_kw = parts.cache_kwarg()
         self._keep_logits = parts.keeps_logits()
         self._state: _State | None = None
-        self.stats = {"graph_captures": 0, "graph_replays": 0, "eager_steps": 0, "graph_error": None}
+        self.clock = PhaseClock(self.device)
+        self.stats = {"graph_captures": 0, "graph_replays": 0, "eager_steps": 0, "graph_error": None, "batches": 0}
 
     # ------------------------------------------------------------------ forward
 
@@ -168,23 +209,31 @@ class StaticCacheDecoder:
     # ------------------------------------------------------------------ one batch
 
     @torch.no_grad()
-    def generate(self, prompts: Prompts, greedy: Greedy, rows: int | None = None) -> torch.Tensor:
+    def generate(self, prompts: Prompts, greedy: Greedy, rows: int | None = None,
+                 clock: PhaseClock | None = None) -> torch.Tensor:
         """(real rows, n) new token ids, pad after each row's EOS, n = the step at which all rows ended."""
+        clock = clock or self.clock
         real = prompts.rows
         prompts = prompts.padded_to(rows or real)
         P, S, N = prompts.prefix_len, prompts.suffix_embeds.shape[1], greedy.max_new_tokens
         length = -(-(P + S + N) // LENGTH_BUCKET) * LENGTH_BUCKET
         state = self._state_for(prompts.rows, length, greedy)
         state.cache.reset()
+        mark = clock.now()
         first = self._prefill(state, prompts)
         self._start_decode(state, prompts, first)
+        mark = clock.lap("prefill", mark)
         steps = 1
         while steps < N:
             if steps % CHECK_EVERY == 0 and bool(state.finished.all()):
                 break
             self._step_once(state)
             steps += 1
-        return _trim(state.out[:real, :steps], state.eos, state.pad)
+        clock.lap("decode", mark)
+        out = _trim(state.out[:real, :steps], state.eos, state.pad)  # waits for the GPU
+        clock.settle()
+        self.stats["batches"] += 1
+        return out
 
     def _prefill(self, state: _State, prompts: Prompts) -> torch.Tensor:
         from transformers import DynamicCache
@@ -293,5 +342,5 @@ def _trim(out: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor) -> torch.Tens
     return out[:, :last + 1]
 
 
-__all__ = ["CHECK_EVERY", "Greedy", "LENGTH_BUCKET", "NEUTRAL_FIELDS", "Prompts", "StaticCacheDecoder",
+__all__ = ["CHECK_EVERY", "Greedy", "LENGTH_BUCKET", "NEUTRAL_FIELDS", "PhaseClock", "Prompts", "StaticCacheDecoder",
            "greedy_settings"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import dataclass
 
 import torch
@@ -30,16 +30,18 @@ from lmms_eval.api.instance import GenerationResult, TokenCounts
 from tqdm import tqdm
 
 from .batch_size import BatchSizes
-from .decoding import Greedy, Prompts, StaticCacheDecoder, greedy_settings
+from .decoding import Greedy, PhaseClock, Prompts, StaticCacheDecoder, greedy_settings
+from .prepare import Preparer
 from .prompt_ids import PromptIds
 from .requests import ChatRequest, count_generated, hf_generate_kwargs, truncate_at
-from .vision_cache import DiskFeatures, FeatureMemory, VisionFeatures, feature_namespace, image_key
+from .vision_cache import DiskFeatures, FeatureMemory, VisionFeatures, feature_namespace
 from .vlm_parts import parts_for
 
 log = logging.getLogger(__name__)
 
-# Requests are prepared (docs fetched, images decoded and hashed) this many batches ahead, in threads.
-CHUNK_BATCHES, CHUNK_MIN, PREP_THREADS = 8, 256, 4
+# Requests are prepared (docs fetched, images decoded, hashed and transformed) a chunk ahead, in threads:
+# a first chunk of 2 batches (the GPU starts early), then chunks of 8 batches (at least CHUNK_MIN requests).
+FIRST_CHUNK_BATCHES, CHUNK_BATCHES, CHUNK_MIN = 2, 8, 256
 FEATURE_MEMORY_BYTES = {"cuda": 2 << 30, "cpu": 256 << 20}
 
 
@@ -113,10 +115,9 @@ class GenerationPath:
         self._vision: VisionFeatures | None = None
         self._decoder: StaticCacheDecoder | None = None
         self._prompt_ids = PromptIds(wrapper.processor, getattr(wrapper, "processor_inputs", None))
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmms-quant-prefetch")
-        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmms-quant-prepare")
-        self._prep_pool = ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix="lmms-quant-docs")
-        self._prefetch: bool | None = None
+        self._preparer = Preparer(wrapper)
+        self._prefetch: bool | None = None  # pixel transforms in the preparing threads (see check_pixels)
+        self.clock = PhaseClock(device)  # seconds per phase, GPU phases by CUDA events
         self.stats = {"fast_requests": 0, "stock_requests": 0, "stock_reasons": {}, "batches": 0,
                       "distinct_images": 0, "prefix_tokens": 0, "suffix_tokens": 0, "prompt_tokens": 0}
 
@@ -160,21 +161,9 @@ class GenerationPath:
         kwargs, stops = hf_generate_kwargs(instance.args[2], self.wrapper.tokenizer.pad_token_id)
         return greedy_settings(self.parts.generation_config, kwargs), stops
 
-    def _prepare(self, requests, indices: list[int]) -> list[tuple]:
-        """(index, ChatRequest, prompt, images, image key or None) per request; CPU work (doc lookup and
-        image decoding, chat template, content hash) spread over threads. No tokenizer here: a
-        tokenizer is not shared safely between threads (the main thread decodes meanwhile)."""
-        wrapper = self.wrapper
-
-        def one(i):
-            request = wrapper.chat_request(requests[i].args)
-            prompt, images = wrapper.prompt_and_images(request)
-            return i, request, prompt, images, image_key(images[0]) if len(images) == 1 else None
-
-        return list(self._prep_pool.map(one, indices))
-
     def _rows(self, prepared: list[tuple]) -> tuple[list[Row], list[int]]:
         """Rows for the fast path (prompt ids on this thread) and the indices of requests it cannot take."""
+        started = time.perf_counter()
         single = [p for p in prepared if p[4] is not None]
         ids = self._prompt_ids.many([p[2] for p in single], [p[3][0] for p in single])
         rows = [Row(i, request, prompt, images[0], key, key if self.share_images else f"request:{i}", row_ids)
@@ -182,6 +171,7 @@ class GenerationPath:
         stock = [p[0] for p in prepared if p[4] is None]
         if stock:
             self._count_stock(len(stock), "requests without exactly one image")
+        self.clock.add("prompt_ids", time.perf_counter() - started)
         return rows, stock
 
     def _split(self, requests, indices):
@@ -190,29 +180,41 @@ class GenerationPath:
         if isinstance(greedy, str):
             self._count_stock(len(indices), greedy)
             return None, indices
-        rows, stock = self._rows(self._prepare(requests, indices))
+        rows, stock = self._rows(self._preparer.docs(requests, indices))
         return ((rows, greedy, stops) if rows else None), stock
 
     def _serve_fast_streamed(self, requests, indices, greedy: Greedy, stops: list[str], results: list) -> list[int]:
-        """Serve ``indices`` chunk by chunk: the next chunk is prepared on the CPU while the GPU serves this
-        one. Rows are grouped by image and sorted within a chunk; an image whose questions straddle two
-        chunks still goes through the tower once (the features stay in memory). Returns the indices left
-        for the stock path."""
-        chunk = max(CHUNK_MIN, CHUNK_BATCHES * self.sizing.largest)
-        chunks = [indices[i:i + chunk] for i in range(0, len(indices), chunk)]
+        """Serve ``indices`` chunk by chunk, the next chunk prepared on CPU threads while the GPU serves this
+        one (`prepare`). Rows are grouped by image and sorted within a chunk; an image whose questions
+        straddle two chunks still goes through the tower once (its features stay in memory). Returns the
+        indices left for the stock path."""
+        self._setup()
+        size = self.sizing.largest
+        first, rest = FIRST_CHUNK_BATCHES * size, max(CHUNK_MIN, CHUNK_BATCHES * size)
+        chunks = [indices[:first]] + [indices[i:i + rest] for i in range(first, len(indices), rest)]
         leftover = []
         bar = tqdm(total=len(indices), disable=self.wrapper.rank != 0, desc="Model Responding (fast)")
-        pending = self._prep.submit(self._prepare, requests, chunks[0])
+        pending = self._preparer.submit(requests, chunks[0], self._ahead_vision())
         for k in range(len(chunks)):
-            prepared = pending.result()
+            started = time.perf_counter()
+            chunk = pending.result()
+            if self._prefetch is None:
+                one = next((item for item in chunk.items if item[4] is not None), None)
+                if one is not None:  # may pixel transforms leave this thread? (the first chunk's ran here)
+                    self._prefetch = self._vision.check_pixels(one[3][0], one[2])
             if k + 1 < len(chunks):
-                pending = self._prep.submit(self._prepare, requests, chunks[k + 1])
-            rows, stock = self._rows(prepared)
+                pending = self._preparer.submit(requests, chunks[k + 1], self._ahead_vision())
+            self.clock.add("waiting_for_cpu", time.perf_counter() - started)
+            rows, stock = self._rows(chunk.items)
             leftover += stock
             if rows:
-                self._serve_fast(rows, greedy, stops, results, bar)
+                self._serve_fast(rows, greedy, stops, results, chunk.ready, bar)
         bar.close()
         return leftover
+
+    def _ahead_vision(self):
+        """The vision cache for the preparing threads, once pixels may be made there (image sharing on)."""
+        return self._vision if self._prefetch and self.share_images else None
 
     # ------------------------------------------------------------------ stock path
 
@@ -255,58 +257,50 @@ class GenerationPath:
         self._vision = VisionFeatures(parts, wrapper.processor, wrapper.processor_inputs, self.device, memory, disk)
         self._decoder = StaticCacheDecoder(parts, self.device, use_graph=self.device.type == "cuda")
 
-    def _serve_fast(self, rows: list[Row], greedy: Greedy, stops: list[str], results: list, bar=None) -> None:
+    def _serve_fast(self, rows: list[Row], greedy: Greedy, stops: list[str], results: list, ready: dict,
+                    bar=None) -> None:
         self._setup()
         rows = order_rows(rows)
-        first = rows[0]
-        if self._prefetch is None:  # the processor's image transform alone may leave this thread
-            self._prefetch = self._vision.check_pixels(first.image, first.prompt)
-        prefetch = self._prefetch
-        shape = f"fast:{greedy.max_new_tokens}:{math.ceil(len(first.ids) / 256) * 256}"
+        shape = f"fast:{greedy.max_new_tokens}:{math.ceil(len(rows[0].ids) / 256) * 256}"
         size = self.sizing.size(shape)
-        pos, pending = 0, None
+        pos = 0
         while pos < len(rows):
             batch = rows[pos:pos + size]
             try:
-                tokens = self._generate(batch, greedy, size, pending)
+                tokens = self._generate(batch, greedy, size, ready)
             except Exception as err:
                 if not self.sizing.can_retry(err, size):
                     where = ", ".join(r.request.where for r in batch)
                     raise RuntimeError(f"{type(self.wrapper).__name__}: generation failed for {where}: {err}") from err
-                size, pending = self.sizing.smaller(size, err), None
+                size = self.sizing.smaller(size, err)
                 continue
             self.sizing.fits(shape, size)
-            nxt = rows[pos + len(batch):pos + len(batch) + size]
-            # The next batch's image lookups and transforms run while this batch's tokens come back.
-            pending = self._worker.submit(self._lookup, nxt) if nxt and prefetch else None
+            started = time.perf_counter()
             self._finish(batch, tokens.cpu(), stops, results)
+            self.clock.add("finish", time.perf_counter() - started)
             pos += len(batch)
             if bar is not None:
                 bar.update(len(batch))
 
-    def _lookup(self, batch: list[Row]):
+    def _generate(self, batch: list[Row], greedy: Greedy, size: int, ready: dict | None = None) -> torch.Tensor:
         keys, images, prompts = [], [], []
         for row in batch:
             if row.group not in keys:
                 keys.append(row.group)
                 images.append(row.image)
                 prompts.append(row.prompt)
+        mark = self.clock.now()
         # Without image sharing every request is encoded (and nothing cached under a request's key).
-        return self._vision.lookup(keys, images, prompts, cached=self.share_images)
-
-    def _generate(self, batch: list[Row], greedy: Greedy, size: int, pending) -> torch.Tensor:
-        looked_up = pending.result() if pending is not None else None
-        keys = list(dict.fromkeys(r.group for r in batch))
-        if looked_up is None or looked_up.keys != keys:
-            looked_up = self._lookup(batch)
-        features = self._vision.finish(looked_up)
+        features = self._vision.features(keys, images, prompts, ready, cached=self.share_images)
+        mark = self.clock.lap("vision", mark)
         prompts = self.layout(batch, keys, features)
+        self.clock.lap("layout", mark)
         self.stats["batches"] += 1
         self.stats["distinct_images"] += len(keys)
         self.stats["prefix_tokens"] += prompts.prefix_len * len(keys)
         self.stats["suffix_tokens"] += int(prompts.suffix_valid.sum())
         self.stats["prompt_tokens"] += sum(len(r.ids) for r in batch)
-        return self._decoder.generate(prompts, greedy, rows=size)
+        return self._decoder.generate(prompts, greedy, rows=size, clock=self.clock)
 
     def layout(self, batch: list[Row], keys: list[str], features: torch.Tensor) -> Prompts:
         """The batch as `Prompts`: the prefix all rows share (when it holds every image token), then suffixes."""
@@ -358,6 +352,7 @@ class GenerationPath:
                                         "writes": disk.writes}
         if self._decoder is not None:
             out["decoder"] = dict(self._decoder.stats)
+        out["time_s"] = self.clock.totals()
         out["batch_sizes"] = dict(self.sizing.sizes)
         out["pixels_prefetched"] = bool(self._prefetch)  # image transforms off the main thread
         return out

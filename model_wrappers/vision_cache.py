@@ -97,7 +97,12 @@ class DiskFeatures:
             write_json_atomic(self.dir / NAMESPACE_FILE, namespace)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmms-quant-features")
         self._pending: list[Future] = []
+        self._counting = threading.Lock()  # get() runs in the preparing threads too
         self.hits = self.misses = self.writes = 0
+
+    def _count(self, name: str) -> None:
+        with self._counting:
+            setattr(self, name, getattr(self, name) + 1)
 
     def path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"
@@ -107,16 +112,16 @@ class DiskFeatures:
 
         path = self.path(key)
         if not path.is_file():
-            self.misses += 1
+            self._count("misses")
             return None
         try:
             tensor = load_file(str(path))["features"]
         except Exception as err:  # noqa: BLE001 - a damaged entry is recomputed, never served
             log.warning("lmms-quant: feature cache entry %s unreadable (%s); recomputing", path, err)
             path.unlink(missing_ok=True)
-            self.misses += 1
+            self._count("misses")
             return None
-        self.hits += 1
+        self._count("hits")
         return tensor
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
@@ -127,7 +132,7 @@ class DiskFeatures:
         def write():
             with atomic_path(self.path(key)) as tmp:
                 save_file({"features": cpu}, str(tmp))
-            self.writes += 1
+            self._count("writes")
 
         self._pending.append(self._writer.submit(write))
 
@@ -166,24 +171,16 @@ class FeatureMemory:
                 self._bytes -= old.numel() * old.element_size()
 
 
-class Pending:
-    """A batch's images split into features already known and pixel values still to encode."""
-
-    def __init__(self, keys, known, missing, pixel_values, cached):
-        self.keys, self.known, self.missing, self.pixel_values = keys, known, missing, pixel_values
-        self.cached = cached
-
-
 class VisionFeatures:
     """The features of a batch's distinct images, each computed at most once per namespace.
 
-    `lookup` (memory, disk, then the image transform for what is missing) is CPU work and may run in
-    a worker thread while the GPU serves the previous batch; `finish` runs the vision tower on the
-    missing images only. ``images_encoded`` counts images sent through the vision tower.
+    `ready` is the CPU work for one image ahead of its batch (any thread): its features from disk, or
+    its pixel values. `features` (main thread) takes memory hits, what `ready` found, and runs the
+    vision tower once for the rest. ``images_encoded`` counts images sent through the tower.
 
-    Pixel values come from the image processor alone, once `check_pixels` has found them equal to
-    what the full processor call of the stock path gives; otherwise (``full_processor``) from that
-    call, text included, which then must stay on the main thread (a tokenizer is not shared safely).
+    Pixel values come from the image processor alone once `check_pixels` has found them equal to what
+    the stock path's full processor call gives; otherwise (``full_processor``) from that call, text
+    included, which then stays on the main thread (a tokenizer is not shared safely between threads).
     """
 
     def __init__(self, parts, processor, processor_inputs, device, memory: FeatureMemory,
@@ -207,40 +204,55 @@ class VisionFeatures:
         self.full_processor = not (alone.shape == stock.shape and torch.equal(alone, stock))
         return not self.full_processor
 
-    def lookup(self, keys: list[str], images: list, prompts: list[str], cached: bool = True) -> Pending:
-        """``keys``: the images' content hashes (``cached=False``: any unique names; nothing is cached)."""
-        known, missing = {}, []
+    def ready(self, key: str, image) -> tuple[str, torch.Tensor] | None:
+        """("features", CPU tensor from disk) or ("pixels", (1, C, H, W)); None when memory has it (or when
+        pixels need the full processor call, which stays on the main thread)."""
+        if self.memory.get(key) is not None:
+            return None
+        if self.disk is not None:
+            tensor = self.disk.get(key)
+            if tensor is not None:
+                return "features", tensor
+        return None if self.full_processor else ("pixels", self._pixels([image], [""]))
+
+    def features(self, keys: list[str], images: list, prompts: list[str], ready: dict | None = None,
+                 cached: bool = True) -> torch.Tensor:
+        """(distinct images, tokens, hidden) in the order of ``keys`` (content hashes; with ``cached=False``
+        any unique names: nothing is looked up or kept)."""
+        ready = ready or {}
+        found, todo = {}, []
         for key, image, prompt in zip(keys, images, prompts):
             tensor = self.memory.get(key) if cached else None
-            if tensor is None and cached and self.disk is not None:
-                tensor = self.disk.get(key)
+            kind, value = ready.get(key) or (None, None)
+            if tensor is None and kind == "features":
+                tensor = value.to(self.device)
+            if tensor is None and kind is None and cached and self.disk is not None:
+                on_disk = self.disk.get(key)
+                tensor = None if on_disk is None else on_disk.to(self.device)
             if tensor is None:
-                missing.append((key, image, prompt))
+                todo.append((key, image, prompt, value if kind == "pixels" else None))
             else:
-                known[key] = tensor
-        pixel_values = self._pixels([m[1] for m in missing], [m[2] for m in missing]) if missing else None
-        return Pending(keys, known, missing, pixel_values, cached)
-
-    def finish(self, pending: Pending) -> torch.Tensor:
-        """(distinct images, tokens, hidden) features in the order of ``pending.keys``."""
-        found = {k: t.to(self.device) for k, t in pending.known.items()}
-        if pending.missing:
-            encoded = self.parts.image_features(pending.pixel_values.to(self.device, self.parts.model.dtype))
-            self.images_encoded += len(pending.missing)
+                found[key] = tensor
+        if todo:
+            fresh = [t for t in todo if t[3] is None]
+            computed = iter(self._pixels([t[1] for t in fresh], [t[2] for t in fresh]).split(1) if fresh else ())
+            pixels = torch.cat([t[3] if t[3] is not None else next(computed) for t in todo])
+            encoded = self.parts.image_features(pixels.to(self.device, self.parts.model.dtype))
+            self.images_encoded += len(todo)
             self.tower_calls += 1
-            for (key, _, _), tensor in zip(pending.missing, encoded):
+            for (key, _, _, _), tensor in zip(todo, encoded):
                 found[key] = tensor.clone()  # its own storage: the LRU counts what it keeps alive
-                if self.disk is not None and pending.cached:
+                if self.disk is not None and cached:
                     self.disk.put(key, found[key])
-        if pending.cached:
+        if cached:
             for key, tensor in found.items():
                 self.memory.put(key, tensor)
-        return torch.stack([found[k] for k in pending.keys])
+        return torch.stack([found[k] for k in keys])
 
     def flush(self) -> None:
         if self.disk is not None:
             self.disk.flush()
 
 
-__all__ = ["DiskFeatures", "FeatureMemory", "Pending", "VisionFeatures", "feature_namespace", "image_key",
+__all__ = ["DiskFeatures", "FeatureMemory", "VisionFeatures", "feature_namespace", "image_key",
            "tensors_digest"]

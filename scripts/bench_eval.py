@@ -158,7 +158,8 @@ class Bench:
                                 path=lm._generation_path.summary())
                 run["tasks"].setdefault(kind, {})[path_name] = measured
                 print(f"{name} {kind} {path_name}: {measured['images_per_s']:.1f} images/s "
-                      f"({measured['requests']} requests in {measured['generate_s']:.1f} s)", flush=True)
+                      f"({measured['requests']} requests in {measured['generate_s']:.1f} s)"
+                      f"{time_breakdown(measured['path'])}", flush=True)
                 self.write()
         fast = run["tasks"].get("caption", {}).get("fast")
         if fast and "path" in fast:
@@ -308,6 +309,18 @@ def token_agreement(bench: Bench, model_id: str, checkpoint: Path, yamls: list[P
             "tokens": tokens_total, "token_agreement": tokens_equal / max(1, tokens_total)}
 
 
+def time_breakdown(path: dict) -> str:
+    """Where a fast run's time went (GPU phases by CUDA events; waits and CPU work on the main thread)."""
+    seconds = path.get("time_s") or {}
+    if not seconds:
+        return ""
+    parts = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]))
+    decoder = path.get("decoder", {})
+    steps = decoder.get("graph_replays", 0) + decoder.get("eager_steps", 0)
+    per_step = f"; {1000 * seconds.get('decode', 0) / steps:.2f} ms per decode step" if steps else ""
+    return f" [{parts}{per_step}]"
+
+
 def table(result: dict) -> str:
     lines = ["| model | task | batch | stock img/s | fast img/s | speed-up | roofline img/s | fast / roofline | "
              "target | met |",
@@ -334,6 +347,11 @@ def table(result: dict) -> str:
         sweep = result["sweep"]
         lines.append(f"\nsweep (4 LLM-only configurations, shared feature cache): the vision tower saw "
                      f"{sweep['vision_forward_images']} images for {sweep['distinct_images']} distinct images")
+    for run in result["runs"]:
+        for kind, paths in run["tasks"].items():
+            fast = paths.get("fast") or {}
+            if "path" in fast:
+                lines.append(f"{run['model']} {kind} fast:{time_breakdown(fast['path'])}")
     for what, error in result.get("errors", {}).items():
         lines.append(f"error in {what}: {error}")
     for run in result["runs"]:
@@ -360,9 +378,17 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-images", dest="sweep_images", type=int)
     parser.add_argument("--image-size", dest="image_size", type=int)
     parser.add_argument("--agreement-images", dest="agreement_images", type=int, default=24)
+    parser.add_argument("--steps", default="agreement,throughput,sweep",
+                        help="which measurements, in this order: agreement, throughput, sweep")
     parser.add_argument("--deadline-s", dest="deadline_s", type=float, default=420,
                         help="start nothing new after this many seconds")
     args = parser.parse_args(argv)
+    wanted = {w.strip() for w in args.steps.split(",")}
+    unknown = wanted - {"agreement", "throughput", "sweep"}
+    if unknown:
+        print(f"bench_eval: --steps {args.steps!r}: unknown {sorted(unknown)}; valid: agreement, throughput, sweep",
+              file=sys.stderr)
+        return 2
     missing = [m for m in ("lmms_eval", "datasets", "lmms_quant.model_wrappers") if not _importable(m)]
     if missing:
         print(f"bench_eval: cannot import {', '.join(missing)}; install lmms-quant and lmms-eval first "
@@ -380,8 +406,10 @@ def main(argv=None) -> int:
                                     bench.sizes["vqa_images"], image_size=bench.sizes["image_size"])
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     # Most telling first: a step that fails is recorded and the next one runs.
-    steps = [("agreement", bench.agreement)] + [(f"throughput {n}", lambda n=n: bench.throughput(n)) for n in names]
-    if "blip2" in names:
+    steps = [("agreement", bench.agreement)] if "agreement" in wanted else []
+    if "throughput" in wanted:
+        steps += [(f"throughput {n}", lambda n=n: bench.throughput(n)) for n in names]
+    if "sweep" in wanted and "blip2" in names:
         steps.append(("sweep", bench.sweep))
     for what, step in steps:
         try:

@@ -1,0 +1,62 @@
+"""Requests made ready for the fast path on CPU threads, one chunk ahead of the GPU.
+
+Per request: its doc (lmms-eval's dataset row: the image is decoded here), its prompt and image
+(the wrapper's `prompt_and_images`) and the image's content hash; per distinct image: its features
+from the disk cache, or its pixel values (the image processor alone, once `VisionFeatures.check_pixels`
+has allowed it). This is most of the CPU work of an evaluation (decoding a 336-px PNG takes
+milliseconds), so it runs in a pool of threads (PIL's decoders and torch release the GIL) while the GPU
+serves the previous chunk. No tokenizer is used here: one is not shared safely between threads, and
+the main thread tokenizes prompts and decodes answers meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .vision_cache import image_key
+
+THREADS = min(8, os.cpu_count() or 1)
+
+
+@dataclass
+class Chunk:
+    items: list[tuple]  # (index, ChatRequest, prompt, images, content key or None when not one image)
+    ready: dict = field(default_factory=dict)  # content key -> VisionFeatures.ready(...)
+
+
+class Preparer:
+    def __init__(self, wrapper, threads: int = THREADS):
+        self.wrapper = wrapper
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lmms-quant-prepare")
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmms-quant-ahead")
+
+    def docs(self, requests, indices: list[int]) -> list[tuple]:
+        wrapper = self.wrapper
+
+        def one(i):
+            request = wrapper.chat_request(requests[i].args)
+            prompt, images = wrapper.prompt_and_images(request)
+            return i, request, prompt, images, image_key(images[0]) if len(images) == 1 else None
+
+        return list(self._pool.map(one, indices))
+
+    def images(self, items: list[tuple], vision) -> dict:
+        """Disk features or pixel values of each distinct image of ``items`` that memory does not hold."""
+        first = {}
+        for item in items:
+            if item[4] is not None and item[4] not in first:
+                first[item[4]] = item[3][0]
+        found = self._pool.map(lambda key: (key, vision.ready(key, first[key])), list(first))
+        return {key: got for key, got in found if got is not None}
+
+    def chunk(self, requests, indices: list[int], vision=None) -> Chunk:
+        items = self.docs(requests, indices)
+        return Chunk(items, self.images(items, vision) if vision is not None else {})
+
+    def submit(self, requests, indices: list[int], vision=None) -> Future:
+        return self._ahead.submit(self.chunk, requests, indices, vision)
+
+
+__all__ = ["Chunk", "Preparer", "THREADS"]
