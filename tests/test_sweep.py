@@ -117,6 +117,38 @@ def test_grid_expands_product_minus_exclude_plus_include_with_the_baseline_first
     assert len({c.run_id for c in grid.configurations}) == 5
 
 
+def _model_args_of(argv):
+    return dict(part.split("=", 1) for part in argv[argv.index("--model_args") + 1].split(","))
+
+
+def test_every_configuration_of_our_wrappers_shares_one_feature_cache_unless_the_grid_sets_one(tmp_path):
+    from lmms_quant.sweep.rundir import eval_arguments
+
+    grid = load_grid(write_grid(tmp_path, axes={"method": ["rtn"], "bits": [4], "component": ["llm", "vit"]}))
+    root = (tmp_path / "out").resolve()
+    caches = {_model_args_of(eval_arguments(c, root / "runs" / c.run_id)).get("feature_cache")
+              for c in grid.configurations}
+    assert caches == {str(root / "feature_cache")}  # baseline, llm and vit alike (the wrapper declines for vit)
+    baseline_args = _model_args_of(eval_arguments(grid.configurations[0], root / "runs" / "x"))
+    assert "weight_cache" not in baseline_args  # nothing to quantize, nothing to cache
+
+    own = load_grid(write_grid(tmp_path, name="own.yaml",
+                               model_args={"pretrained": "/ckpt", "feature_cache": "/fast/disk"}))
+    assert {_model_args_of(eval_arguments(c, root / "runs" / "x"))["feature_cache"]
+            for c in own.configurations} == {"/fast/disk"}
+
+
+def test_lmms_evals_own_models_get_no_feature_cache_key():
+    from types import SimpleNamespace
+
+    from lmms_quant.sweep.rundir import eval_arguments
+
+    config = SimpleNamespace(model="quant", model_args="model=llava_hf,pretrained=/ckpt,method=rtn",
+                             is_baseline=False, tasks=["t"], limit=None, batch_size=None, seed=None, data_root=None)
+    args = _model_args_of(eval_arguments(config, Path("/sweep/runs/x")))
+    assert "feature_cache" not in args and args["weight_cache"] == "/sweep/weight_cache"
+
+
 def test_a_grid_without_axes_is_its_include_list_plus_the_baseline(tmp_path):
     grid = load_grid(write_grid(
         tmp_path, model_args={"pretrained": "/ckpt", "dtype": "float32", "calib_n": 8}, axes=None,

@@ -38,6 +38,7 @@ JOB_FILE = "job.json"
 LOG_FILE = "log.txt"
 EVAL_OUTPUT = "lmms_eval"
 WEIGHT_CACHE_DIR = "weight_cache"
+FEATURE_CACHE_DIR = "feature_cache"
 LOCK_FILE = "sweep.lock"
 
 
@@ -164,15 +165,32 @@ def refresh_dir(path: Path) -> None:
         Path(path).chmod(Path(path).stat().st_mode)
 
 
+# lmms-quant's own generating wrappers, whose fast path can reuse image features across configurations
+# (lmms-eval's own models behind `quant`, and the ITM scorer, have no feature_cache key).
+FEATURE_CACHE_MODELS = ("quant_blip2", "quant_llava", "quant_hf")
+
+
+def _given_keys(model_args: str) -> set[str]:
+    return {part.split("=", 1)[0].strip() for part in model_args.split(",") if part.strip()}
+
+
 def eval_arguments(config, run_dir: Path) -> list[str]:
     """The `lmms-quant eval` arguments for one configuration (everything after the command itself)."""
     model_args = config.model_args
-    if not config.is_baseline and "weight_cache" not in (part.split("=", 1)[0] for part in model_args.split(",")):
+    given = _given_keys(model_args)
+    sweep_root = Path(run_dir).resolve().parent.parent
+    # Neither default is part of the configuration (nor of its run id): where weights or image
+    # features are cached does not change results.
+    if not config.is_baseline and "weight_cache" not in given:
         # Quantized weights are kept under the sweep's output directory (on a cluster: the shared
         # filesystem), so a configuration interrupted after quantizing, or scored on other tasks later,
-        # does not quantize again. Not part of the configuration (nor of its run id): where weights are
-        # cached does not change results.
-        model_args += f",weight_cache={Path(run_dir).resolve().parent.parent / WEIGHT_CACHE_DIR}"
+        # does not quantize again.
+        model_args += f",weight_cache={sweep_root / WEIGHT_CACHE_DIR}"
+    if config.model in FEATURE_CACHE_MODELS and "feature_cache" not in given:
+        # Every configuration whose vision tower and connector stay FP (the baseline, component=llm)
+        # computes the same image features: the first one stores them, the rest read them. The
+        # wrapper itself declines the cache for recipes that quantize the vision side.
+        model_args += f",feature_cache={sweep_root / FEATURE_CACHE_DIR}"
     argv = ["--model", config.model, "--model_args", model_args, "--tasks", ",".join(config.tasks),
             "--output_path", str(Path(run_dir) / EVAL_OUTPUT), "--log_samples"]
     if config.limit is not None:
