@@ -73,9 +73,12 @@ def _owned_meteor(owner: int):
     from pycocoevalcap.meteor.meteor import Meteor
 
     class OwnedMeteor(Meteor):
-        def __del__(self):
-            if os.getpid() == owner:
-                super().__del__()
+        def __del__(self):  # Meteor's own takes its lock, which a failed exchange leaves held
+            if os.getpid() == owner and self.meteor_p.poll() is None:
+                with contextlib.suppress(OSError):
+                    self.meteor_p.stdin.close()
+                self.meteor_p.kill()
+                self.meteor_p.wait()
 
     return OwnedMeteor()
 
@@ -125,6 +128,14 @@ def share_meteor() -> None:
     global _SHARED_METEOR
     if _SHARED_METEOR is None:
         _SHARED_METEOR = SharedMeteor()
+
+
+def stop_shared_meteor() -> None:
+    """Stop the shared METEOR process (its JVM holds ~1 GB); later scoring starts private ones."""
+    global _SHARED_METEOR
+    if _SHARED_METEOR is not None:
+        _SHARED_METEOR.close()
+        _SHARED_METEOR = None
 
 
 def _meteor(gts, res) -> float:

@@ -154,7 +154,7 @@ def run_grid(spec: dict, select=None) -> dict[str, str]:
     Each configuration is a fork of this process, which has imported lmms-eval, indexed its tasks
     (`lmms_quant.task_index`) and started the METEOR scorer (`lmms_quant.caption_metrics`) once for
     all of them."""
-    from lmms_quant.caption_metrics import share_meteor
+    from lmms_quant.caption_metrics import share_meteor, stop_shared_meteor
     from lmms_quant.sweep import SweepRunner, completed_run, load_grid
     from lmms_quant.task_index import share_task_index
     from lmms_quant.tasks_path import render_tasks
@@ -170,7 +170,10 @@ def run_grid(spec: dict, select=None) -> dict[str, str]:
         share_task_index([render_tasks(spec["data_root"])])
         if CAPTION_TASKS & set(spec["tasks"]):
             share_meteor()  # one METEOR process for every configuration's caption scores
-    return runner.run(configurations)
+    try:
+        return runner.run(configurations)
+    finally:
+        stop_shared_meteor()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,6 +149,7 @@ def test_forked_evaluations_share_one_meteor_process_that_scores_as_a_fresh_one_
     monkeypatch.setattr(caption_metrics, "_SHARED_METEOR", None)
     caption_metrics.share_meteor()
     shared = caption_metrics._SHARED_METEOR
+    process = shared.meteor.meteor_p
     try:
         assert len(meteor_starts) == 1
 
@@ -168,7 +169,7 @@ def test_forked_evaluations_share_one_meteor_process_that_scores_as_a_fresh_one_
 
         _in_fork(cut_off)
         assert json.loads(_in_fork(lambda: score(second))) == [fresh[1], 1]  # a private METEOR, right score
-        assert shared.meteor.meteor_p.poll() is None  # no fork stopped the shared process
+        assert process.poll() is None  # no fork stopped the shared process
     finally:
-        shared.close()
-    assert not os.path.exists(shared.state_path)
+        caption_metrics.stop_shared_meteor()
+    assert process.poll() is not None and not os.path.exists(shared.state_path)  # its creator did
