@@ -33,24 +33,6 @@ def rename_into_place(src, dst) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path, mode: str = "w", **open_kwargs) -> Iterator:
-    """``with atomic_file(p) as handle: handle.write(...)``: ``p`` appears whole when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **open_kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        rename_into_place(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_path(path) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that wants a file name (``save_file``, ``to_parquet``);
     renamed to ``path`` when the block succeeds, deleted otherwise."""
@@ -65,6 +47,16 @@ def atomic_path(path) -> Iterator[Path]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode: str = "w", **open_kwargs) -> Iterator:
+    """``with atomic_file(p) as handle: handle.write(...)``: ``p`` appears whole when the block succeeds."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager

@@ -105,33 +105,6 @@ def demo_grids(out: Path, data_root: Path, bits: tuple[int, ...], calib_n: int, 
 
 # The tasks whose aggregations are lmms_quant.caption_metrics' (METEOR among them).
 CAPTION_TASKS = {"coco2017_cap_val_local", "flickr30k_test_local"}
-SUMMARY_METRICS = (
-    ("coco2017_cap_val_local", "coco_CIDEr", "CIDEr"),
-    ("vqav2_val_local", "exact_match", "VQA acc"),
-    ("flickr30k_retrieval_local", "t2i_r1", "text→image R@1"),
-)
-
-
-def summary_markdown(table) -> str:
-    """A compact table for the terminal/README: one row per configuration, the headline metric per task."""
-    metrics = []
-    for task, metric, title in SUMMARY_METRICS:
-        if any(c.key == f"m:{task}:{metric}" for c in table.columns):
-            metrics.append((task, metric, title))
-    header = ["model", "configuration", "bpw"] + [f"{title} (Δ)" for _, _, title in metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in table.rows:
-        cells = [row["model"], row["label"], "" if row["bpw"] is None else f"{row['bpw']:.2f}"]
-        for task, metric, _ in metrics:
-            value, delta = row.get(f"m:{task}:{metric}"), row.get(f"d:{task}:{metric}")
-            if value is None:
-                cells.append("")
-            elif delta is None:
-                cells.append(f"{value:.3f}")
-            else:
-                cells.append(f"{value:.3f} ({delta:+.3f})")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def write_data(data_root: Path, n_images: int) -> Path:
@@ -202,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     arithmetic = pin_arithmetic()  # before anything imports torch
 
-    from lmms_quant.leaderboard import write_leaderboard
+    from lmms_quant.leaderboard import compact_markdown, write_leaderboard
     from lmms_quant.sweep import GridError
 
     started = time.monotonic()
@@ -219,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         failed += sum(status == "failed" for status in outcome.values())
     written, table = write_leaderboard(out / "runs", out)
     print()
-    print(summary_markdown(table))
+    print(compact_markdown(table))  # the leaderboard's compact table, as leaderboard.md shows it
+    print("Δ vs the FP16 baseline [95% paired bootstrap interval]; *: the interval excludes 0.")
     print()
     minutes = (time.monotonic() - started) / 60
     print(f"{len(table.rows)} configurations in {math.floor(minutes)}m{round(minutes % 1 * 60):02d}s. "

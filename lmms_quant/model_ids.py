@@ -5,6 +5,8 @@ importing it first from elsewhere would start that initialisation half-way throu
 MODEL_CLASSES = {
     "quant_blip2": "lmms_quant.model_wrappers.blip2.QuantBlip2",
     "quant_llava": "lmms_quant.model_wrappers.llava.QuantLlava",
+    "quant_hf": "lmms_quant.model_wrappers.hf.QuantHF",
+    "quant": "lmms_quant.model_wrappers.lmms_eval_model.QuantLmmsEval",
     "quant_blip2_itm": "lmms_quant.model_wrappers.blip2_itm.QuantBlip2ITM",
 }
 

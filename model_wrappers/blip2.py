@@ -79,15 +79,23 @@ class QuantBlip2(QuantVLM):
         self.caption_prompt = CAPTION_PROMPT if caption_prompt is None else caption_prompt
         self.tokenizer.padding_side = "right" if self.encoder_decoder else "left"
 
+    def prompt_and_images(self, request: ChatRequest) -> tuple[str, list]:
+        """The text and RGB images the processor gets for one request (both generation paths use it)."""
+        return blip2_prompt(request, self.vqa_prompt, self.caption_prompt), [i.convert("RGB") for i in request.images]
+
+    def processor_inputs(self, prompts: list[str], images: list[list]):
+        """The processor's batch for prompts and their images (one list per prompt), padded, as tensors."""
+        return self.processor(images=[found[0] for found in images], text=prompts, padding=True, return_tensors="pt")
+
     def generate_batch(self, requests: list[ChatRequest], gen_kwargs: dict):
-        images = []
+        images, prompts = [], []
         for request in requests:
-            found = request.images
+            prompt, found = self.prompt_and_images(request)
             if len(found) != 1:
                 raise ValueError(f"{request.where}: BLIP-2 takes exactly one image per request, got {len(found)}")
-            images.append(found[0].convert("RGB"))
-        prompts = [blip2_prompt(r, self.vqa_prompt, self.caption_prompt) for r in requests]
-        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt")
+            images.append(found)
+            prompts.append(prompt)
+        inputs = self.processor_inputs(prompts, images)
         inputs = inputs.to(self.device).to(self.model.dtype)
         output_ids = self.model.generate(**inputs, **gen_kwargs)
         return self.decode_new_tokens(inputs, output_ids, encoder_decoder=self.encoder_decoder)

@@ -195,7 +195,10 @@ class QuantVLM(lmms):
 
     def generate_until(self, requests) -> list[GenerationResult]:
         self.ensure_quantized(requests)
-        return self.run_batched(requests, self._serve_generation, group_fn=lambda args: args[2], desc="Model Responding")
+        # The shared path: the fast one where it applies, else _serve_generation in run_batched's batches.
+        from .generation import generation_path
+
+        return generation_path(self).generate_until(requests)
 
     def _serve_generation(self, batch: list[tuple]) -> list[GenerationResult]:
         chat = [self.chat_request(args) for args in batch]

@@ -17,21 +17,47 @@ from typing import Any, Sequence
 import torch
 
 import lmms_quant
-from lmms_quant.values import is_unset, parse_bool, parse_dtype, text
+from lmms_quant.values import bad, is_unset, parse_bool, parse_dtype, text
 
 # Keys every wrapper accepts. batch_size / max_batch_size / device also arrive from lmms-eval's own
 # --batch_size / --max_batch_size / --device; lmms_quant_version is folded in by `lmms-quant eval`
 # so that lmms-eval's response cache never mixes results of two lmms-quant versions.
+# fast_generate and feature_cache change how fast results come, never which: they are wrapper keys,
+# not recipe keys (the recipe digest, weight cache and reports ignore them); given, they stay in
+# model_args, so lmms-eval's response cache never answers a fast_generate=false check from a fast run.
 BASE_WRAPPER_KEYS = (
     "pretrained", "revision", "dtype", "device", "device_map", "trust_remote_code",
     "batch_size", "max_batch_size", "report_dir", "weight_cache", "lmms_quant_version",
+    "fast_generate", "feature_cache",
 )
 
 
-def parse_batch_size(value) -> int:
+def parse_batch_size(value) -> int | str:
+    """A positive int, or "auto" (lmms-eval's --batch_size auto): the largest batch that fits, found on OOM."""
+    spelled = str(value).strip()
+    if spelled.lower() == "auto":
+        return "auto"
+    if not spelled.isdigit() or int(spelled) < 1:
+        raise ValueError(f"batch_size: got {value!r}; valid: a positive integer or 'auto'")
+    return int(spelled)
+
+
+def parse_fast_generate(value) -> bool | None:
+    """true / false, or None for "auto" (unset): on where the device is CUDA."""
+    if is_unset(value) or str(value).strip().lower() == "auto":
+        return None
+    try:
+        return parse_bool("fast_generate", value)
+    except ValueError:
+        raise bad("fast_generate", value, "true, false or auto (on for CUDA, off for CPU)") from None
+
+
+def parse_max_batch_size(value) -> int | None:
+    if is_unset(value):
+        return None
     spelled = str(value).strip()
     if not spelled.isdigit() or int(spelled) < 1:
-        raise ValueError(f"batch_size: got {value!r}; valid: a positive integer (automatic sizing is not supported)")
+        raise ValueError(f"max_batch_size: got {value!r}; valid: a positive integer (where batch_size=auto starts)")
     return int(spelled)
 
 
@@ -85,9 +111,13 @@ class WrapperArgs:
     device: torch.device
     device_map: Any
     trust_remote_code: bool
-    batch_size: int
+    batch_size: int  # with auto_batch: where the search starts (max_batch_size, default 64)
     report_dir: str | None
     weight_cache: str | None  # a WeightCache root: reuse quantized weights across tasks/runs
+    auto_batch: bool = False
+    max_batch_size: int | None = None
+    fast_generate: bool | None = None  # None: on where the device is CUDA
+    feature_cache: str | None = None  # a directory: image features shared by configurations with FP vision
 
 
 def split_model_args(kwargs: dict, wrapper_keys: Sequence[str]) -> tuple[dict, dict]:
@@ -108,17 +138,24 @@ def parse_wrapper_args(own: dict) -> WrapperArgs:
     try:
         dtype = parse_dtype("dtype", own.get("dtype", "auto"))
         trust_remote_code = parse_bool("trust_remote_code", own.get("trust_remote_code", False))
+        fast_generate = parse_fast_generate(own.get("fast_generate"))
     except ValueError as err:
         raise ValueError(str(err)) from None
+    batch_size = parse_batch_size(own.get("batch_size", 1))
+    max_batch_size = parse_max_batch_size(own.get("max_batch_size"))
     settings = dict(
         revision=text(own.get("revision")),
         dtype=dtype,
         device=parse_device(None if is_unset(own.get("device")) else own.get("device")),
         device_map=parse_device_map(own.get("device_map")),
         trust_remote_code=trust_remote_code,
-        batch_size=parse_batch_size(own.get("batch_size", 1)),
+        batch_size=(max_batch_size or 64) if batch_size == "auto" else batch_size,
         report_dir=text(own.get("report_dir")),
         weight_cache=text(own.get("weight_cache")),
+        auto_batch=batch_size == "auto",
+        max_batch_size=max_batch_size,
+        fast_generate=fast_generate,
+        feature_cache=text(own.get("feature_cache")),
     )
     return WrapperArgs(pretrained=pretrained, **settings)
 
@@ -127,14 +164,14 @@ def load_pretrained(model_class, args: WrapperArgs):
     """(processor, model) through from_pretrained: weights from safetensors, remote code only if asked.
 
     A hub id that is not in the local cache while offline gets a message that says so."""
-    from transformers import AutoProcessor
+    from lmms_quant.processors import load_processor
 
     check_pretrained(args.pretrained)
     load = {"trust_remote_code": args.trust_remote_code}
     if args.revision is not None:
         load["revision"] = args.revision
     try:
-        processor = AutoProcessor.from_pretrained(args.pretrained, **load)
+        processor = load_processor(args.pretrained, **load)
         model = model_class.from_pretrained(args.pretrained, dtype=args.dtype, device_map=args.device_map,
                                             use_safetensors=True, **load)
     except OSError as err:

@@ -40,11 +40,9 @@ def _sync(device):
 
 
 def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1, default=str)
-    os.replace(tmp, path)
+    from lmms_quant.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=1, default=str))
 
 
 def _shapes_samples(n: int, seed: int):

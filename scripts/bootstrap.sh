@@ -33,9 +33,15 @@ want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
 pip_install() { "$py" -m pip install -q --disable-pip-version-check "$@" 2>&1 | "$py" scripts/pip_filter.py; }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "== installing into $venv"
-  pip_install "${LMMS_QUANT_TORCH:-torch==2.13.0}"
+  # The tests also run lmms-eval's own qwen2_5_vl (extra lmms-eval-models), whose qwen-vl-utils imports
+  # torchvision; PyPI's torchvision fails to load beside the CPU torch build, so test mode takes the
+  # matching pair (a CUDA build, on the CPU here).
+  torch_spec=${LMMS_QUANT_TORCH:-torch==2.13.0}
+  [ "$mode" = test ] && torch_spec=${LMMS_QUANT_TORCH:-torch==2.14.1 torchvision==0.29.1}
+  # shellcheck disable=SC2086  # the spec may name several packages
+  pip_install $torch_spec
   pip_install --no-deps "lmms-eval==0.7.3"
-  extras="lmms-eval-lean"; [ "$mode" = test ] && extras="$extras test"
+  extras="lmms-eval-lean"; [ "$mode" = test ] && extras="$extras test lmms-eval-models"
   # Our own dependencies (less lmms-eval, installed above without its heavy pins) and the extras,
   # read from pyproject.toml so that this script never keeps a second list.
   deps=$("$py" - "$extras" <<'PY'

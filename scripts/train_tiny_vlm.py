@@ -54,25 +54,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import (
     AutoTokenizer,
-    Blip2Config,
     Blip2ForConditionalGeneration,
     Blip2ForImageTextRetrieval,
-    Blip2Processor,
-    Blip2QFormerConfig,
-    Blip2VisionConfig,
-    BlipImageProcessor,
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
-    OPTConfig,
 )
 
 from lmms_quant.atomic import atomic_directory, atomic_path, write_text_atomic
 from lmms_quant.fixtures import shapes
-from lmms_quant.fixtures.models import CLIP_MEAN, CLIP_STD, LLAVA_CHAT_TEMPLATE
+from lmms_quant.fixtures import models as fixture_models
 from lmms_quant.fixtures.tokenizers import fixture_corpus, train_bpe_tokenizer, train_wordpiece_tokenizer
 
 MODEL_NAMES = ("blip2", "itm", "llava")
@@ -245,8 +234,8 @@ def make_pool(stream: str, n: int, size: int, grids: tuple[int, ...], workers: i
 
 def pixel_values(images_uint8: torch.Tensor) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> normalised (B, 3, H, W) float, as the image processors do at native size."""
-    mean = torch.tensor(CLIP_MEAN, device=images_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images_uint8.device).view(1, 3, 1, 1)
+    mean = torch.tensor(fixture_models.CLIP_MEAN, device=images_uint8.device).view(1, 3, 1, 1)
+    std = torch.tensor(fixture_models.CLIP_STD, device=images_uint8.device).view(1, 3, 1, 1)
     x = images_uint8.permute(0, 3, 1, 2).float() / 255.0
     return (x - mean) / std
 
@@ -482,78 +471,33 @@ class LlavaAdapter(GenerativeVLM):
         return [p for n, p in self.model.named_parameters() if not n.startswith("model.vision_tower.")]
 
 
-def blip_image_processor(r: Recipe) -> BlipImageProcessor:
-    return BlipImageProcessor(size={"height": r.image_size, "width": r.image_size}, image_mean=list(CLIP_MEAN),
-                              image_std=list(CLIP_STD), do_convert_rgb=True)
-
-
-def blip2_vision_config(r: Recipe) -> Blip2VisionConfig:
-    # initializer_range: BLIP-2's default 1e-10 makes every ViT weight ~0.
-    return Blip2VisionConfig(hidden_size=r.hidden, intermediate_size=r.ffn, num_hidden_layers=r.vision_layers,
-                             num_attention_heads=r.heads, image_size=r.image_size, patch_size=r.blip2_patch,
-                             initializer_range=0.02, attention_dropout=0.0)
-
-
-def qformer_config(r: Recipe, **extra) -> Blip2QFormerConfig:
-    return Blip2QFormerConfig(hidden_size=r.hidden, intermediate_size=r.ffn, num_hidden_layers=r.qformer_layers,
-                              num_attention_heads=r.heads, cross_attention_frequency=1, encoder_hidden_size=r.hidden,
-                              max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                              **extra)
-
-
-def opt_config(r: Recipe, tok) -> OPTConfig:
-    return OPTConfig(vocab_size=len(tok), hidden_size=r.hidden, word_embed_proj_dim=r.hidden, ffn_dim=r.ffn,
-                     num_hidden_layers=r.lm_layers, num_attention_heads=r.heads, max_position_embeddings=256,
-                     dropout=0.0, attention_dropout=0.0, pad_token_id=tok.pad_token_id,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+def fixture_dims(r: Recipe, patch_size: int) -> fixture_models.TinyDims:
+    """The recipe's shared sizes as the fixture config builders take them; layer counts go per tower."""
+    return fixture_models.TinyDims(
+        hidden_size=r.hidden, intermediate_size=r.ffn, num_heads=r.heads, num_kv_heads=r.llama_kv_heads,
+        image_size=r.image_size, patch_size=patch_size, num_query_tokens=r.num_query_tokens,
+        image_text_hidden_size=r.image_text_hidden, vocab_size=r.bpe_vocab)
 
 
 def build_blip2(r: Recipe, tok) -> Blip2Adapter:
-    image_token = tok.convert_tokens_to_ids("<image>")
-    config = Blip2Config(vision_config=blip2_vision_config(r).to_dict(), qformer_config=qformer_config(r).to_dict(),
-                         text_config=opt_config(r, tok).to_dict(), num_query_tokens=r.num_query_tokens,
-                         image_token_index=image_token)
+    dims = fixture_dims(r, r.blip2_patch)
+    config = fixture_models.blip2_config(dims, tok, vision_layers=r.vision_layers, qformer_layers=r.qformer_layers,
+                                         lm_layers=r.lm_layers, dropout=0.0)
     model = Blip2ForConditionalGeneration(config)
-    with torch.no_grad():  # zero queries are all alike, a symmetry training never breaks
-        model.query_tokens.normal_(mean=0.0, std=0.02)
-    for key, value in (("pad_token_id", tok.pad_token_id), ("bos_token_id", tok.bos_token_id),
-                       ("eos_token_id", tok.eos_token_id)):
-        setattr(model.generation_config, key, value)
-    processor = Blip2Processor(image_processor=blip_image_processor(r), tokenizer=tok,
-                               num_query_tokens=r.num_query_tokens)
-    return Blip2Adapter(model, processor)
+    fixture_models.reinit_query_tokens(model)
+    fixture_models.set_generation_tokens(model, tok)
+    return Blip2Adapter(model, fixture_models.blip2_processor(dims, tok))
 
 
 def build_llava(r: Recipe, tok) -> LlavaAdapter:
-    n_patches = (r.image_size // r.llava_patch) ** 2
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=r.hidden, intermediate_size=r.ffn,
-                                       num_hidden_layers=r.vision_layers, num_attention_heads=r.heads,
-                                       image_size=r.image_size, patch_size=r.llava_patch,
-                                       projection_dim=r.hidden).to_dict(),
-        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=r.hidden, intermediate_size=r.ffn,
-                                num_hidden_layers=r.lm_layers, num_attention_heads=r.heads,
-                                num_key_value_heads=r.llama_kv_heads, max_position_embeddings=256,
-                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id).to_dict(),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=n_patches,
-        # The last layer, which stage 1 trains: with LLaVA-1.5's -2 that layer would be dead weight.
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
+    dims = fixture_dims(r, r.llava_patch)
+    # The last layer, which stage 1 trains: with LLaVA-1.5's -2 that layer would be dead weight.
+    # No dropout argument: CLIP's and Llama's defaults are already 0.
+    config = fixture_models.llava_config(dims, tok, vision_layers=r.vision_layers, lm_layers=r.lm_layers,
+                                         vision_feature_layer=-1)
     model = LlavaForConditionalGeneration(config)
-    for key, value in (("pad_token_id", tok.pad_token_id), ("bos_token_id", tok.bos_token_id),
-                       ("eos_token_id", tok.eos_token_id)):
-        setattr(model.generation_config, key, value)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": r.image_size},
-                                           crop_size={"height": r.image_size, "width": r.image_size},
-                                           image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
-                                           do_convert_rgb=True),
-        tokenizer=tok, patch_size=r.llava_patch, vision_feature_select_strategy="default",
-        chat_template=LLAVA_CHAT_TEMPLATE, image_token="<image>", num_additional_image_tokens=1)
-    return LlavaAdapter(model, processor)
+    fixture_models.set_generation_tokens(model, tok)
+    return LlavaAdapter(model, fixture_models.llava_processor(dims, tok))
 
 
 def sample_pairs(pool: Pool, idx: list[int], rng: random.Random, caption_fraction: float):
@@ -692,15 +636,9 @@ def rtn_sensitivity(vlm: GenerativeVLM, pool: Pool, device, log) -> list[dict]:
 
 
 def build_itm(r: Recipe, source: Blip2ForConditionalGeneration, wordpiece, lm_tok) -> tuple:
-    config = Blip2Config(
-        vision_config=blip2_vision_config(r).to_dict(),
-        qformer_config=qformer_config(r, vocab_size=len(wordpiece), pad_token_id=wordpiece.pad_token_id,
-                                      use_qformer_text_input=True).to_dict(),
-        # Stored but unused (no language model weights are created); Blip2Config requires one.
-        text_config=opt_config(r, lm_tok).to_dict(),
-        num_query_tokens=r.num_query_tokens,
-        image_text_hidden_size=r.image_text_hidden,
-    )
+    dims = fixture_dims(r, r.blip2_patch)
+    config = fixture_models.blip2_itm_config(dims, wordpiece, lm_tok, vision_layers=r.vision_layers,
+                                             qformer_layers=r.qformer_layers, lm_layers=r.lm_layers, dropout=0.0)
     model = Blip2ForImageTextRetrieval(config)
     assert model.config.image_token_index is None  # the processor adds no query placeholders to the text
     state = model.state_dict()
@@ -717,7 +655,7 @@ def build_itm(r: Recipe, source: Blip2ForConditionalGeneration, wordpiece, lm_to
             state[key] = state[f"{head}{part}_query{tail}"].clone()
             loaded.append(key)
     model.load_state_dict(state)
-    processor = Blip2Processor(image_processor=blip_image_processor(r), tokenizer=wordpiece, num_query_tokens=None)
+    processor = fixture_models.blip2_processor(dims, wordpiece, retrieval=True)
     return model, processor, loaded
 
 

@@ -9,17 +9,23 @@ What it writes follows lmms-eval 0.7.3 (notes/lmms-eval.md §6) and the model wr
     <output_path>/<model_name_sanitized>/quant_report_<plan digest>.json          (quantized plans)
 
 Scores are a deterministic function of the plan and the document (fewer bits -> lower scores), so two
-runs of one configuration give identical files apart from the timestamp in their names.
+runs of one configuration give identical files apart from the timestamp in their names. What is logged
+per document is what the real tasks log: a VQA score; for captions the scorer's inputs (prediction and
+references, already in PTB-tokenized form: lower case, no punctuation) with the corpus scores computed
+by pycocoevalcap's own scorers; for retrieval a rank record (docs/retrieval.md) and R@K over them.
 
 Environment knobs (test instrumentation, not behaviour under test):
     FAKE_EVAL_LOG      append a JSON line when an invocation starts and when it finishes (event, pid,
                        output_path, model_args, CUDA_VISIBLE_DEVICES, time)
     FAKE_EVAL_SLEEP    seconds to sleep after the samples are written and before the results (the window
                        in which a test kills the sweep: the run directory then holds partial output)
-    FAKE_EVAL_SLEEP_ON only sleep when model_args contains this substring
+    FAKE_EVAL_SLEEP_ON only sleep (and wait, below) when model_args contains this substring
+    FAKE_EVAL_WAIT_FOR a path: after the samples are written, wait until it exists (a gate the test opens,
+                       so that "the evaluation is in progress" lasts exactly as long as the test needs)
     FAKE_EVAL_FAIL_ON  substring of model_args that makes the run exit 1 (a failing configuration)
     FAKE_EVAL_NO_RESULTS  substring of model_args for which the run exits 0 without writing results
     FAKE_EVAL_DOCS     documents per task (default 40)
+    FAKE_EVAL_EXPORT_ON  substring of model_args whose quantization report carries a packed-export block
 """
 
 from __future__ import annotations
@@ -36,9 +42,14 @@ TASK_METRICS = {
     # task -> (metric, per-doc value kind)
     "vqav2_val_local": ("exact_match", "mean"),
     "gqa_local": ("exact_match", "mean"),
-    "coco2017_cap_val_local": ("coco_CIDEr", "corpus"),
+    "coco2017_cap_val_local": ("coco_CIDEr", "caption"),
+    "flickr30k_retrieval_local": ("t2i_r1", "retrieval"),
 }
-WRAPPER_KEYS = {"pretrained", "dtype", "device", "device_map", "trust_remote_code", "batch_size", "weight_cache",
+CAPTION_METRICS = ("coco_Bleu_1", "coco_Bleu_4", "coco_ROUGE_L", "coco_CIDEr")  # the pure-Python scorers
+COLOURS = ("red", "blue", "green", "yellow")
+SHAPES = ("square", "circle", "triangle")
+PLACES = ("left", "right", "top", "bottom")
+WRAPPER_KEYS = {"pretrained", "revision", "dtype", "device", "device_map", "trust_remote_code", "batch_size", "weight_cache",
                 "max_batch_size", "report_dir", "lmms_quant_version", "vqa_prompt", "caption_prompt"}
 COMPONENT_PARAMS = {"vit": 4000, "connector": 1000, "llm": 5000}
 OTHER_PARAMS = 500
@@ -62,11 +73,65 @@ def component_bits(plan: dict[str, str]) -> dict[str, int]:
 
 def doc_score(plan: dict[str, str], task: str, doc_id: int) -> float:
     bits = component_bits(plan)
-    quality = 0.8 - sum(0.5 / b for b in bits.values() if b < 16) + (0.05 if plan.get("method") == "gptq" else 0)
     # VQA accuracy takes the values min(1, matches / 3) averaged over annotators: 0, 0.3, 0.6, 0.9, 1
     steps = (0.0, 0.3, 0.6, 0.9, 1.0)
     u = _unit(plan.get("method"), sorted(bits.items()), task, doc_id)
-    return steps[min(4, int(u * quality * 6.25))]
+    return steps[min(4, int(u * quality(plan) * 6.25))]
+
+
+def quality(plan: dict[str, str]) -> float:
+    bits = component_bits(plan)
+    return 0.8 - sum(0.5 / b for b in bits.values() if b < 16) + (0.05 if plan.get("method") == "gptq" else 0)
+
+
+def caption_entry(plan: dict[str, str], task: str, doc_id: int) -> dict:
+    """What lmms-eval's caption process_results returns for a doc: the prediction and the references."""
+    c, s, p = (int(_unit(task, doc_id, part) * len(choices)) for part, choices in
+               (("colour", COLOURS), ("shape", SHAPES), ("place", PLACES)))
+    colour, shape, place = COLOURS[c], SHAPES[s], PLACES[p]
+    other = COLOURS[(c + 1) % len(COLOURS)]
+    refs = [f"a {colour} {shape} on the {place}", f"a {colour} {shape}", f"{colour} {shape} at the {place}"]
+    u = _unit(plan.get("method"), sorted(component_bits(plan).items()), task, doc_id)
+    q = quality(plan)
+    pred = (refs[0] if u < q else f"a {other} {shape} on the {place}" if u < q + 0.15 else f"a {other} thing")
+    return {"answer": refs, "pred": pred, "image_id": doc_id, "id": doc_id}
+
+
+def caption_scores(entries: list[dict]) -> dict[str, float]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts = {e["image_id"]: e["answer"] for e in entries}
+    res = {e["image_id"]: [e["pred"]] for e in entries}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return {"coco_Bleu_1": bleu[0], "coco_Bleu_4": bleu[3], "coco_ROUGE_L": Rouge().compute_score(gts, res)[0],
+            "coco_CIDEr": Cider().compute_score(gts, res)[0]}
+
+
+def rank_record(plan: dict[str, str], task: str, doc_id: int, n_docs: int) -> dict:
+    """A retrieval rank record (two captions per image): rank 0 with probability ~ quality."""
+    def rank(*part):
+        u = _unit(plan.get("method"), sorted(component_bits(plan).items()), task, doc_id, *part)
+        return 0 if u < quality(plan) + 0.1 else 1 + int(_unit(u, "rank") * 15)
+    return {"protocol": "image_text", "i2t_rank": rank("i2t"), "t2i_ranks": [rank("t2i", 0), rank("t2i", 1)],
+            "n_images": n_docs, "n_texts": 2 * n_docs}
+
+
+RETRIEVAL_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r_mean", "t2i_r_mean", "r_mean")
+
+
+def recall_scores(records: list[dict]) -> dict[str, float]:
+    """R@K as lmms_quant.retrieval.recall_metrics defines it (not imported here: it imports torch,
+    seconds per fake run; tests/test_leaderboard_stats.py checks the leaderboard against it)."""
+    ranks = {"i2t": [r["i2t_rank"] for r in records], "t2i": [t for r in records for t in r["t2i_ranks"]]}
+    out = {}
+    for direction, found in ranks.items():
+        for k in (1, 5, 10):
+            out[f"{direction}_r{k}"] = 100.0 * sum(r < k for r in found) / len(found)
+        out[f"{direction}_r_mean"] = sum(out[f"{direction}_r{k}"] for k in (1, 5, 10)) / 3
+    out["r_mean"] = (out["i2t_r_mean"] + out["t2i_r_mean"]) / 2
+    return out
 
 
 def report_for(plan: dict[str, str], digest: str) -> dict:
@@ -122,29 +187,48 @@ def main(argv: list[str] | None = None) -> int:
                "n-samples": {}}
     for task in args.tasks.split(","):
         metric, kind = TASK_METRICS[task]
-        lines, scores = [], []
+        lines, logged = [], []
         for doc_id in range(n_eff):
-            score = doc_score(plan, task, doc_id)
-            scores.append(score)
-            line = {"doc_id": doc_id, "target": "answer", "filtered_resps": f"answer {score}",
+            line = {"doc_id": doc_id, "target": "answer",
                     "doc_hash": hashlib.sha256(f"{task}/{doc_id}".encode()).hexdigest(), "input": "Question?"}
             if kind == "mean":
-                line[metric] = score
-            else:  # caption metrics log the scorer's inputs, not a score
-                line[metric] = {"answer": ["a red square", "a square"], "pred": f"caption {score}", "image_id": doc_id}
+                logged.append(doc_score(plan, task, doc_id))
+                line[metric] = logged[-1]
+            elif kind == "caption":  # caption metrics log the scorer's inputs, not a score
+                logged.append(caption_entry(plan, task, doc_id))
+                line.update({m: logged[-1] for m in CAPTION_METRICS})
+            else:  # retrieval logs the doc's rank record under every metric
+                logged.append(rank_record(plan, task, doc_id, n_eff))
+                line.update({m: logged[-1] for m in RETRIEVAL_METRICS})
+            line["filtered_resps"] = str(line.get(metric))
             lines.append(json.dumps(line))
         if args.log_samples:
             (out / f"{date_id}_samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
-        value = sum(scores) / len(scores) if kind == "mean" else 1.5 * sum(scores) / len(scores)
-        results["results"][task] = {"alias": task, f"{metric},none": value,
-                                    f"{metric}_stderr,none": "N/A" if kind == "corpus" else 0.01}
-        results["higher_is_better"][task] = {metric: True}
+        if kind == "mean":
+            values = {metric: sum(logged) / len(logged)}
+        elif kind == "caption":
+            values = caption_scores(logged)
+        else:
+            values = recall_scores(logged)
+        results["results"][task] = {"alias": task}
+        for name, value in values.items():
+            results["results"][task].update({f"{name},none": value, f"{name}_stderr,none": "N/A" if kind != "mean" else 0.01})
+        results["higher_is_better"][task] = {name: True for name in values}
         results["n-samples"][task] = {"original": n_docs, "effective": n_eff}
     if plan.get("method", "fp16") != "fp16":
         digest = _recipe_digest(plan)
-        (out / f"quant_report_{digest}.json").write_text(json.dumps(report_for(plan, digest)))
+        report = report_for(plan, digest)
+        if os.environ.get("FAKE_EVAL_EXPORT_ON") and os.environ["FAKE_EVAL_EXPORT_ON"] in args.model_args:
+            report["export"] = {"format": "compressed-tensors", "dir": str(out / "packed"),
+                                "file_bytes": int(report["total"]["size_bytes"] * 1.1),
+                                "loaded_memory_bytes": None, "device": "cpu"}
+        (out / f"quant_report_{digest}.json").write_text(json.dumps(report))
     if os.environ.get("FAKE_EVAL_SLEEP_ON", "") in args.model_args:
         time.sleep(float(os.environ.get("FAKE_EVAL_SLEEP", "0")))
+        gate = os.environ.get("FAKE_EVAL_WAIT_FOR")
+        deadline = time.monotonic() + 600
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
     if os.environ.get("FAKE_EVAL_NO_RESULTS") and os.environ["FAKE_EVAL_NO_RESULTS"] in args.model_args:
         return 0
     results["config"] = {"model": args.model, "model_args": args.model_args, "limit": args.limit,
@@ -155,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _recipe_digest(plan: dict[str, str]) -> str:
-    """The digest the real wrapper gives this recipe (the leaderboard finds the report by it)."""
-    from lmms_quant.quant.recipe import Recipe
+    """The digest the real wrapper gives this recipe (the leaderboard finds the report by it).
 
-    return Recipe.parse(plan).digest()
+    Sweeps pass canonical model_args, which spell every resolved recipe key, so the digest is the
+    hash of that spelling (`Recipe.digest`), computed here without importing the engine (torch)."""
+    canonical = json.dumps(plan, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def _log(event: str, args) -> None:

@@ -40,6 +40,11 @@ def test_demo_scores_the_shipped_models_and_shows_what_quantization_does(tmp_pat
     assert baseline >= 0.85  # the shipped model answers held-out questions through lmms-eval's own metric
     assert rtn2 < baseline - 0.2  # 2-bit per-tensor round-to-nearest on every component breaks it
     assert "not the paper's numbers" in proc.stdout
+    # the terminal shows the leaderboard's compact table: one headline metric per task, Δ with its interval
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| model | configuration |"))
+    for task, metric in (("coco2017_cap_val_local", "coco_CIDEr"), ("vqav2_val_local", "exact_match"),
+                         ("flickr30k_retrieval_local", "r1_mean")):
+        assert f"| {task} {metric} | Δ {task} {metric} [95% CI] |" in header
 
 
 def test_the_demo_pins_one_thread_everywhere_and_avx2_kernels_only_where_the_cpu_has_avx2():

@@ -330,6 +330,29 @@ def test_fixture_sizes_are_data_and_bad_keys_are_named(tmp_path):
         models.build_fixture("gpt", tmp_path / "y")
 
 
+def test_config_builders_take_per_tower_layers_dropout_and_feature_layer(bpe, wordpiece):
+    """What scripts/train_tiny_vlm.py sets on top of TinyDims; left out, each keeps the fixture's value."""
+    d = models.TinyDims()
+    blip2 = models.blip2_config(d, bpe, vision_layers=3, qformer_layers=1, lm_layers=4, dropout=0.0)
+    assert (blip2.vision_config.num_hidden_layers, blip2.qformer_config.num_hidden_layers,
+            blip2.text_config.num_hidden_layers) == (3, 1, 4)
+    assert blip2.qformer_config.hidden_dropout_prob == blip2.text_config.dropout == 0.0
+    default = models.blip2_config(d, bpe)
+    assert default.vision_config.num_hidden_layers == default.text_config.num_hidden_layers == d.num_layers
+    assert default.qformer_config.hidden_dropout_prob == 0.1  # transformers' default, as the fixtures ship
+    t5 = models.blip2_config(d, bpe, t5_style=True, lm_layers=3, dropout=0.0)
+    assert t5.text_config.num_layers == t5.text_config.num_decoder_layers == 3 and t5.text_config.dropout_rate == 0
+    itm = models.blip2_itm_config(d, wordpiece, bpe, qformer_layers=3)
+    assert itm.qformer_config.num_hidden_layers == 3 and itm.qformer_config.use_qformer_text_input
+    llava = models.llava_config(d, bpe, vision_layers=3, vision_feature_layer=-1)
+    assert llava.vision_config.num_hidden_layers == 3 and llava.vision_feature_layer == -1
+    assert models.llava_config(d, bpe).vision_feature_layer == -2
+    with pytest.raises(ValueError, match="num_layers: got 0"):
+        models.blip2_config(d, bpe, lm_layers=0)
+    with pytest.raises(ValueError, match="dropout: got 1.5"):
+        models.blip2_itm_config(d, wordpiece, bpe, dropout=1.5)
+
+
 def test_builders_never_replace_a_directory_that_is_not_a_fixture(tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()

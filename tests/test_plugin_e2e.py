@@ -151,7 +151,8 @@ def test_the_wheel_puts_everything_under_the_lmms_quant_namespace_with_task_yaml
     assert {n.split("/")[0] for n in names} == {"lmms_quant", f"lmms_quant-{_version()}.dist-info"}
     for shipped in ("lmms_quant/model_wrappers/blip2.py", "lmms_quant/tasks/coco2017_cap_val_local.yaml",
                     "lmms_quant/tasks/flickr30k_retrieval_local.yaml", "lmms_quant/assets/tiny_blip2/model.safetensors",
-                    "lmms_quant/assets/tiny_blip2_itm/tokenizer.json", "lmms_quant/scripts/train_tiny_vlm.py"):
+                    "lmms_quant/assets/tiny_blip2_itm/tokenizer.json", "lmms_quant/scripts/train_tiny_vlm.py",
+                    "lmms_quant/leaderboard/static/leaderboard.css", "lmms_quant/leaderboard/static/leaderboard.js"):
         assert shipped in names, shipped
 
 

@@ -35,3 +35,26 @@ def test_reused_component_outputs_give_the_same_codes(tmp_path, monkeypatch):
     for name in plain.codes:
         assert torch.equal(cached.codes[name].codes, plain.codes[name].codes), name
     assert [t.output_error for t in cached.tensors] == [t.output_error for t in plain.tensors]
+
+
+def test_a_reused_output_is_a_fresh_container_a_caller_may_rewrite():
+    # Qwen2.5-VL's get_image_features replaces pooler_output of the vision tower's output with its
+    # split; a reused output must still be what the tower returns, not the caller's rewrite.
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return BaseModelOutputWithPooling(last_hidden_state=self.proj(x), pooler_output=self.proj(x).sum(0))
+
+    tower, x = Tower(), torch.ones(4, 2)
+    cache = calibration._OutputCache(budget_bytes=2**20)
+    cached = cache._cached_forward(tower, tower.forward, {"phase": "calib", "batch_id": 0})
+    first = cached(x)
+    pooled = first.pooler_output
+    first.pooler_output = torch.split(first.pooler_output, [1, 1])  # what the caller does with it
+    again = cached(x)
+    assert cache.hits == 1 and isinstance(again.pooler_output, torch.Tensor) and torch.equal(again.pooler_output, pooled)

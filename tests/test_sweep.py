@@ -23,6 +23,8 @@ import yaml
 
 from lmms_quant import sweep
 from lmms_quant.sweep import GridError, Progress, Slot, SweepRunner, load_grid, make_slots
+from lmms_quant.sweep.rundir import sweep_lock
+from lmms_quant.sweep.scheduler import fmt_duration
 
 FAKE_EVAL = [sys.executable, str(Path(__file__).with_name("fake_eval_output.py"))]
 REPO = Path(__file__).resolve().parents[1]
@@ -202,13 +204,9 @@ def test_leftovers_of_an_interrupted_configuration_are_removed_before_it_reruns(
 
 def test_two_sweeps_cannot_share_an_output_directory(tmp_path):
     grid = load_grid(write_grid(tmp_path))
-    first = SweepRunner(grid.output_dir, eval_command=FAKE_EVAL)
-    lock = first._lock()
-    try:
+    with sweep_lock(grid.output_dir):  # what a first sweep holds while it runs
         with pytest.raises(GridError, match="another sweep is running"):
             SweepRunner(grid.output_dir, eval_command=FAKE_EVAL).run(grid.configurations)
-    finally:
-        lock.close()
 
 
 def test_sigkill_mid_configuration_then_rerun_finishes_without_recomputing(tmp_path):
@@ -335,7 +333,7 @@ def test_progress_reports_k_of_n_elapsed_and_eta():
     progress.durations += [10.0, 20.0]  # mean 15 s
     # 2 pending (30 s of work) + one running for 5 s (10 s left), over 2 slots
     assert progress.eta(pending=2, running_elapsed=[5.0]) == pytest.approx(20.0)
-    assert sweep._fmt_duration(3725) == "1h02m05s" and sweep._fmt_duration(None) == "unknown"
+    assert fmt_duration(3725) == "1h02m05s" and fmt_duration(None) == "unknown"
 
 
 def test_dry_run_lists_configurations_and_runs_nothing(tmp_path, capsys):
@@ -422,3 +420,20 @@ def test_relative_paths_in_a_grid_file_are_relative_to_the_file(tmp_path, monkey
     assert all(c.model_args.startswith(f"pretrained={project / 'ckpt'},") for c in loaded.configurations)
     default = load_grid(write_grid(project, name="other.yaml", output_dir=None))
     assert default.output_dir == project / "runs" / "other"
+
+
+def test_status_shows_not_started_done_and_failed_with_the_log_and_its_last_error(tmp_path, monkeypatch, capsys):
+    grid = write_grid(tmp_path)
+    fake = shlex.join(FAKE_EVAL)
+    assert sweep.main([str(grid), "--status"]) == 0
+    assert "3 configurations: 0 done, 0 running, 0 failed, 3 not started" in capsys.readouterr().out
+    monkeypatch.setenv("FAKE_EVAL_FAIL_ON", "llm_bits=8")
+    assert sweep.main([str(grid), "--gpus", "none", "--eval-command", fake]) == 1
+    capsys.readouterr()
+    assert sweep.main([str(grid), "--status"]) == 0
+    status = capsys.readouterr().out
+    failed = next(c for c in load_grid(grid).configurations if c.label == "method=rtn bits=8")
+    assert "2 done, 0 running, 1 failed, 0 not started" in status
+    assert f"failed       {failed.run_id}  method=rtn bits=8" in status
+    assert "lmms-quant eval exited with status 1" in status and "last error: fake eval: failing as asked" in status
+    assert f"log: {tmp_path / 'out' / 'runs' / failed.run_id / 'log.txt'}" in status

@@ -203,7 +203,7 @@ def test_a_wrong_model_args_key_fails_naming_it_before_loading(tmp_path):
     ({"dtype": "float8"}, {}, r"dtype='float8' is invalid; valid: auto, float16, bfloat16, float32"),
     ({"trust_remote_code": "maybe"}, {}, r"trust_remote_code='maybe' is invalid; valid: true or false"),
     ({"vqa_prompt": "Answer:"}, {}, r"vqa_prompt: got 'Answer:'"),
-    ({}, {"batch_size": "auto"}, r"batch_size: got 'auto'"),
+    ({}, {"batch_size": "auto:4"}, r"batch_size: got 'auto:4'; valid: a positive integer or 'auto'"),
 ])
 def test_bad_wrapper_values_fail_before_loading(tmp_path, model_args, extra, match):
     from lmms_quant.model_wrappers.blip2 import QuantBlip2

@@ -7,7 +7,8 @@ For Linears that share one input X and follow a foldable op (architecture table,
   weighted back to original units when a later fold already divided them). alpha = 0 is s = 1, plain
   RTN, so the chosen scale is never worse than RTN on the calibration inputs.
 - The scale is folded: the Linears' input columns are multiplied by s and the previous op divided by
-  s — a LayerNorm's weight and bias, an RMSNorm's weight, or a Linear's output rows and bias. Folds
+  s — a LayerNorm's weight and bias, an RMSNorm's weight (Gemma's (1 + w) as a whole), or a Linear's
+  output rows and bias. Folds
   are processed last-to-first in a block so that a Linear's row scale is known before its columns
   are searched.
 - Clip search (optional; not for q/k, as in the reference): per cell, shrink the min-max range by
@@ -103,8 +104,9 @@ def apply_fold(fold: FoldSite, s: torch.Tensor, modules: dict[str, nn.Module],
                 weight = fold.prev.weight
                 weight[rows] = (weight[rows].float() / s[:, None].to(weight.device)).to(weight.dtype)
         else:
-            weight = fold.prev.weight
-            weight.copy_((weight.float() / s.to(weight.device)).to(weight.dtype))
+            # A norm scaling by (offset + w) (Gemma: offset 1) is divided as a whole: (offset + w) / s.
+            weight, offset = fold.prev.weight, fold.weight_offset
+            weight.copy_(((weight.float() + offset) / s.to(weight.device) - offset).to(weight.dtype))
         bias = getattr(fold.prev, "bias", None)
         if bias is not None:
             rows = fold.rows if isinstance(fold.prev, nn.Linear) and fold.rows else slice(None)

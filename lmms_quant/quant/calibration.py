@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -206,6 +207,14 @@ def make_batch(processor, style: str, samples: Sequence[CalibSample]) -> Batch:
     if style == "blip2_itm":
         texts = [f"{s.prompt} {s.response}" if s.prompt else s.response for s in samples]
         return Batch(_encode(processor, images, texts), {}, {"use_image_text_matching_head": True})
+    if style == "chat":
+        if not getattr(processor, "chat_template", None):
+            raise ValueError(f"prompt style 'chat': {type(processor).__name__} has no chat_template; valid: a "
+                             f"processor with a chat template, or the family's plain prompt style")
+        # One image per sample as its own list: processors that count images per prompt (Gemma 3) need it.
+        texts = [f"{_chat_prompt(processor, s.prompt or CAPTION_INSTRUCTION)} {s.response}" for s in samples]
+        inputs = _encode(processor, [[image] for image in images], texts)
+        return Batch(inputs, {"attention_mask": inputs["attention_mask"].bool()}, {"use_cache": False})
     if style in ("llava", "generic"):
         if style == "llava" or getattr(processor, "chat_template", None):
             texts = [f"{_chat_prompt(processor, s.prompt or CAPTION_INSTRUCTION)} {s.response}" for s in samples]
@@ -214,7 +223,7 @@ def make_batch(processor, style: str, samples: Sequence[CalibSample]) -> Batch:
         inputs = _encode(processor, images, texts)
         masks = {"attention_mask": inputs["attention_mask"].bool()} if "attention_mask" in inputs else {}
         return Batch(inputs, masks, {"use_cache": False} if style == "llava" else {})
-    raise ValueError(f"prompt style: got {style!r}; valid: blip2_causal, blip2_seq2seq, blip2_itm, llava, generic")
+    raise ValueError(f"prompt style: got {style!r}; valid: blip2_causal, blip2_seq2seq, blip2_itm, llava, chat, generic")
 
 
 def make_batches(processor, style: str, samples: Sequence[CalibSample], batch_size: int) -> list[Batch]:
@@ -470,7 +479,9 @@ class _OutputCache:
                 output, output_leaves = entry[2], entry[3]
                 if all(x._version == v for x, v in output_leaves):
                     self.hits += 1
-                    return output
+                    # A fresh container each time: callers may reassign its fields (Qwen-VL's
+                    # get_image_features replaces pooler_output by its split), which must not reach the store.
+                    return copy.copy(output)
             if entry is not None:
                 self.used -= entry[4]
                 del self.entries[key]
@@ -480,7 +491,8 @@ class _OutputCache:
                 size = _tensor_bytes(now) + _tensor_bytes(out_leaves)
                 if self.used + size <= self.budget:
                     self.entries[key] = (
-                        versions, [(x, x._version if isinstance(x, torch.Tensor) else None) for x in now], output,
+                        versions, [(x, x._version if isinstance(x, torch.Tensor) else None) for x in now],
+                        copy.copy(output),
                         [(x, x._version) for x in out_leaves if isinstance(x, torch.Tensor)], size)
                     self.used += size
             return output

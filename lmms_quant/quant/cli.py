@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="lmms-quant quantize",
         description="Quantize a vision-language model (RTN/GPTQ/AWQ) and write the quantization report.",
     )
-    parser.add_argument("--model", required=True, choices=sorted(MODEL_CLASSES),
+    # `quant` wraps an lmms-eval model object (which loads itself); every other wrapper loads through
+    # the shared loader, which is what this command uses.
+    parser.add_argument("--model", required=True, choices=sorted(m for m in MODEL_CLASSES if m != "quant"),
                         help="the lmms-quant model wrapper whose checkpoints these are (same as lmms-eval's --model)")
     parser.add_argument("--model_args", required=True,
                         help="comma-separated key=value, exactly as for lmms-eval: pretrained=..., the recipe keys, "
