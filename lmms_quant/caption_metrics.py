@@ -13,12 +13,22 @@ predictions (two calls, as lmms-eval makes them), the same pycocoevalcap scorers
 once for a given set of results, and return each metric from it (3 Java launches). The scores are
 lmms-eval's, bit for bit: ``tests/test_caption_metrics.py`` compares every metric with lmms-eval's
 own aggregation functions. The submission files lmms-eval writes beside the results are written too.
+
+A process that forks evaluations (`lmms-quant demo`) can also start one METEOR process for all of
+them (`share_meteor`): METEOR's start, not its scoring, is what costs (~9 CPU-seconds loading its
+paraphrase tables), and its ``-stdio`` protocol keeps no state between exchanges, so a long-lived
+process scores exactly as a fresh one.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
+import tempfile
 from collections import OrderedDict
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -58,13 +68,101 @@ def _references_and_predictions(results: list[dict]):
     return gts, res, submission
 
 
+def _owned_meteor(owner: int):
+    """pycocoevalcap's Meteor, stopped only by the process ``owner`` (forks inherit the object)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    class OwnedMeteor(Meteor):
+        def __del__(self):  # Meteor's own takes its lock, which a failed exchange leaves held
+            if os.getpid() == owner and self.meteor_p.poll() is None:
+                with contextlib.suppress(OSError):
+                    self.meteor_p.stdin.close()
+                self.meteor_p.kill()
+                self.meteor_p.wait()
+
+    return OwnedMeteor()
+
+
+class SharedMeteor:
+    """One METEOR process for this process and the evaluations it forks, one exchange at a time.
+
+    A user takes it under an exclusive lock on a state file that says ``ready``; the file says
+    ``busy`` while an exchange is under way and goes back to ``ready`` only when it has completed. An
+    exchange cut off half-way (an evaluation killed, a METEOR error) leaves ``busy``, and every later
+    user scores with a private METEOR process: a reply meant for someone else is never read."""
+
+    READY, BUSY = b"ready", b"busy"
+
+    def __init__(self):
+        self.owner = os.getpid()
+        handle, self.state_path = tempfile.mkstemp(prefix="lmms-quant-meteor-", suffix=".state")
+        os.write(handle, self.READY)
+        os.close(handle)
+        self.meteor = _owned_meteor(self.owner)  # the JVM starts loading now, in the background
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if os.getpid() == self.owner and self.meteor is not None:
+            self.meteor = None  # stops the process
+            with contextlib.suppress(OSError):
+                os.unlink(self.state_path)
+
+    @contextlib.contextmanager
+    def exchange(self):
+        """The shared METEOR, or None when an earlier exchange did not complete."""
+        with open(self.state_path, "r+b") as state:
+            fcntl.flock(state, fcntl.LOCK_EX)
+            if self.meteor is None or state.read() != self.READY:
+                yield None
+                return
+            os.pwrite(state.fileno(), self.BUSY.ljust(len(self.READY)), 0)
+            yield self.meteor  # an exception here leaves "busy": nobody trusts this process again
+            os.pwrite(state.fileno(), self.READY, 0)
+
+
+_SHARED_METEOR: SharedMeteor | None = None
+
+
+def share_meteor() -> None:
+    """Start the METEOR process that this process and its forks will score with (see `SharedMeteor`)."""
+    global _SHARED_METEOR
+    if _SHARED_METEOR is None:
+        _SHARED_METEOR = SharedMeteor()
+
+
+def stop_shared_meteor() -> None:
+    """Stop the shared METEOR process (its JVM holds ~1 GB); later scoring starts private ones."""
+    global _SHARED_METEOR
+    if _SHARED_METEOR is not None:
+        _SHARED_METEOR.close()
+        _SHARED_METEOR = None
+
+
+def _meteor(gts, res) -> float:
+    from loguru import logger
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    if _SHARED_METEOR is not None:
+        try:
+            with _SHARED_METEOR.exchange() as meteor:
+                if meteor is not None:
+                    return meteor.compute_score(gts, res)[0]
+        except (OSError, ValueError) as err:  # the shared process died or answered nonsense
+            logger.warning(f"lmms-quant caption metrics: the shared METEOR process failed ({err}); "
+                           f"scoring with a private one")
+    meteor = Meteor()  # its JVM lives as long as the object: dropped right after use
+    score = meteor.compute_score(gts, res)[0]
+    del meteor
+    return score
+
+
 def _evaluate(results: list[dict]) -> tuple[dict[str, float], list[dict]]:
     key = _digest(results)
     if key in _MEMO:
         _MEMO.move_to_end(key)
         return _MEMO[key]
     from loguru import logger
-    from pycocoevalcap.eval import Bleu, Cider, Meteor, Rouge
+    from pycocoevalcap.eval import Bleu, Cider, Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     gts, res, submission = _references_and_predictions(results)
@@ -76,9 +174,7 @@ def _evaluate(results: list[dict]) -> tuple[dict[str, float], list[dict]]:
     bleu, _ = Bleu(4).compute_score(gts, res)
     for n in range(1, 5):
         scores[f"Bleu_{n}"] = bleu[n - 1]
-    meteor = Meteor()  # its JVM lives as long as the object: dropped right after use
-    scores["METEOR"], _ = meteor.compute_score(gts, res)
-    del meteor
+    scores["METEOR"] = _meteor(gts, res)
     scores["ROUGE_L"], _ = Rouge().compute_score(gts, res)
     scores["CIDEr"], _ = Cider().compute_score(gts, res)
     logger.info("lmms-quant caption metrics: " + ", ".join(f"{m} {scores[m]:.4f}" for m in METRICS))

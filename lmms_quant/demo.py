@@ -103,6 +103,10 @@ def demo_grids(out: Path, data_root: Path, bits: tuple[int, ...], calib_n: int, 
     ]
 
 
+# The tasks whose aggregations are lmms_quant.caption_metrics' (METEOR among them).
+CAPTION_TASKS = {"coco2017_cap_val_local", "flickr30k_test_local"}
+
+
 def write_data(data_root: Path, n_images: int) -> Path:
     """Held-out data: the evaluation seed stream of the synthetic world (training and calibration draw
     from other streams). Rewritten identically on every run, so a rerun resumes the same sweep."""
@@ -120,8 +124,10 @@ def write_data(data_root: Path, n_images: int) -> Path:
 def run_grid(spec: dict, select=None) -> dict[str, str]:
     """Run one demo grid (``select`` keeps some of its configurations); run id -> ok | skipped | failed.
 
-    Each configuration is a fork of this process, which has imported lmms-eval and indexed its tasks
-    once (`lmms_quant.task_index`) for all of them."""
+    Each configuration is a fork of this process, which has imported lmms-eval, indexed its tasks
+    (`lmms_quant.task_index`) and started the METEOR scorer (`lmms_quant.caption_metrics`) once for
+    all of them."""
+    from lmms_quant.caption_metrics import share_meteor, stop_shared_meteor
     from lmms_quant.sweep import SweepRunner, completed_run, load_grid
     from lmms_quant.task_index import share_task_index
     from lmms_quant.tasks_path import render_tasks
@@ -135,7 +141,12 @@ def run_grid(spec: dict, select=None) -> dict[str, str]:
     runner = SweepRunner(grid.output_dir, fork=True)
     if not all(completed_run(runner.run_dir(c), c.run_id) for c in configurations):
         share_task_index([render_tasks(spec["data_root"])])
-    return runner.run(configurations)
+        if CAPTION_TASKS & set(spec["tasks"]):
+            share_meteor()  # one METEOR process for every configuration's caption scores
+    try:
+        return runner.run(configurations)
+    finally:
+        stop_shared_meteor()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,8 @@ fi
 py="$venv/bin/python"
 stamp="$venv/.lmms-quant-installed-$mode"
 want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+# pip, less two kinds of noise (scripts/pip_filter.py says which); pip's exit status is kept (pipefail).
+pip_install() { "$py" -m pip install -q --disable-pip-version-check "$@" 2>&1 | "$py" scripts/pip_filter.py; }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "== installing into $venv"
   # The tests also run lmms-eval's own qwen2_5_vl (extra lmms-eval-models), whose qwen-vl-utils imports
@@ -37,8 +39,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   torch_spec=${LMMS_QUANT_TORCH:-torch==2.13.0}
   [ "$mode" = test ] && torch_spec=${LMMS_QUANT_TORCH:-torch==2.14.1 torchvision==0.29.1}
   # shellcheck disable=SC2086  # the spec may name several packages
-  "$py" -m pip install -q --disable-pip-version-check $torch_spec
-  "$py" -m pip install -q --disable-pip-version-check --no-deps "lmms-eval==0.7.3"
+  pip_install $torch_spec
+  pip_install --no-deps "lmms-eval==0.7.3"
   extras="lmms-eval-lean"; [ "$mode" = test ] && extras="$extras test lmms-eval-models"
   # Our own dependencies (less lmms-eval, installed above without its heavy pins) and the extras,
   # read from pyproject.toml so that this script never keeps a second list.
@@ -52,8 +54,8 @@ print("\n".join(reqs))
 PY
 )
   mapfile -t dep_list <<<"$deps"
-  "$py" -m pip install -q --disable-pip-version-check "${dep_list[@]}"
-  "$py" -m pip install -q --disable-pip-version-check --no-deps -e .
+  pip_install "${dep_list[@]}"
+  pip_install --no-deps -e .
   echo "$want" > "$stamp"
 fi
 

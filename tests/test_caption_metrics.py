@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import random
 import shutil
 from types import SimpleNamespace
@@ -107,3 +108,68 @@ def test_local_caption_tasks_keep_lmms_evals_metric_names_with_these_aggregation
         assert module == "lmms_quant.caption_metrics" and callable(getattr(caption_metrics, name))
         stock_function = next(m["aggregation"] for m in stock if m["metric"] == entry["metric"])
         assert name == str(stock_function).rsplit(".", 1)[1]  # same name as lmms-eval's: coco_bleu4 ...
+
+
+def _in_fork(function) -> str:
+    """function() run in a forked child; what it returned (a str), or the child's traceback."""
+    import traceback
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns from here
+        try:
+            os.close(read)
+            try:
+                text = function()
+            except BaseException:  # noqa: BLE001 - reported to the parent
+                text = "ERROR " + traceback.format_exc()
+            os.write(write, text.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    assert not text.startswith("ERROR"), text
+    return text
+
+
+@pytest.mark.slow
+def test_forked_evaluations_share_one_meteor_process_that_scores_as_a_fresh_one_until_an_exchange_is_cut_off(
+        monkeypatch):
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    first, second = _results(), _results(8)
+    second[0]["pred"] = "a green square"
+    caption_metrics._MEMO.clear()
+    fresh = [caption_metrics.caption_scores(r)["METEOR"] for r in (first, second)]  # a fresh JVM each
+    meteor_starts = []
+    meteor_init = Meteor.__init__
+    monkeypatch.setattr(Meteor, "__init__", lambda self: meteor_starts.append(1) or meteor_init(self))
+    monkeypatch.setattr(caption_metrics, "_SHARED_METEOR", None)
+    caption_metrics.share_meteor()
+    shared = caption_metrics._SHARED_METEOR
+    process = shared.meteor.meteor_p
+    try:
+        assert len(meteor_starts) == 1
+
+        def score(results):  # in a fork, like a configuration of the demo: memo empty, count JVM starts
+            caption_metrics._MEMO.clear()
+            meteor_starts.clear()
+            return json.dumps([caption_metrics.caption_scores(results)["METEOR"], len(meteor_starts)])
+
+        for results, expected in ((first, fresh[0]), (second, fresh[1]), (first, fresh[0])):
+            assert json.loads(_in_fork(lambda: score(results))) == [expected, 0]  # no JVM started
+
+        def cut_off():  # an evaluation killed half-way through its exchange
+            with shared.exchange() as meteor:
+                meteor.meteor_p.stdin.write(b"SCORE ||| a red circle ||| a red circle\n")
+                meteor.meteor_p.stdin.flush()
+                os._exit(1)
+
+        _in_fork(cut_off)
+        assert json.loads(_in_fork(lambda: score(second))) == [fresh[1], 1]  # a private METEOR, right score
+        assert process.poll() is None  # no fork stopped the shared process
+    finally:
+        caption_metrics.stop_shared_meteor()
+    assert process.poll() is not None and not os.path.exists(shared.state_path)  # its creator did
