@@ -71,6 +71,7 @@ class PromptIds:
     path's own call, so every template flag and special-token rule is the stock path's)."""
 
     CHUNK = 256  # prompts per processor call
+    KNOWN_MAX = 200_000  # distinct (prompt, image size) ids kept for reuse
 
     def __init__(self, processor, processor_inputs):
         self.processor = processor
@@ -78,6 +79,7 @@ class PromptIds:
         self.exact = False
         self._stand_ins: dict = {}
         self._memo: dict = {}
+        self._known: dict = {}
         self._checked = False
 
     def _stand_in(self, image):
@@ -113,15 +115,30 @@ class PromptIds:
         if self.exact:
             return [self._call([p], [i])[0] for p, i in zip(prompts, images)]
         out: list = [None] * len(prompts)
+        # Ids depend on the prompt and the image's size and mode only (what `check` verified), so a
+        # prompt repeated over images of one size (every caption request; a task's recurring
+        # questions) goes through the processor once per run.
+        todo: dict = {}  # (mode, size, prompt) -> the requests waiting for its ids
+        for index, (prompt, image) in enumerate(zip(prompts, images)):
+            key = (image.mode, image.size, prompt)
+            if key in self._known:
+                out[index] = list(self._known[key])
+            else:
+                todo.setdefault(key, []).append(index)
         by_stand_in: dict = {}
-        for index, image in enumerate(images):
-            by_stand_in.setdefault(id(self._stand_in(image)), (self._stand_in(image), []))[1].append(index)
+        for key, indices in todo.items():
+            stand_in = self._stand_in(images[indices[0]])
+            by_stand_in.setdefault(id(stand_in), (stand_in, []))[1].append(key)
+        if len(self._known) + len(todo) > self.KNOWN_MAX:
+            self._known.clear()
         with self._transform_once():
-            for stand_in, indices in by_stand_in.values():
-                for start in range(0, len(indices), self.CHUNK):
-                    chunk = indices[start:start + self.CHUNK]
-                    for index, ids in zip(chunk, self._call([prompts[i] for i in chunk], [stand_in] * len(chunk))):
-                        out[index] = ids
+            for stand_in, keys in by_stand_in.values():
+                for start in range(0, len(keys), self.CHUNK):
+                    chunk = keys[start:start + self.CHUNK]
+                    for key, ids in zip(chunk, self._call([key[2] for key in chunk], [stand_in] * len(chunk))):
+                        self._known[key] = ids
+                        for index in todo[key]:
+                            out[index] = list(ids)
         return out
 
     def check(self, prompt: str, image) -> bool:

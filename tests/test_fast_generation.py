@@ -347,6 +347,29 @@ def test_prompt_ids_without_transforming_each_image_are_the_processors(model_id,
     assert len(transformed) == 2 < len(prompts)
 
 
+def test_a_prompt_repeated_over_images_is_tokenized_once_with_the_processors_ids(tasks):
+    from lmms_quant.model_wrappers.prompt_ids import PromptIds
+
+    lm = load("quant_blip2", tasks)
+    chat = [lm.chat_request(r.args) for r in requests_of(tasks)]
+    prompts, images = zip(*[(p, i[0]) for p, i in (lm.prompt_and_images(r) for r in chat)])
+    prompts, images = list(prompts) * 3, list(images) * 3  # every prompt three times, over other images too
+    images = images[1:] + images[:1]
+    expected = [lm.processor_inputs([prompt], [[image]])["input_ids"][0].tolist()
+                for prompt, image in zip(prompts, images)]
+    calls = []
+    encoder = PromptIds(lm.processor, lm.processor_inputs)
+    real_call = encoder._call
+    encoder._call = lambda ps, ims: calls.append(len(ps)) or real_call(ps, ims)
+    first = encoder.many(prompts, images)
+    assert first == expected and not encoder.exact
+    assert sum(calls) - 3 == len(set(prompts))  # the check's three prompts, then each distinct prompt once
+    calls.clear()
+    assert encoder.many(prompts[::-1], images[::-1]) == expected[::-1] and calls == []  # all known now
+    first[0].append(-1)  # a caller's list is its own
+    assert encoder.many(prompts[:1], images[:1]) == expected[:1]
+
+
 def test_chunked_serving_prepares_ahead_and_still_encodes_each_image_once(tasks, stock, monkeypatch):
     from lmms_quant.model_wrappers import generation
 
