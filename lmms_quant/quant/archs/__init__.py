@@ -34,9 +34,9 @@ Decisions (documented because they shape what a plan selects):
 
 from .detect import detect_family
 from .generic import CONNECTOR_NAMES, LLM_NAMES, VIT_NAMES, generic_family, guess_role
-from .resolve import Arch, FoldSite, LinearSite, UnitSite, is_linear, resolve
+from .resolve import Arch, FoldSite, LinearSite, MatmulView, UnitSite, is_linear, resolve, stored_weight
 from .select import Target, Unit, select, third_of
-from .spec import CONDITIONS, ArchitectureError, BlockSpec, Family, Fold, Part
+from .spec import CONDITIONS, ArchitectureError, BlockSpec, Family, Fold, MatmulWeight, Part
 from .tables import (BLIP2_ITM, BLIP2_OPT, BLIP2_T5, FAMILIES, GEMMA3, IDEFICS3, INSTRUCTBLIP, INSTRUCTBLIP_T5,
                      INTERNVL, LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, PALIGEMMA, PALIGEMMA2, QWEN2_5_VL, QWEN2_VL,
                      QWEN3_VL, REGISTRY, SMOLVLM)
@@ -47,8 +47,8 @@ __all__ = [
     "ArchitectureError", "Arch", "BLIP2_ITM", "BLIP2_OPT", "BLIP2_T5", "BLIP2_VIT_BLOCK", "BlockSpec", "CLIP_BLOCK",
     "CONDITIONS", "CONNECTOR_NAMES", "FAMILIES", "Family", "Fold", "FoldSite", "GEMMA2_BLOCK", "GEMMA3", "GEMMA_BLOCK",
     "IDEFICS3", "INSTRUCTBLIP", "INSTRUCTBLIP_T5", "INTERNVL", "LLAMA_BLOCK", "LLAVA", "LLAVA_NEXT", "LLAVA_ONEVISION",
-    "LLM_NAMES", "LinearSite", "OPT_BLOCK", "PALIGEMMA", "PALIGEMMA2", "Part", "QFORMER_BLOCK", "QWEN2_5_VL",
+    "LLM_NAMES", "LinearSite", "MatmulView", "MatmulWeight", "OPT_BLOCK", "PALIGEMMA", "PALIGEMMA2", "Part", "QFORMER_BLOCK", "QWEN2_5_VL",
     "QWEN2_VL", "QWEN3_VL", "REGISTRY", "SMOLVLM", "T5_DECODER_BLOCK", "T5_ENCODER_BLOCK", "Target", "Unit",
     "UnitSite", "VIT_NAMES", "detect_family", "generic_family", "guess_role", "is_linear", "resolve", "select",
-    "third_of",
+    "stored_weight", "third_of",
 ]
