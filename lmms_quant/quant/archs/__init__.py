@@ -28,6 +28,10 @@ Decisions (documented because they shape what a plan selects):
   last CLIP layer unused) is still quantized with its component, and flagged ``feeds_output=False``.
 - AWQ folds are listed only where they are exact (see `Fold`); post-LN blocks (Q-Former) fold only
   value -> output projections; Gemma's (1 + w) norms fold with ``weight_offset=1``.
+- A weight the model applies with torch.matmul (Gemma 3's projector) is declared a ``MatmulWeight``
+  of a non-block part; `resolve` gives it a ``MatmulView``, an nn.Linear over the parameter's own
+  storage transposed, so the methods, hooks and report see a Linear while the model keeps its modules
+  and state_dict names (the view is run on its input module's output while statistics are collected).
 - Every Linear of a model with a table is covered by it or named as a task head outside the
   components; anything else fails resolution by name, so nothing is silently left unquantized.
 """
