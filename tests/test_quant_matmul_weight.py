@@ -146,3 +146,16 @@ def test_an_export_of_the_projection_alone_is_refused_with_the_reason(tiny_check
     with pytest.raises(ExportError, match="nothing to pack.*mm_input_projection_weight"):
         export_run(model, processor, report, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+def test_the_linear_view_follows_the_parameter_when_the_model_is_moved(tiny_checkpoints):
+    from lmms_quant.quant.archs import resolve
+
+    model, _ = load(tiny_checkpoints)
+    (view,) = [s.module for u in resolve(model).units for s in u.linears if s.name == P]
+    model.to(torch.float64)  # new storage for every parameter, as model.to(device) before quantizing
+    with torch.no_grad():
+        view.weight.mul_(2)
+    assert view.weight.dtype == torch.float64 and torch.equal(view.weight, model.get_parameter(P).T)
+    x = torch.randn(3, 32, dtype=torch.float64)
+    assert torch.allclose(view(x), x @ model.get_parameter(P))

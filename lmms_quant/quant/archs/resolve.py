@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 from ..recipe import COMPONENTS
@@ -27,12 +28,23 @@ class MatmulView(nn.Linear):
 
     def __init__(self, param: nn.Parameter, param_name: str, input_from: nn.Module, transposed: bool):
         nn.Module.__init__(self)
-        view = param.detach().T if transposed else param.detach()
-        self.out_features, self.in_features = view.shape
-        self.weight = nn.Parameter(view, requires_grad=False)
         self.bias = None
-        # Tuples: neither the parameter nor the input module becomes part of this module.
+        # A tuple: neither the parameter nor the input module becomes part of this module.
         self._source = (param, param_name, input_from, transposed)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Taken afresh on every access: `model.to(device)` gives the parameter new storage in place.
+        param = self._source[0].detach()
+        return param.T if self.transposed else param
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
 
     @property
     def source(self) -> nn.Parameter:
