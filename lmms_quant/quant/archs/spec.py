@@ -71,7 +71,7 @@ class Part:
     block: BlockSpec | None = None
     linears: Mapping[str, str] | None = None
     # Matmul weights (parameter path -> MatmulWeight) quantized as Linears; non-block parts only.
-    matmuls: Mapping[str, "MatmulWeight"] | None = None
+    matmuls: Mapping[str, MatmulWeight] | None = None
     token_mask: str | None = None  # key of the batch mask that marks real (non-padding) tokens
     include: str | None = None  # a head: quantized only when plan.include names it
     config: str | None = None  # sub-config of model.config that fold conditions read
