@@ -268,12 +268,23 @@ class Calibrator:
         stats = self.new_stats(unit, hessian=hessian, inputs=inputs, calls=calls)
         state = {"phase": "calib", "batch": None, "fired": set()}
         cached = self.cache.wrap(self.model, unit, state)
+        try:
+            self.run_hooked(unit, stats, state, (
+                (phase, batch, lambda batch=batch: batch.run(self.model, self.device, self.dtype))
+                for phase, batch in self.passes(need_calib)))
+        finally:
+            self.cache.unwrap(cached)
+        return stats
+
+    def run_hooked(self, unit: Unit, stats: UnitStats, state: dict, passes) -> None:
+        """Each pass ``(phase, batch, run)`` with the unit's hooks installed: ``run()`` drives the batch
+        to the unit (the whole model, or one captured block), and the unit's exit hook may end it early."""
         handles = self.install_hooks(unit, stats, state)
         try:
-            for phase, batch in self.passes(need_calib):
+            for phase, batch, run in passes:
                 state.update(phase=phase, batch=batch, fired=set(), seen=[], batch_id=id(batch))
                 try:
-                    batch.run(self.model, self.device, self.dtype)
+                    run()
                 except _UnitDone:
                     pass
                 if self.progress is not None:
@@ -281,8 +292,6 @@ class Calibrator:
         finally:
             for handle in handles:
                 handle.remove()
-            self.cache.unwrap(cached)
-        return stats
 
     def finished(self, unit: Unit) -> None:
         """Called once the unit's quantized weights are in the model (nothing to do for this driver)."""

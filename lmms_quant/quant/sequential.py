@@ -110,19 +110,9 @@ class SequentialCalibrator(Calibrator):
         need_calib = hessian or inputs or bool(calls)
         stats = self.new_stats(unit, hessian=hessian, inputs=inputs, calls=calls)
         state = {"phase": "calib", "batch": None, "fired": set()}
-        handles = self.install_hooks(unit, stats, state)
-        try:
-            for phase, position, batch in self._passes(need_calib):
-                state.update(phase=phase, batch=batch, fired=set(), seen=[])
-                try:
-                    self._run_block(index, phase, position)
-                except _UnitDone:
-                    pass
-                if self.progress is not None:
-                    self.progress.update(1)
-        finally:
-            for handle in handles:
-                handle.remove()
+        self.run_hooked(unit, stats, state, (
+            (phase, batch, lambda phase=phase, position=position: self._run_block(index, phase, position))
+            for phase, position, batch in self._passes(need_calib)))
         return stats
 
     def finished(self, unit: Unit) -> None:

@@ -29,10 +29,9 @@ from lmms_quant.sweep.executors import (ExecutorSpec, check_available, is_active
                                         job_states, make_submitit_executor)
 from lmms_quant.sweep.grid import Configuration, GridError
 from lmms_quant.sweep.job import run_configuration
-from lmms_quant.sweep.rundir import (JOB_FILE, LOG_FILE, SweepBusy, completed_run, config_meta, eval_command_for,
-                                     failed_run, last_error_line, prepare_run_dir, read_json, refresh_dir,
-                                     sweep_lock, tail_text)
-from lmms_quant.sweep.scheduler import fmt_duration, write_sweep_manifest
+from lmms_quant.sweep.rundir import (JOB_FILE, LOG_FILE, completed_run, config_meta, eval_command_for, failed_run,
+                                     last_error_line, prepare_run_dir, read_json, refresh_dir, tail_text)
+from lmms_quant.sweep.scheduler import fmt_duration, run_locked, write_sweep_manifest
 
 SUBMITIT_DIR = "submitit"
 
@@ -82,11 +81,7 @@ class SubmititRunner:
     def run(self, configurations: Sequence[Configuration]) -> dict[str, str]:
         """Returns run id -> 'skipped' | 'ok' | 'failed' | 'running' (left running, ``wait=False``)."""
         check_available(self.spec)
-        try:
-            with sweep_lock(self.output_dir):
-                return self._run(list(configurations))
-        except SweepBusy as err:
-            raise GridError(str(err)) from None
+        return run_locked(self.output_dir, self._run, configurations)
 
     def _run(self, configurations: list[Configuration]) -> dict[str, str]:
         self.runs_dir.mkdir(parents=True, exist_ok=True)

@@ -203,6 +203,16 @@ class _Running:
     meta: dict
 
 
+def run_locked(output_dir: Path, run, configurations: Sequence[Configuration]) -> dict[str, str]:
+    """``run(configurations)`` holding the sweep's lock; a lock another sweep holds is a GridError
+    (the CLI prints it and exits non-zero), here and on a cluster alike."""
+    try:
+        with sweep_lock(output_dir):
+            return run(list(configurations))
+    except SweepBusy as err:
+        raise GridError(str(err)) from None
+
+
 class SweepRunner:
     """Runs configurations into ``output_dir/runs/<id>``, skipping finished ones, one per slot at a time."""
 
@@ -230,11 +240,7 @@ class SweepRunner:
 
     def run(self, configurations: Sequence[Configuration]) -> dict[str, str]:
         """Run what is not finished; return run id -> 'ok' | 'skipped' | 'failed' | 'running' (elsewhere)."""
-        try:
-            with sweep_lock(self.output_dir):
-                return self._run(list(configurations))
-        except SweepBusy as err:
-            raise GridError(str(err)) from None
+        return run_locked(self.output_dir, self._run, configurations)
 
     def _run(self, configurations: list[Configuration]) -> dict[str, str]:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
