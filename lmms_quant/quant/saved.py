@@ -153,9 +153,8 @@ def read_saved_run(saved_dir, *, device=None) -> SavedRun:
     with safe_open(str(saved_dir / CODES_FILE), framework="pt") as handle:
         metadata = handle.metadata() or {}
         stored = {k: handle.get_tensor(k) for k in handle.keys()}
-    params = [n for n, _ in model.named_parameters()]
     in_memory = {saved: name for name, saved in checkpoint_names(model, _linear_names(model)).items()}
-    in_memory_params = {saved: name for name, saved in checkpoint_names(model, params).items()}
+    in_memory_params = _matmul_names(model) if any(text.endswith(TRANSPOSED) for text in metadata.values()) else {}
     codes = {}
     for key, text in metadata.items():
         transposed = text.endswith(TRANSPOSED)
@@ -176,6 +175,20 @@ def read_saved_run(saved_dir, *, device=None) -> SavedRun:
                                 "is inconsistent (edited, or written by another version)")
         codes[name] = QuantizedWeight(weight=weight, codes=q_codes, scale=scale, zero=zero, grid=grid)
     return SavedRun(model=model, processor=processor, report=report, codes=codes)
+
+
+def _matmul_names(model) -> dict[str, str]:
+    """Saved key -> in-memory name of every 2-d parameter outside the Linears (a matmul weight's codes
+    are named by it); one by one, so that a parameter save_pretrained drops (tied) is just absent."""
+    linears = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    names = {}
+    for name, param in model.named_parameters():
+        if param.dim() == 2 and id(param) not in linears:
+            try:
+                names[checkpoint_names(model, [name])[name]] = name
+            except SavedRunError:
+                continue
+    return names
 
 
 def _module_or_none(model, name: str):
