@@ -26,6 +26,22 @@ def needs_video_processor(processor_class) -> bool:
     return "video_processor" in inspect.signature(processor_class.__init__).parameters
 
 
+class _NoVideoProcessor:
+    """Stands in for the video processor where a processor's own code reads video settings even for
+    image-only input (SmolVLMProcessor.apply_chat_template reads num_frames and fps): the settings
+    are None, and a video is refused."""
+
+    num_frames = fps = None
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("videos: this processor was loaded without torchvision, so it has no video processor; "
+                         "valid: images and text")
+
+
+# Processor classes whose image+text use reads the video processor's settings (see _NoVideoProcessor).
+_READS_VIDEO_SETTINGS = ("SmolVLMProcessor",)
+
+
 @functools.cache
 def _image_text_variant(processor_class):
     """``processor_class`` whose sub-processors are its own less the video processor.
@@ -37,9 +53,17 @@ def _image_text_variant(processor_class):
     def get_attributes(cls):
         return [name for name in processor_class.get_attributes() if name != "video_processor"]
 
-    return type(processor_class.__name__, (processor_class,), {
-        "get_attributes": classmethod(get_attributes), "__module__": processor_class.__module__,
+    def from_args_and_dict(cls, args, processor_dict, **kwargs):
+        # Some constructors (SmolVLM's) take video_processor without a default; loading passes None.
+        kwargs.setdefault("video_processor", None)
+        return super(variant, cls).from_args_and_dict(args, processor_dict, **kwargs)
+
+    variant = type(processor_class.__name__, (processor_class,), {
+        "get_attributes": classmethod(get_attributes), "from_args_and_dict": classmethod(from_args_and_dict),
+        "__module__": processor_class.__module__,
+        **({"video_processor": _NoVideoProcessor()} if processor_class.__name__ in _READS_VIDEO_SETTINGS else {}),
         "__doc__": f"{processor_class.__name__} for images and text only (no torchvision: no video processor)."})
+    return variant
 
 
 def processor_class_for_environment(processor_class):

@@ -167,7 +167,10 @@ def entry_tensors(model, report) -> dict:
     quantized non-block module, so loading it onto the FP checkpoint reproduces the quantized model."""
     prefixes = tuple(sorted({f"{t.stack}.{t.block}." if t.block is not None and t.stack else f"{t.name}."
                              for t in report.tensors}))
-    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items() if name.startswith(prefixes)}
+    # A matmul weight is reported by its own state_dict key (no module around it: `MatmulView`).
+    keys = {t.name for t in report.tensors}
+    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()
+            if name.startswith(prefixes) or name in keys}
 
 
 def quantize_through(cache, model, recipe, run: Callable):

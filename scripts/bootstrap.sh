@@ -41,7 +41,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # shellcheck disable=SC2086  # the spec may name several packages
   pip_install $torch_spec
   pip_install --no-deps "lmms-eval==0.7.3"
-  extras="lmms-eval-lean"; [ "$mode" = test ] && extras="$extras test lmms-eval-models"
+  extras="lmms-eval-lean"; [ "$mode" = test ] && extras="$extras test lmms-eval-models families"
   # Our own dependencies (less lmms-eval, installed above without its heavy pins) and the extras,
   # read from pyproject.toml so that this script never keeps a second list.
   deps=$("$py" - "$extras" <<'PY'

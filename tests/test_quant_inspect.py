@@ -26,8 +26,10 @@ def test_inspect_places_every_linear_and_lists_a_plans_exact_targets(tiny_checkp
     model = meta_model(tiny_checkpoints[kind])
     assert all(p.device.type == "meta" for p in model.parameters())  # no weight was read
     real = FAMILY_MODEL_CLASSES[kind].from_pretrained(tiny_checkpoints[kind])
-    linears = {n for n, m in real.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} == linears
+    modules = {n for n, m in real.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} == modules
+    # and the matmul weights the table quantizes as Linears (Gemma 3's projector)
+    linears = modules | {path for part in resolve(real).family.parts for path in (part.matmuls or {})}
 
     plan = Recipe.parse({"method": "rtn", "bits": 3, "llm_bits": 5})
     doc = json.loads(json.dumps(inspect_model(model, resolve(model), plan, model_id="quant_hf")))
@@ -40,7 +42,8 @@ def test_inspect_places_every_linear_and_lists_a_plans_exact_targets(tiny_checkp
     assert sum(c["linears"] for c in doc["components"].values()) == len(linears)
     for t in targets.values():
         assert t["bits"] == (5 if t["component"] == "llm" else 3)
-        assert t["shape"] == list(real.get_submodule(t["name"]).weight.shape)
+        weight = real.get_submodule(t["name"]).weight if t["name"] in modules else real.get_parameter(t["name"]).T
+        assert t["shape"] == list(weight.shape)
     total = sum(p.numel() for p in real.parameters())
     assert doc["sizes"]["total"]["params"] == total
     assert doc["sizes"]["total"]["quantized_params"] == sum(t["parameters"] for t in targets.values())
@@ -48,13 +51,18 @@ def test_inspect_places_every_linear_and_lists_a_plans_exact_targets(tiny_checkp
     assert all(name in text for name in targets)
 
 
-def test_inspect_says_what_stays_in_floating_point(tiny_checkpoints):
-    doc = inspect_model(*(lambda m: (m, resolve(m)))(meta_model(tiny_checkpoints["gemma3"])),
-                        Recipe.parse({}))
-    assert doc["plan"] is None and doc["targets"] == []
-    assert any("mm_input_projection_weight" in n for n in doc["notes"])
-    assert doc["components"]["connector"]["linears"] == 0 and doc["components"]["connector"]["parameters"] > 0
-    assert "quantizes nothing" in render_text(doc)
+def test_inspect_lists_gemma3s_matmul_projection_as_the_connectors_target(tiny_checkpoints):
+    model = meta_model(tiny_checkpoints["gemma3"])
+    doc = inspect_model(model, resolve(model), Recipe.parse({"method": "rtn", "bits": 3, "component": "connector",
+                                                              "granularity": "channel"}))
+    name = "model.multi_modal_projector.mm_input_projection_weight"
+    # (vision hidden 32, text hidden 64) stored; quantized as the Linear it computes: 64 x 32
+    assert [(t["name"], t["component"], t["shape"], t["bits"]) for t in doc["targets"]] == [
+        (name, "connector", [64, 32], 3)]
+    assert doc["components"]["connector"]["linears"] == 1 and not doc["notes"]
+    # 2048 weights at 3 bits, one fp16 scale and a 3-bit zero per output row (64), the norm's 32 at 16 bits
+    assert doc["sizes"]["connector"]["bits_per_weight"] == (2048 * 3 + 64 * (16 + 3) + 32 * 16) / (2048 + 32)
+    assert name in render_text(doc)
 
 
 def test_the_cli_prints_json_for_a_wrapper_id_and_plan(tiny_checkpoints, capsys):

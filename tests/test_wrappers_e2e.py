@@ -25,7 +25,7 @@ def run_lmms_eval(model, model_args, include_path, out, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "idefics3", "gemma3"])
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "idefics3", "smolvlm", "gemma3"])
 def test_quant_hf_quantizes_and_scores_a_chat_template_vlm(kind, tiny_checkpoints, include_path, tmp_path):
     results, report = run_lmms_eval(
         "quant_hf", f"pretrained={tiny_checkpoints[kind]},method=gptq,bits=4,component=vit,calib_n=4",

@@ -85,8 +85,9 @@ def test_batched_generation_equals_batch_size_one(tiny_checkpoints, tasks):
     assert all(r.token_counts.output_tokens > 0 for r in one)
 
 
-# Every chat-template family with a tiny fixture; Gemma 3 and Idefics3 take images nested per prompt.
-CHAT_FAMILIES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "idefics3", "gemma3", "llava_next", "llava_onevision", "internvl"]
+# Every chat-template family with a tiny fixture; Gemma 3, Idefics3 and SmolVLM take images nested per prompt.
+CHAT_FAMILIES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3", "llava_next", "llava_onevision",
+                 "internvl"]
 
 
 @pytest.mark.parametrize("kind", CHAT_FAMILIES)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .archs import Family, Unit, resolve, select
+from .archs import Family, Unit, resolve, select, stored_weight
 from .calib_data import check_not_evaluated, load_samples, make_batches
 from .calibration import Calibrator
 from .sequential import SequentialCalibrator
@@ -195,11 +195,11 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
                 output_error=None if holdout is None else relative_output_error(holdout, original, effective),
                 output_error_calib=result.calib_error, rtn_output_error_calib=result.rtn_calib_error,
                 feeds_output=t.site.feeds_output,
-                tied_to=[n for n in tied.get(id(t.module.weight), []) if n != f"{t.name}.weight"],
+                tied_to=[n for n in tied.get(id(stored_weight(t.module)), []) if n not in (t.name, f"{t.name}.weight")],
                 holdout_tokens=0 if holdout is None else int(holdout.shape[0]),
                 details=result.info or {},
             ))
-            grids[id(t.module.weight)] = t.grid
+            grids[id(stored_weight(t.module))] = (t.grid, tuple(original.shape))
             timing["report_stats_s"] += (result.info or {}).get("report_stats_s", 0.0)
             if keep_codes:
                 codes[t.name] = result.qweight.to_cpu()

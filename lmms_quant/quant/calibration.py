@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .archs import Unit
+from .archs import MatmulView, Unit
 from .calib_data import (CAPTION_INSTRUCTION, Batch, CalibSample, check_not_evaluated, load_samples,  # noqa: F401
                          make_batch, make_batches, sample_from_text)
 
@@ -245,6 +245,8 @@ class Calibrator:
             for t in unit.targets:
                 handles.append(t.module.register_forward_pre_hook(pre_hook(t.name, t.site.token_mask),
                                                                   with_kwargs=True))
+                if isinstance(t.module, MatmulView):  # no module of the model calls it: run it on its input
+                    handles.append(t.module.tap())
             for name, module in stats.call_modules.items():
                 handles.append(module.register_forward_pre_hook(call_hook(name), with_kwargs=True))
             handles.append(unit.exit_module.register_forward_hook(exit_hook))

@@ -23,6 +23,10 @@ weight bit for bit, checked for every tensor before anything is written. Stored 
 they would not be: a runtime that casts the scales to fp16/bf16 (vLLM creates ``weight_scale`` in
 the model dtype) rounds them, and its weights differ from the simulated ones by that rounding.
 
+A quantized matmul weight (Gemma 3's ``mm_input_projection_weight``: a parameter, not an nn.Linear,
+`archs.MatmulView`) has no module to pack: it is written dense in the model dtype, holding exactly
+its dequantized codes (checked), and listed in the export record's ``dense_quantized`` and notes.
+
 Refused, with the reason: a group width that does not divide in_features (compressed-tensors'
 group strategy has no narrow last group), a quantized weight tied to another parameter (packing
 removes the dense weight the other one shares), and a model whose weights are not its codes.
@@ -262,7 +266,15 @@ def export_checkpoint(model, processor, report: dict, codes: dict[str, Quantized
 
     out_dir = check_new_dir(out_dir)
     model_class = getattr(transformers, type(model).__name__)
+    dense = dense_matmul_weights(model, codes)
+    codes = {name: q for name, q in codes.items() if name not in dense}
+    if dense and not codes:
+        raise ExportError(f"nothing to pack: the run quantized only {', '.join(dense)}, a matmul weight that "
+                          f"{FORMAT} cannot pack (no nn.Linear); valid: a run that quantizes Linears too")
     notes = []
+    if dense:
+        notes.append(f"export: {', '.join(sorted(dense))}: a matmul weight, not an nn.Linear, so compressed-tensors "
+                     "cannot pack it; written dense in the model dtype, holding its quantized values")
     if any(q.grid.granularity == "tensor" for q in codes.values()):
         notes.append("export: per-tensor weight scales are written as compressed-tensors strategy=tensor; vLLM's "
                      "WNA16 scheme serves only channel and group strategies")
@@ -279,12 +291,32 @@ def export_checkpoint(model, processor, report: dict, codes: dict[str, Quantized
                 notes.append(f"export: loaded_memory_bytes not measured: {why}")
         record = {"format": FORMAT, "dir": str(out_dir.resolve()),
                   "file_bytes": sum(p.stat().st_size for p in tmp.glob("*.safetensors")),
-                  "loaded_memory_bytes": memory, "device": device}
+                  "loaded_memory_bytes": memory, "device": device, "dense_quantized": sorted(dense)}
         report = {**report, "notes": list(report.get("notes") or []) + notes, "export": record}
         write_json_atomic(tmp / REPORT_FILE, report, sort_keys=False)
     for note in notes:
         print(f"lmms-quant export: {note}", file=sys.stderr)
     return report
+
+
+def dense_matmul_weights(model, codes: dict[str, QuantizedWeight]) -> list[str]:
+    """The quantized matmul weights among ``codes`` (named by their parameter, `archs.MatmulView`):
+    no module to pack, so they stay dense; each must already hold exactly its dequantized codes."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    dense, problems = [], []
+    for name, q in sorted(codes.items()):
+        if name in modules or name not in params:
+            continue
+        stored = params[name].detach().T  # codes are in the orientation of the Linear it computes
+        if tuple(q.codes.shape) != tuple(stored.shape):
+            problems.append(f"{name}: codes are {tuple(q.codes.shape)}, its transpose is {tuple(stored.shape)}")
+        elif not torch.equal(q.weight.to(stored.dtype).to(stored.device), stored):
+            problems.append(f"{name}: the model's weight is not its codes dequantized (changed after quantization?)")
+        dense.append(name)
+    if problems:
+        raise ExportError(f"cannot write a {FORMAT} checkpoint:\n  " + "\n  ".join(problems))
+    return dense
 
 
 def export_run(model, processor, report, out_dir, *, device=None, report_path=None) -> dict:

@@ -113,7 +113,7 @@ def _component_summary(model, arch) -> tuple[dict, dict]:
 
 def inspect_model(model, arch, recipe, *, model_id: str = "", pretrained: str = "") -> dict:
     """The JSON document of the module docstring, for a built model, its resolved Arch and a Recipe."""
-    from lmms_quant.quant.archs import select
+    from lmms_quant.quant.archs import select, stored_weight
     from lmms_quant.quant.report import account
 
     components, other = _component_summary(model, arch)
@@ -132,7 +132,7 @@ def inspect_model(model, arch, recipe, *, model_id: str = "", pretrained: str = 
         for unit in units:
             for t in unit.targets:
                 weight = t.module.weight
-                grids[id(weight)] = t.grid
+                grids[id(stored_weight(t.module))] = (t.grid, tuple(weight.shape))
                 doc["targets"].append({
                     "name": t.name, "component": t.site.component, "role": t.site.role, "stack": t.site.stack,
                     "block": t.site.block, "shape": list(weight.shape), "parameters": weight.numel(),

@@ -78,16 +78,17 @@ class SizeRecord:
                    round((stored or 0) * params))
 
 
-def account(model, component_of, quantized_grids: dict[int, QuantGrid]) -> dict[str, SizeRecord]:
-    """Sizes per component (and "total") given the grids of the quantized weights, by parameter id."""
+def account(model, component_of, quantized_grids: dict[int, tuple[QuantGrid, tuple[int, int]]]) -> dict[str, SizeRecord]:
+    """Sizes per component (and "total") given, by parameter id, the grid of each quantized weight and
+    its (out_features, in_features) as quantized (a matmul weight is stored transposed: `MatmulView`)."""
     sizes: dict[str, SizeRecord] = {}
     total = SizeRecord()
     for name, param in model.named_parameters():
         record = sizes.setdefault(component_of(name), SizeRecord())
         n = param.numel()
-        grid = quantized_grids.get(id(param))
+        grid, shape = quantized_grids.get(id(param), (None, None))
         if grid is not None:
-            bits = stored = grid.storage_bits(*param.shape)
+            bits = stored = grid.storage_bits(*shape)
             record.quantized_params += n
             total.quantized_params += n
         else:

@@ -5,7 +5,9 @@ DIR holds
   dequantized weights in the model dtype),
 - ``quant_codes.safetensors``: per quantized Linear ``<name>.codes`` (uint8, out x in),
   ``<name>.scale`` (fp32, the scales the simulation used, bit for bit) and, for an asymmetric grid,
-  ``<name>.zero`` (uint8); the grid of each tensor in the file's metadata,
+  ``<name>.zero`` (uint8); the grid of each tensor in the file's metadata. A matmul weight (Gemma 3's
+  ``mm_input_projection_weight``) is named by its own key; its codes are in the orientation of the
+  Linear it computes (the transpose of the stored tensor), marked ``stored=transposed`` there,
 - ``quant_report.json``.
 
 Names: every tensor name the project writes is the saved model's own ``state_dict`` key.
@@ -35,7 +37,8 @@ class SavedRunError(ValueError):
 
 
 def checkpoint_names(model, module_names) -> dict[str, str]:
-    """In-memory module name -> the module name its weight has in this model's ``save_pretrained``."""
+    """In-memory module name -> the module name its weight has in this model's ``save_pretrained``;
+    a parameter's own name (a matmul weight, `archs.MatmulView`) -> its saved key."""
     from transformers.core_model_loading import revert_weight_conversion
 
     keys = list(model.state_dict().keys())
@@ -51,11 +54,30 @@ def checkpoint_names(model, module_names) -> dict[str, str]:
     index = {k: i for i, k in enumerate(keys)}
     names = {}
     for name in module_names:
+        if f"{name}.weight" not in index and name in index:  # a parameter named by itself
+            key = back.get(index[name])
+            if key is None:
+                raise SavedRunError(f"{name}: not found among the model's saved weights")
+            names[name] = key
+            continue
         key = back.get(index.get(f"{name}.weight", -1))
         if key is None or not key.endswith(".weight"):
             raise SavedRunError(f"{name}.weight: not found among the model's saved weights")
         names[name] = key.removesuffix(".weight")
     return names
+
+
+# Metadata suffix of codes whose tensor the model stores transposed (a matmul weight: the codes are
+# in the orientation of the Linear it computes, (out_features, in_features), as every grid is).
+TRANSPOSED = ",stored=transposed"
+
+
+def _stored(model, name: str) -> torch.Tensor:
+    """The quantized weight of ``name`` in Linear orientation: a Linear's weight, or a parameter's transpose."""
+    try:
+        return model.get_submodule(name).weight.detach()
+    except AttributeError:
+        return model.get_parameter(name).detach().T
 
 
 def _grid_text(grid: QuantGrid) -> str:
@@ -88,7 +110,8 @@ def write_saved_run(model, processor, report, out_dir) -> Path:
             tensors[f"{key}.scale"] = q.scale.float().contiguous()
             if not q.grid.sym:
                 tensors[f"{key}.zero"] = q.zero.to(torch.uint8).contiguous()
-            metadata[key] = _grid_text(q.grid)
+            transposed = not isinstance(_module_or_none(model, name), torch.nn.Linear)
+            metadata[key] = _grid_text(q.grid) + (TRANSPOSED if transposed else "")
         if tensors:
             save_file(tensors, str(tmp / CODES_FILE), metadata=metadata)
         report.write_json(tmp / REPORT_FILE)
@@ -131,24 +154,48 @@ def read_saved_run(saved_dir, *, device=None) -> SavedRun:
         metadata = handle.metadata() or {}
         stored = {k: handle.get_tensor(k) for k in handle.keys()}
     in_memory = {saved: name for name, saved in checkpoint_names(model, _linear_names(model)).items()}
+    in_memory_params = _matmul_names(model) if any(text.endswith(TRANSPOSED) for text in metadata.values()) else {}
     codes = {}
     for key, text in metadata.items():
-        name = in_memory.get(key)
+        transposed = text.endswith(TRANSPOSED)
+        name = (in_memory_params if transposed else in_memory).get(key)
         if name is None:
-            raise SavedRunError(f"{CODES_FILE}: {key!r} names no Linear of the saved model")
-        grid = _grid_from_text(key, text)
+            raise SavedRunError(f"{CODES_FILE}: {key!r} names no {'parameter' if transposed else 'Linear'} of the "
+                                "saved model")
+        grid = _grid_from_text(key, text.removesuffix(TRANSPOSED))
         q_codes, scale = stored[f"{key}.codes"], stored[f"{key}.scale"].float()
         zero = (stored[f"{key}.zero"].to(torch.int32) if not grid.sym
                 else torch.full(scale.shape, 2 ** (grid.bits - 1), dtype=torch.int32))
         in_features = q_codes.shape[1]
         # The same fp32 operations as quantize_with_params: the same bits as the simulated weight.
         weight = grid.dequantize(q_codes.float(), grid.expand(scale, in_features), grid.expand(zero.float(), in_features))
-        stored_weight = model.get_submodule(name).weight.detach()
+        stored_weight = _stored(model, name)
         if not torch.equal(weight.to(stored_weight.dtype).to(stored_weight.device), stored_weight):
             raise SavedRunError(f"{name}: the saved weight is not its codes dequantized; the run directory "
                                 "is inconsistent (edited, or written by another version)")
         codes[name] = QuantizedWeight(weight=weight, codes=q_codes, scale=scale, zero=zero, grid=grid)
     return SavedRun(model=model, processor=processor, report=report, codes=codes)
+
+
+def _matmul_names(model) -> dict[str, str]:
+    """Saved key -> in-memory name of every 2-d parameter outside the Linears (a matmul weight's codes
+    are named by it); one by one, so that a parameter save_pretrained drops (tied) is just absent."""
+    linears = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    names = {}
+    for name, param in model.named_parameters():
+        if param.dim() == 2 and id(param) not in linears:
+            try:
+                names[checkpoint_names(model, [name])[name]] = name
+            except SavedRunError:
+                continue
+    return names
+
+
+def _module_or_none(model, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _linear_names(model) -> list[str]:

@@ -28,15 +28,19 @@ Decisions (documented because they shape what a plan selects):
   last CLIP layer unused) is still quantized with its component, and flagged ``feeds_output=False``.
 - AWQ folds are listed only where they are exact (see `Fold`); post-LN blocks (Q-Former) fold only
   value -> output projections; Gemma's (1 + w) norms fold with ``weight_offset=1``.
+- A weight the model applies with torch.matmul (Gemma 3's projector) is declared a ``MatmulWeight``
+  of a non-block part; `resolve` gives it a ``MatmulView``, an nn.Linear over the parameter's own
+  storage transposed, so the methods, hooks and report see a Linear while the model keeps its modules
+  and state_dict names (the view is run on its input module's output while statistics are collected).
 - Every Linear of a model with a table is covered by it or named as a task head outside the
   components; anything else fails resolution by name, so nothing is silently left unquantized.
 """
 
 from .detect import detect_family
 from .generic import CONNECTOR_NAMES, LLM_NAMES, VIT_NAMES, generic_family, guess_role
-from .resolve import Arch, FoldSite, LinearSite, UnitSite, is_linear, resolve
+from .resolve import Arch, FoldSite, LinearSite, MatmulView, UnitSite, is_linear, resolve, stored_weight
 from .select import Target, Unit, select, third_of
-from .spec import CONDITIONS, ArchitectureError, BlockSpec, Family, Fold, Part
+from .spec import CONDITIONS, ArchitectureError, BlockSpec, Family, Fold, MatmulWeight, Part
 from .tables import (BLIP2_ITM, BLIP2_OPT, BLIP2_T5, FAMILIES, GEMMA3, IDEFICS3, INSTRUCTBLIP, INSTRUCTBLIP_T5,
                      INTERNVL, LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, PALIGEMMA, PALIGEMMA2, QWEN2_5_VL, QWEN2_VL,
                      QWEN3_VL, REGISTRY, SMOLVLM)
@@ -47,8 +51,8 @@ __all__ = [
     "ArchitectureError", "Arch", "BLIP2_ITM", "BLIP2_OPT", "BLIP2_T5", "BLIP2_VIT_BLOCK", "BlockSpec", "CLIP_BLOCK",
     "CONDITIONS", "CONNECTOR_NAMES", "FAMILIES", "Family", "Fold", "FoldSite", "GEMMA2_BLOCK", "GEMMA3", "GEMMA_BLOCK",
     "IDEFICS3", "INSTRUCTBLIP", "INSTRUCTBLIP_T5", "INTERNVL", "LLAMA_BLOCK", "LLAVA", "LLAVA_NEXT", "LLAVA_ONEVISION",
-    "LLM_NAMES", "LinearSite", "OPT_BLOCK", "PALIGEMMA", "PALIGEMMA2", "Part", "QFORMER_BLOCK", "QWEN2_5_VL",
+    "LLM_NAMES", "LinearSite", "MatmulView", "MatmulWeight", "OPT_BLOCK", "PALIGEMMA", "PALIGEMMA2", "Part", "QFORMER_BLOCK", "QWEN2_5_VL",
     "QWEN2_VL", "QWEN3_VL", "REGISTRY", "SMOLVLM", "T5_DECODER_BLOCK", "T5_ENCODER_BLOCK", "Target", "Unit",
     "UnitSite", "VIT_NAMES", "detect_family", "generic_family", "guess_role", "is_linear", "resolve", "select",
-    "third_of",
+    "stored_weight", "third_of",
 ]

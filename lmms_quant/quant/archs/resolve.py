@@ -7,16 +7,66 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 from ..recipe import COMPONENTS
-from .spec import CONDITIONS, ArchitectureError, Family, Fold
+from .spec import CONDITIONS, ArchitectureError, Family, Fold, MatmulWeight
 
 log = logging.getLogger(__name__)
 
 
 def is_linear(module) -> bool:
     return isinstance(module, nn.Linear)
+
+
+class MatmulView(nn.Linear):
+    """An nn.Linear over a matmul weight's own storage (see `spec.MatmulWeight`): ``weight`` is the
+    parameter transposed (a view, no copy), so a write to it is a write to the parameter. Not a
+    module of the model: `tap` runs it on ``input_from``'s output, result discarded, while the
+    calibration hooks on it are installed."""
+
+    def __init__(self, param: nn.Parameter, param_name: str, input_from: nn.Module, transposed: bool):
+        nn.Module.__init__(self)
+        self.bias = None
+        # A tuple: neither the parameter nor the input module becomes part of this module.
+        self._source = (param, param_name, input_from, transposed)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Taken afresh on every access: `model.to(device)` gives the parameter new storage in place.
+        param = self._source[0].detach()
+        return param.T if self.transposed else param
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def source(self) -> nn.Parameter:
+        """The model's own parameter (what the size accounting and the weight cache count)."""
+        return self._source[0]
+
+    @property
+    def source_name(self) -> str:
+        return self._source[1]
+
+    @property
+    def transposed(self) -> bool:
+        return self._source[3]
+
+    def tap(self):
+        """Run this view on every output of its input module; returns the hook handle to remove."""
+        return self._source[2].register_forward_hook(lambda module, args, output: self(output))
+
+
+def stored_weight(module: nn.Linear) -> nn.Parameter:
+    """The model parameter that holds ``module``'s weight (the matmul weight behind a `MatmulView`)."""
+    return module.source if isinstance(module, MatmulView) else module.weight
 
 
 @dataclass
@@ -148,6 +198,15 @@ def _fold_sites(folds: tuple[Fold, ...], block_path: str, block_modules: Mapping
     return sites, dropped
 
 
+def _matmul_view(model, modules, path: str, spec: MatmulWeight, family: Family) -> MatmulView:
+    params = dict(model.named_parameters())
+    param = params.get(path)
+    if param is None or param.dim() != 2:
+        raise ArchitectureError(f"{family.name}: the table names the matmul weight {path!r}, which the model "
+                                f"does not have as a 2-d parameter")
+    return MatmulView(param, path, _get(modules, spec.input_from, family), spec.transposed)
+
+
 def resolve(model, family: Family | None = None) -> Arch:
     """Bind a family table to a model: every unit with its Linears, roles and exact folds."""
     if family is None:
@@ -186,12 +245,15 @@ def resolve(model, family: Family | None = None) -> Arch:
                 covered |= {s.name for s in sites}
         else:
             sites = []
-            for path, role in part.linears.items():
+            for path, role in (part.linears or {}).items():
                 module = _get(modules, path, family)
                 if not is_linear(module):
                     raise ArchitectureError(f"{family.name}: {path} is a {type(module).__name__}, not a Linear")
                 sites.append(LinearSite(path, module, role, part.component, None, None, part.token_mask))
-            folds, dropped = _fold_sites(part.folds, "", modules, set(part.linears), cfg, family)
+            views = {path: _matmul_view(model, modules, path, spec, family) for path, spec in (part.matmuls or {}).items()}
+            sites += [LinearSite(path, view, part.matmuls[path].role, part.component, None, None, part.token_mask)
+                      for path, view in views.items()]
+            folds, dropped = _fold_sites(part.folds, "", {**modules, **views}, {s.name for s in sites}, cfg, family)
             name = os.path.commonprefix([s.name.split(".") for s in sites])
             units.append(UnitSite(".".join(name) or sites[0].name, part.component, None, None, None, sites, folds,
                                   include=part.include, dropped_folds=dropped))
@@ -213,4 +275,4 @@ def resolve(model, family: Family | None = None) -> Arch:
     return arch
 
 
-__all__ = ["Arch", "FoldSite", "LinearSite", "UnitSite", "is_linear", "resolve"]
+__all__ = ["Arch", "FoldSite", "LinearSite", "MatmulView", "UnitSite", "is_linear", "resolve", "stored_weight"]

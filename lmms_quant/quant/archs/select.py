@@ -90,7 +90,9 @@ def select(arch: Arch, recipe: Recipe, model) -> list[Unit]:
         names = {s.name for s in chosen}
         folds = [f for f in site.folds if all(lin in names for lin in f.linears)]
         exit_path = ".".join(os.path.commonprefix([s.name.split(".") for s in chosen]))
-        units.append(Unit(site, [Target(s, grid) for s in chosen], folds, modules[exit_path]))
+        # A matmul weight's Linear view is no module of the model: it is its own exit (it runs last).
+        exit_module = modules[exit_path] if exit_path in modules or len(chosen) > 1 else chosen[0].module
+        units.append(Unit(site, [Target(s, grid) for s in chosen], folds, exit_module))
         count[site.component] += len(chosen)
     for comp in selection.components:
         if count.get(comp, 0) == 0:

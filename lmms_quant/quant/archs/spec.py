@@ -46,6 +46,22 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
+class MatmulWeight:
+    """A weight the model applies as ``torch.matmul(x, weight)`` instead of through an nn.Linear
+    (Gemma 3's ``mm_input_projection_weight``, shape (in, out): the transpose of a Linear weight).
+
+    `resolve` gives it a Linear view (`resolve.MatmulView`): an nn.Linear whose weight is the
+    parameter's own storage, transposed, so every method, the calibration hooks, the report and the
+    size accounting treat it as the Linear it computes, and every write lands in the parameter. The
+    view is not part of the model: the model's modules and state_dict names never change.
+    ``input_from``: the module whose output is x (the view is run on it while statistics are collected)."""
+
+    role: str
+    input_from: str
+    transposed: bool = True  # weight is (in_features, out_features): y = x @ weight
+
+
+@dataclass(frozen=True)
 class Part:
     """A block stack (``stack`` + ``block``) or a set of non-block Linears (``linears``: path -> role,
     with ``folds`` among them, paths from the model root)."""
@@ -54,6 +70,8 @@ class Part:
     stack: str | None = None
     block: BlockSpec | None = None
     linears: Mapping[str, str] | None = None
+    # Matmul weights (parameter path -> MatmulWeight) quantized as Linears; non-block parts only.
+    matmuls: Mapping[str, MatmulWeight] | None = None
     token_mask: str | None = None  # key of the batch mask that marks real (non-padding) tokens
     include: str | None = None  # a head: quantized only when plan.include names it
     config: str | None = None  # sub-config of model.config that fold conditions read
@@ -66,8 +84,8 @@ class Family:
 
     ``strict``: every Linear of the model must be covered by a part or lie under ``outside`` (task
     heads that belong to no component, e.g. the retrieval projections), else resolution fails naming
-    it. ``notes``: what the engine leaves in floating point although it lies inside a component (a
-    matmul weight that is not an nn.Linear), said by ``lmms-quant inspect``. ``unclassified``: the
+    it. ``notes``: what the engine leaves in floating point although it lies inside a component,
+    said by ``lmms-quant inspect``. ``unclassified``: the
     generic fallback's Linears that it could place in no component (left in floating point)."""
 
     name: str
@@ -95,4 +113,4 @@ def _t5_relu(cfg) -> bool:
 
 CONDITIONS = {"opt_pre_ln": _opt_pre_ln, "opt_relu": _opt_relu, "t5_relu": _t5_relu}
 
-__all__ = ["ArchitectureError", "BlockSpec", "CONDITIONS", "Family", "Fold", "Part"]
+__all__ = ["ArchitectureError", "BlockSpec", "CONDITIONS", "Family", "Fold", "MatmulWeight", "Part"]
