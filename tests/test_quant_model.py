@@ -109,13 +109,18 @@ def test_awq_error_is_at_most_rtns_where_its_scale_was_searched(quantized, kind)
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_same_seed_gives_bit_identical_weights(tiny_checkpoints, method):
-    first, _, _ = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method=method, bits=4, group_size=32, seed=3)
-    second, _, _ = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method=method, bits=4, group_size=32, seed=3)
+def test_same_seed_gives_bit_identical_weights_and_tensor_records(tiny_checkpoints, method):
+    first, first_report, _ = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method=method, bits=4, group_size=32,
+                                 seed=3)
+    second, second_report, _ = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method=method, bits=4,
+                                   group_size=32, seed=3)
     other, _, _ = run(tiny_checkpoints["blip2_opt"], "blip2_opt", method=method, bits=4, group_size=32, seed=4)
     a, b, c = first.state_dict(), second.state_dict(), other.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the seed picks the calibration samples
+    # Every per-tensor figure repeats (timings live in the report's totals only).
+    assert first_report.tensors == second_report.tensors
+    assert first_report.timing["report_stats_s"] > 0
 
 
 # --------------------------------------------------------------------------- selection

@@ -186,6 +186,10 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
             effective = result.effective_weight(t.module.weight.detach().float())
             original = originals.pop(t.name).float()
             holdout = stats[t.name].holdout
+            # Timings go to the report's totals, not into a tensor's record: two runs of one recipe
+            # give identical tensor records.
+            details = dict(result.info or {})
+            timing["report_stats_s"] += details.pop("report_stats_s", 0.0)
             records.append(TensorRecord(
                 name=t.name, component=t.site.component, stack=t.site.stack, block=t.site.block,
                 role=t.site.role, method=recipe.method, bits=t.grid.bits, granularity=t.grid.granularity,
@@ -197,10 +201,9 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
                 feeds_output=t.site.feeds_output,
                 tied_to=[n for n in tied.get(id(stored_weight(t.module)), []) if n not in (t.name, f"{t.name}.weight")],
                 holdout_tokens=0 if holdout is None else int(holdout.shape[0]),
-                details=result.info or {},
+                details=details,
             ))
             grids[id(stored_weight(t.module))] = (t.grid, tuple(original.shape))
-            timing["report_stats_s"] += (result.info or {}).get("report_stats_s", 0.0)
             if keep_codes:
                 codes[t.name] = result.qweight.to_cpu()
 
