@@ -576,3 +576,15 @@ def test_python_dash_m_runs_the_leaderboard(runs_dir, tmp_path, monkeypatch, cap
         runpy.run_module("lmms_quant.leaderboard", run_name="__main__")
     assert exited.value.code == 0
     assert (tmp_path / "leaderboard.md").is_file() and "9 configurations" in capsys.readouterr().out
+
+
+def test_a_runs_recipe_keys_are_its_plan_and_the_rest_its_wrapper_arguments_for_every_wrapper():
+    from lmms_quant.leaderboard.collect import split_model_args
+
+    args = {"model": "llava_hf", "pretrained": "/ckpt", "method": "gptq", "bits": "4", "component": "vit"}
+    # `quant` (lmms-eval's own models) keeps its wrapped model's keys beside the recipe, as the sweep splits them
+    assert split_model_args("quant", args) == ({"model": "llava_hf", "pretrained": "/ckpt"},
+                                               {"method": "gptq", "bits": "4", "component": "vit"})
+    assert split_model_args("quant_blip2", {"pretrained": "/b", "dtype": "float32", "method": "fp16"}) == (
+        {"pretrained": "/b", "dtype": "float32"}, {"method": "fp16"})
+    assert split_model_args("llava_hf", {"pretrained": "/ckpt"}) is None  # not an lmms-quant model

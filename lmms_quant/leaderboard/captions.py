@@ -31,7 +31,7 @@ from scipy import sparse
 
 from lmms_quant.leaderboard.bootstrap import MeanStatistic, Statistic
 
-CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+from lmms_quant.caption_metrics import METRICS as CAPTION_METRICS  # noqa: E402
 # Characters Java reads as line ends: in a caption they would shift every later tokenized line.
 _JAVA_LINE_BREAKS = re.compile("[\r\n\u0085\u2028\u2029\x0b\x0c]")
 CIDER_CHUNK_ELEMENTS = 4_000_000  # n-grams x resamples of idf held at once (32 MB)

@@ -7,7 +7,6 @@ an interrupted one is never read) and plain ``lmms-quant eval --output_path`` di
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -16,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmms_quant.model_ids import model_class
+from lmms_quant.model_ids import MODEL_CLASSES
 from lmms_quant.sweep import CONFIG_FILE, RUN_FILE, completed_run, find_results_files
+from lmms_quant.sweep.rundir import failed_run
 
 # Wrapper keys that place or batch the computation but do not change what is computed: a run on
 # cuda:1 still compares with the baseline that ran on cuda:0.
@@ -124,12 +124,16 @@ def parse_model_args(text: str) -> dict[str, str]:
     return args
 
 
-@functools.lru_cache(maxsize=None)
-def _wrapper_keys(model: str) -> tuple[str, ...] | None:
-    try:
-        return tuple(model_class(model).wrapper_keys())
-    except (KeyError, ImportError, AttributeError):
+def split_model_args(model: str, model_args: dict[str, str]) -> tuple[dict[str, str], dict[str, str]] | None:
+    """(wrapper arguments, recipe arguments) of an lmms-quant model's model_args, split by the engine's
+    recipe keys as the sweep splits them (every wrapper, `quant` included); None for another model."""
+    if model not in MODEL_CLASSES:
         return None
+    from lmms_quant.quant.recipe import recipe_keys
+
+    keys = set(recipe_keys())
+    return ({k: v for k, v in model_args.items() if k not in keys},
+            {k: v for k, v in model_args.items() if k in keys})
 
 
 def is_noop_plan(plan_args: dict[str, str]) -> bool:
@@ -240,18 +244,15 @@ def _run_from_results(results_path: Path, root: Path, source_dir: Path, record: 
     config = results.get("config") or {}
     model = str(config.get("model"))
     model_args = parse_model_args(config.get("model_args") or "")
-    keys = _wrapper_keys(model)
-    if keys is None:  # not an lmms-quant model: everything is the model's own argument
-        wrapper_args, plan_args = dict(model_args), {}
-    else:
-        wrapper_args = {k: v for k, v in model_args.items() if k in keys}
-        plan_args = {k: v for k, v in model_args.items() if k not in keys}
+    split = split_model_args(model, model_args)
+    # not an lmms-quant model: everything is the model's own argument
+    wrapper_args, plan_args = split if split is not None else (dict(model_args), {})
     if record is not None:
         run_id, label, is_baseline = record["run_id"], record["label"], bool(record["is_baseline"])
         digest = record.get("plan_digest")
     else:
         run_id = hashlib.sha256(str(results_path.relative_to(root)).encode()).hexdigest()[:16]
-        is_baseline = is_noop_plan(plan_args) if keys is not None else False
+        is_baseline = is_noop_plan(plan_args) if split is not None else False
         label = " ".join(f"{k}={v}" for k, v in plan_args.items()) or model
         digest = None
     return Run(
@@ -282,12 +283,9 @@ def collect_runs(root: str | os.PathLike) -> Collection:
             if record is not None:
                 runs.append(_run_from_results(here / record["results_file"], root, here, record))
                 continue
-            try:
-                data = json.loads((here / RUN_FILE).read_text())
-            except (OSError, ValueError):
-                data = None
-            if isinstance(data, dict) and data.get("status") == "failed":
-                failed.append(data)
+            failure = failed_run(here)
+            if failure is not None:
+                failed.append(failure)
             else:
                 incomplete.append(str(here.relative_to(root)))
             continue

@@ -39,7 +39,7 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import yaml
 
@@ -230,16 +230,15 @@ def _validate_seed(value: Any) -> str | None:
     return ",".join(p.strip() for p in parts)
 
 
-def parse_plan(plan_kwargs: dict[str, Any], wrapper_keys: Sequence[str]):
+def parse_plan(plan_kwargs: dict[str, Any]):
     """The engine's validated recipe of one configuration — the sweep's only call into its parser.
 
     Raises the engine's ``RecipeError`` (a ValueError naming the key, the value and the valid
-    choices); ``wrapper_keys`` are listed among the valid keys of that message. The sweep reads only
-    ``.is_noop`` and ``.digest()`` of the result.
+    choices). The sweep reads only ``.is_noop`` and ``.digest()`` of the result.
     """
     from lmms_quant.quant.recipe import Recipe
 
-    return Recipe.parse(plan_kwargs, other_valid_keys=tuple(wrapper_keys))
+    return Recipe.parse(plan_kwargs)
 
 
 class ConfigurationChecker:
@@ -263,7 +262,7 @@ class ConfigurationChecker:
     def __call__(self, args: dict[str, Any]) -> tuple[str, Any]:
         rendered = ",".join(f"{k}={_render_value(v)}" for k, v in args.items())
         canonical = self.wrapper.canonical_model_args(rendered)
-        plan = parse_plan({k: v for k, v in args.items() if k in self.recipe_keys}, ())
+        plan = parse_plan({k: v for k, v in args.items() if k in self.recipe_keys})
         return canonical, plan
 
 
