@@ -48,7 +48,6 @@ def _library_versions() -> dict:
 def _environment(device) -> dict:
     """What the numbers were computed with: versions, and the arithmetic (threads, kernels, processor)."""
     import importlib.metadata
-    import os
     import platform
 
     import transformers

@@ -44,19 +44,30 @@ class ModuleCall:
 
     def replay(self, module):
         """``module``'s output on this call: the first tensor of what it returns."""
-        for key, version in self.versions.items():
-            if self.kwargs[key]._version != version:
-                raise RuntimeError(f"recorded call argument {key!r} was modified in place after the call; it "
-                                   f"cannot be replayed")
+        check_unchanged(self.kwargs, self.versions, "recorded call")
         return _first_tensor(module(*self.args, **self.kwargs))
 
     @classmethod
     def record(cls, args, kwargs, masks) -> "ModuleCall":
-        # Positional inputs are cloned (the caller may update them in place after the call); keyword
-        # tensors (masks, position embeddings, shared across blocks) are kept and checked unchanged.
+        # Positional inputs are cloned (the caller may update them in place after the call).
         args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
-        return cls(args, kwargs, masks, {k: v._version for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        kwargs, versions = recorded_kwargs(kwargs)
+        return cls(args, kwargs, masks, versions)
+
+
+def recorded_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    """A recorded call's keyword arguments (KV caches dropped) and their tensors' version counters:
+    the tensors (masks, position embeddings, shared across blocks) are kept, not cloned, and checked
+    unchanged before the call is replayed (`check_unchanged`)."""
+    kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+    return kwargs, {k: v._version for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+
+
+def check_unchanged(kwargs: dict, versions: dict, what: str, hint: str = "") -> None:
+    for key, version in versions.items():
+        if kwargs[key]._version != version:
+            raise RuntimeError(f"{what}: keyword argument {key!r} was modified in place after the call; it "
+                               f"cannot be replayed{hint}")
 
 
 def _is_cache(value) -> bool:

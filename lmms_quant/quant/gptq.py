@@ -89,8 +89,11 @@ def quantize_rows(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, 
     """GPTQ of ``weight`` given H. Rows are independent given H: stacking Linears that share an input
     (q/k/v, gate/up) and quantizing them at once gives each its own codes, with one damped Cholesky.
     ``overwrite_hessian``: damp ``hessian`` in place (saves a copy of in x in)."""
-    run = _Run(weight, hessian, grid, damp=damp, block_size=block_size, act_order=act_order,
-               overwrite_hessian=overwrite_hessian)
+    return _complete(_Run(weight, hessian, grid, damp=damp, block_size=block_size, act_order=act_order,
+                          overwrite_hessian=overwrite_hessian))
+
+
+def _complete(run: "_Run") -> RowsResult:
     for i1 in run.starts:
         run.block(i1)
     return run.finish()
@@ -103,10 +106,7 @@ def quantize_rows_concurrently(jobs: list[dict]) -> list[RowsResult]:
     runs = [_Run(**job, slot=k) for k, job in enumerate(jobs)]  # host-synchronising preparation first
     cuda = bool(runs) and runs[0].WT.is_cuda and len(runs) > 1
     if not cuda:
-        for run in runs:
-            for i1 in run.starts:
-                run.block(i1)
-        return [run.finish() for run in runs]
+        return [_complete(run) for run in runs]
     main = torch.cuda.current_stream()
     streams = [torch.cuda.Stream(device=run.WT.device) for run in runs]
     for stream in streams:

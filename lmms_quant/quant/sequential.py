@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .archs import Unit
-from .calibration import Calibrator, UnitStats, _first_tensor, _is_cache, _UnitDone
+from .calibration import Calibrator, UnitStats, _first_tensor, _UnitDone, check_unchanged, recorded_kwargs
 
 DEFAULT_DEVICE_MB = 4096
 
@@ -56,8 +56,7 @@ class _BlockCall:
 def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, _BlockCall]:
     by_keyword = not args
     hidden = kwargs["hidden_states"] if by_keyword else args[0]
-    kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items() if not (by_keyword and k == "hidden_states")}
-    versions = {k: v._version for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    kwargs, versions = recorded_kwargs({k: v for k, v in kwargs.items() if not (by_keyword and k == "hidden_states")})
     return hidden, _BlockCall(tuple(args[1:]), kwargs, versions, by_keyword)
 
 
@@ -165,7 +164,7 @@ class SequentialCalibrator(Calibrator):
 
         cache_state = {"phase": "calib", "batch_id": None}
         cached = self.cache.wrap(self.model, unit, cache_state)
-        handles = []
+        handles, captured = [], False
         try:
             for j in range(first, last + 1):
                 handles.append(blocks[j].register_forward_pre_hook(pre_hook(j), with_kwargs=True))
@@ -187,21 +186,23 @@ class SequentialCalibrator(Calibrator):
                 outputs.clear()
                 state.hidden.setdefault(phase, []).append(self._hold(record["hidden"]))
                 state.calls.setdefault(phase, []).append({j: record[j] for j in range(first, last + 1)})
+            captured = True
         finally:
             for handle in handles:
                 handle.remove()
             self.cache.unwrap(cached)
+            if not captured:  # a stack that cannot be replayed: what was held for it is given back
+                for held in state.hidden.values():
+                    for tensor in held:
+                        self._release(tensor)
         self.state = state
         return None
 
     def _run_block(self, index: int, phase: str, position: int):
         state = self.state
         call = state.calls[phase][position][index]
-        for key, version in call.versions.items():
-            if call.kwargs[key]._version != version:
-                raise RuntimeError(f"{state.name}.{index}: keyword argument {key!r} was changed in place after the "
-                                   f"model called the block; the sequential driver cannot replay it "
-                                   f"(LMMS_QUANT_CALIB_DRIVER=model)")
+        check_unchanged(call.kwargs, call.versions, f"{state.name}.{index}",
+                        " by the sequential driver (LMMS_QUANT_CALIB_DRIVER=model)")
         hidden = state.hidden[phase][position]
         if hidden.device.type == "cpu" and torch.device(self.device).type != "cpu":
             hidden = hidden.to(self.device)  # held on the CPU past the device budget

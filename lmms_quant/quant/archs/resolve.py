@@ -52,8 +52,9 @@ class MatmulView(nn.Linear):
         return self._source[0]
 
     @property
-    def source_name(self) -> str:
-        return self._source[1]
+    def input_module(self) -> nn.Module:
+        """The model's module whose output this view reads (its unit's exit: where its input is complete)."""
+        return self._source[2]
 
     @property
     def transposed(self) -> bool:
@@ -61,7 +62,7 @@ class MatmulView(nn.Linear):
 
     def tap(self):
         """Run this view on every output of its input module; returns the hook handle to remove."""
-        return self._source[2].register_forward_hook(lambda module, args, output: self(output))
+        return self.input_module.register_forward_hook(lambda module, args, output: self(output))
 
 
 def stored_weight(module: nn.Linear) -> nn.Parameter:
