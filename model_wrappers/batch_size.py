@@ -57,13 +57,14 @@ class BatchSizes:
         self.release()
         return size // 2
 
-    def serve(self, items: list, shape: str, serve: Callable[[list], list]) -> list:
-        """``serve(batch)`` over ``items`` in order, in batches of the shape's size."""
+    def serve(self, items: list, shape: str, serve: Callable[[list, int], list]) -> list:
+        """``serve(batch, size)`` over ``items`` in order, in batches of the shape's size (halved on an
+        out-of-memory error under batch_size=auto; ``size`` is the batch size being tried)."""
         size, out, pos = self.size(shape), [], 0
         while pos < len(items):
             batch = items[pos:pos + size]
             try:
-                results = serve(batch)
+                results = serve(batch, size)
             except Exception as err:
                 if not self.can_retry(err, size):
                     raise

@@ -36,7 +36,7 @@ from lmms_quant.values import format_value, parse_model_args
 
 from .loading import (BASE_WRAPPER_KEYS, WrapperArgs, cli_output_path, load_pretrained, model_name_sanitized,
                       parse_wrapper_args, split_model_args)
-from .requests import ChatRequest, count_generated, evaluated_datasets, hf_generate_kwargs, truncate_at
+from .requests import ChatRequest, count_generated, eos_token_ids, evaluated_datasets, hf_generate_kwargs, truncate_at
 
 
 def report_path(report_dir: str | None, pretrained: str, digest: str) -> Path | None:
@@ -222,8 +222,7 @@ class QuantVLM(lmms):
             new = output_ids[:, 1:]  # drop the decoder start token
         else:
             new = output_ids[:, inputs["input_ids"].shape[1]:]
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        eos_ids = eos_token_ids(self.model.generation_config)
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         input_counts = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
         output_counts = [count_generated(row, eos_ids) for row in new]

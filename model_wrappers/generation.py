@@ -33,7 +33,7 @@ from .batch_size import BatchSizes
 from .decoding import Greedy, PhaseClock, Prompts, StaticCacheDecoder, greedy_settings
 from .prepare import Preparer
 from .prompt_ids import PromptIds
-from .requests import ChatRequest, count_generated, hf_generate_kwargs, truncate_at
+from .requests import ChatRequest, count_generated, eos_token_ids, hf_generate_kwargs, truncate_at
 from .vision_cache import DiskFeatures, FeatureMemory, VisionFeatures, feature_namespace
 from .vlm_parts import parts_for
 
@@ -225,7 +225,8 @@ class GenerationPath:
                                        desc="Model Responding")
         order = sorted(range(len(instances)), key=lambda i: -len(instances[i].args[0]))
         shape = f"stock:{json.dumps(instances[0].args[2], sort_keys=True, default=str)}"
-        out = self.sizing.serve([instances[i].args for i in order], shape, wrapper._serve_generation)
+        out = self.sizing.serve([instances[i].args for i in order], shape,
+                                lambda batch, size: wrapper._serve_generation(batch))
         results = [None] * len(instances)
         for i, result in zip(order, out):
             results[i] = result
@@ -262,25 +263,21 @@ class GenerationPath:
         self._setup()
         rows = order_rows(rows)
         shape = f"fast:{greedy.max_new_tokens}:{math.ceil(len(rows[0].ids) / 256) * 256}"
-        size = self.sizing.size(shape)
-        pos = 0
-        while pos < len(rows):
-            batch = rows[pos:pos + size]
+
+        def serve(batch: list[Row], size: int) -> list:
             try:
                 tokens = self._generate(batch, greedy, size, ready)
-            except Exception as err:
-                if not self.sizing.can_retry(err, size):
-                    where = ", ".join(r.request.where for r in batch)
-                    raise RuntimeError(f"{type(self.wrapper).__name__}: generation failed for {where}: {err}") from err
-                size = self.sizing.smaller(size, err)
-                continue
-            self.sizing.fits(shape, size)
+            except Exception as err:  # wrapped: an out-of-memory error inside still reads as one (is_out_of_memory)
+                where = ", ".join(r.request.where for r in batch)
+                raise RuntimeError(f"{type(self.wrapper).__name__}: generation failed for {where}: {err}") from err
             started = time.perf_counter()
             self._finish(batch, tokens.cpu(), stops, results)
             self.clock.add("finish", time.perf_counter() - started)
-            pos += len(batch)
             if bar is not None:
                 bar.update(len(batch))
+            return []  # the results are written in place
+
+        self.sizing.serve(rows, shape, serve)
 
     def _generate(self, batch: list[Row], greedy: Greedy, size: int, ready: dict | None = None) -> torch.Tensor:
         keys, images, prompts = [], [], []
@@ -331,8 +328,7 @@ class GenerationPath:
         return Prompts(prefix_embeds, group, suffix_embeds, valid)
 
     def _finish(self, batch: list[Row], tokens: torch.Tensor, stops: list[str], results: list) -> None:
-        eos = self.wrapper.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        eos_ids = eos_token_ids(self.wrapper.model.generation_config)
         texts = self.wrapper.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         for row, text, new in zip(batch, texts, tokens):
             results[row.index] = GenerationResult(

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 import lmms_quant
-from lmms_quant.values import bad, is_unset, parse_bool, parse_dtype, text
+from lmms_quant.values import bad, is_unset, parse_bool, parse_dtype, parse_positive_int, text
 
 # Keys every wrapper accepts. batch_size / max_batch_size / device also arrive from lmms-eval's own
 # --batch_size / --max_batch_size / --device; lmms_quant_version is folded in by `lmms-quant eval`
@@ -55,10 +55,7 @@ def parse_fast_generate(value) -> bool | None:
 def parse_max_batch_size(value) -> int | None:
     if is_unset(value):
         return None
-    spelled = str(value).strip()
-    if not spelled.isdigit() or int(spelled) < 1:
-        raise ValueError(f"max_batch_size: got {value!r}; valid: a positive integer (where batch_size=auto starts)")
-    return int(spelled)
+    return parse_positive_int("max_batch_size", value, "where batch_size=auto starts")
 
 
 def parse_device(value) -> torch.device:

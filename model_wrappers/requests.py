@@ -150,6 +150,12 @@ def truncate_at(text: str, stops: Sequence[str]) -> str:
     return text[:cut].strip()
 
 
+def eos_token_ids(generation_config) -> set[int]:
+    """The ids that end a generation (``eos_token_id`` is an int, a list or None)."""
+    eos = generation_config.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
 def count_generated(ids: torch.Tensor, eos_token_ids: set[int]) -> int:
     """Generated tokens up to and including the first EOS (the rest of a finished row is padding)."""
     for i, token in enumerate(ids.tolist()):

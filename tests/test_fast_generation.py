@@ -419,8 +419,9 @@ def test_auto_sizing_halves_on_out_of_memory_only_and_keeps_the_size_per_shape()
 
     released, tried = [], []
 
-    def serve(batch):
+    def serve(batch, size):
         tried.append(len(batch))
+        assert len(batch) <= size  # the size being tried; the last batch may be short
         if len(batch) > 5:  # wrapped, as the wrappers re-raise generation errors
             raise RuntimeError("generation failed") from torch.OutOfMemoryError("CUDA out of memory")
         return [x * 2 for x in batch]
@@ -433,7 +434,7 @@ def test_auto_sizing_halves_on_out_of_memory_only_and_keeps_the_size_per_shape()
     sizes.serve(list(range(8)), "a", serve)
     assert tried == [4, 4]  # found once, then kept for that shape
 
-    def not_memory(batch):
+    def not_memory(batch, size):
         raise ValueError("a bug, not a full GPU")
 
     with pytest.raises(ValueError):
