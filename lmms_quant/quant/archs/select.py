@@ -90,10 +90,8 @@ def select(arch: Arch, recipe: Recipe, model) -> list[Unit]:
         names = {s.name for s in chosen}
         folds = [f for f in site.folds if all(lin in names for lin in f.linears)]
         exit_path = ".".join(os.path.commonprefix([s.name.split(".") for s in chosen]))
-        # A matmul weight's Linear view is no module of the model: its unit ends with the module whose
-        # output the view reads (a module of the model, so the calibration's output cache can keep it).
-        exit_module = (modules[exit_path] if exit_path in modules or len(chosen) > 1
-                       else getattr(chosen[0].module, "input_module", chosen[0].module))
+        # A matmul weight's Linear view is no module of the model: it is its own exit (it runs last).
+        exit_module = modules[exit_path] if exit_path in modules or len(chosen) > 1 else chosen[0].module
         units.append(Unit(site, [Target(s, grid) for s in chosen], folds, exit_module))
         count[site.component] += len(chosen)
     for comp in selection.components:
