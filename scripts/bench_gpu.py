@@ -249,6 +249,33 @@ def reference_check(device) -> dict:
     return out
 
 
+def live_at_peak(snapshot: dict, top: int = 12) -> dict:
+    """The allocations alive at the peak of a recorded memory history (those made while recording),
+    summed by the innermost lmms_quant / transformers frame that made them."""
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for trace in snapshot.get("device_traces", []):
+        for event in trace:
+            action = event.get("action")
+            if action == "alloc":
+                frames = event.get("frames") or []
+                where = next((f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames
+                              if "lmms_quant" in f["filename"] or "model_wrappers" in f["filename"]
+                              or "transformers" in f["filename"]), "?")
+                live[event["addr"]] = (event["size"], where)
+                total += event["size"]
+                if total > peak:
+                    peak, at_peak = total, dict(live)
+            elif action in ("free_requested",) and event["addr"] in live:
+                total -= live.pop(event["addr"])[0]
+    by_site: dict[str, int] = {}
+    for size, where in at_peak.values():
+        by_site[where] = by_site.get(where, 0) + size
+    rows = sorted(by_site.items(), key=lambda kv: -kv[1])[:top]
+    return {"peak_recorded_gib": peak / GIB, "by_site_gib": {k: v / GIB for k, v in rows}}
+
+
 def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> None:
     from lmms_quant.quant import Recipe, quantize
 
@@ -276,9 +303,15 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
             torch.cuda.reset_peak_memory_stats()
         _sync(device)
         t0 = time.perf_counter()
+        if args.memory_trace:
+            torch.cuda.memory._record_memory_history(max_entries=4_000_000, context="alloc", stacks="python")
         report = quantize(model, processor, recipe, device=device, progress=False)
         _sync(device)
         wall = time.perf_counter() - t0
+        trace = None
+        if args.memory_trace:
+            trace = live_at_peak(torch.cuda.memory._snapshot())
+            torch.cuda.memory._record_memory_history(enabled=None)
         timing = report.timing
         run = {"method": method, "component": component, "wall_s": wall,
                "calibration_s": timing.get("calibration_s"), "method_s": timing.get("method_s"),
@@ -292,6 +325,8 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
         if torch.device(device).type == "cuda":
             run["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GIB
             run["peak_above_weights_gib"] = run["peak_gpu_gib"] - entry["fp16_weights_gib"]
+        if trace is not None:
+            run["memory_trace"] = trace  # recording slows the run: its times are not comparable
         entry["runs"].append(run)
         print(arch, json.dumps(run), flush=True)
         _write(out_path, result)
@@ -370,6 +405,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-n", type=int, default=128)
     parser.add_argument("--calib-batch-size", type=int, default=8)
     parser.add_argument("--deadline-s", type=float, default=1e9, help="start no new run after this many seconds")
+    parser.add_argument("--memory-trace", action="store_true",
+                        help="record CUDA allocations: what is alive at each run's peak, by source line (slow)")
     parser.add_argument("--check-reference", action="store_true", help="gptq_reference vs the fast path, real size")
     args = parser.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"

@@ -23,12 +23,11 @@ For Linears that share one input X and follow a foldable op (architecture table,
   ``CLIP_ROWS`` input rows drawn evenly from all calibration batches; kept only if it lowers the
   Linear's total output error.
 Linears with no exact fold are rounded (with the clip search) without scaling. On CUDA the searches'
-float32 products run in TF32 (`_tf32_products`).
+float32 products run in TF32 (`quantizer.tf32_products`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from lmms_quant.values import parse_bool, parse_positive_int
 
 from .archs import FoldSite
 from .method import MethodConfig, RecipeError, option
-from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn
+from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, tf32_products
 
 NEEDS_HESSIAN = False
 NEEDS_INPUTS = True
@@ -272,24 +271,8 @@ def quantize_layer(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, *, cl
     return clipped if float(err_clipped) < float(err_plain) else plain
 
 
-@contextlib.contextmanager
-def _tf32_products(on_cuda: bool):
-    """Float32 products in TF32 on CUDA, for the searches: their inputs are the model's fp16/bf16
-    activations (exact in TF32's 10-bit mantissa); the weight differences keep ~3 digits, far finer
-    than the loss differences between candidates. Several times faster than full fp32."""
-    if not on_cuda:
-        yield
-        return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
 def quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult], list[dict]]:
-    with _tf32_products(any(t.module.weight.is_cuda for t in unit.targets)):
+    with tf32_products(any(t.module.weight.is_cuda for t in unit.targets)):
         return _quantize_unit(unit, stats, cfg)
 
 

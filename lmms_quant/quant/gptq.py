@@ -28,7 +28,7 @@ import torch
 from lmms_quant.values import bad, parse_bool, parse_float, parse_positive_int
 
 from .method import MethodConfig, RecipeError, option
-from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn
+from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, tf32_products
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,9 @@ def _complete(run: "_Run") -> RowsResult:
     return run.finish()
 
 
-def quantize_rows_concurrently(jobs: list[dict]) -> list[RowsResult]:
-    """Several independent `quantize_rows` calls (keyword dicts). On CUDA their column loops, which
+def quantize_rows_concurrently(jobs) -> list[RowsResult]:
+    """Several independent `quantize_rows` calls (keyword dicts, an iterable consumed one at a time: a
+    job's weight and Hessian can be freed once its run is prepared). On CUDA their column loops, which
     are launch-bound chains of tiny kernels, are interleaved block by block on one stream each, so
     the GPU runs them side by side; every kernel and operand is the one a lone call uses."""
     runs = [_Run(**job, slot=k) for k, job in enumerate(jobs)]  # host-synchronising preparation first
@@ -200,12 +201,14 @@ class _Run:
     def finish(self) -> RowsResult:
         scale, zero = self.scaleT.T.contiguous(), self.zeroT.T.contiguous()
         deqT, codesT = self.deqT, self.codesT
-        self.deqT = self.codesT = self.WT = None  # freed as the results are made
-        if self.perm is not None:
-            inverse = torch.argsort(self.perm)
-            deqT, codesT = deqT.index_select(0, inverse), codesT.index_select(0, inverse)
-        qweight = QuantizedWeight(weight=deqT.T.contiguous(), codes=codesT.T.contiguous(), scale=scale,
-                                  zero=zero.to(torch.int32), grid=self.grid)
+        self.deqT = self.codesT = self.WT = self.U = None  # freed as the results are made
+        if self.perm is None:
+            weight, codes = deqT.T.contiguous(), codesT.T.contiguous()
+        else:  # un-permuted and transposed in one copy each: column perm[j] is row j of the loop's buffers
+            weight = deqT.new_empty(deqT.shape[::-1]).index_copy_(1, self.perm, deqT.T)
+            codes = codesT.new_empty(codesT.shape[::-1]).index_copy_(1, self.perm, codesT.T)
+        del deqT, codesT
+        qweight = QuantizedWeight(weight=weight, codes=codes, scale=scale, zero=zero.to(torch.int32), grid=self.grid)
         return RowsResult(qweight, self.err_sq, self.lam, self.dead)
 
 
@@ -350,12 +353,27 @@ class _BlockLoop:
 
 
 def _quadratic_rows(M: torch.Tensor, H: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
-    """diag(M H M^T) in float64: each row's m H m^T, a chunk of rows at a time."""
+    """diag(M H M^T) in float64: each row's m H m^T, a chunk of rows at a time (products in TF32 on
+    CUDA: a report statistic, see `tf32_products`)."""
     out = torch.empty(M.shape[0], dtype=torch.float64, device=M.device)
-    for start in range(0, M.shape[0], chunk_rows):
-        m = M[start:start + chunk_rows]
-        out[start:start + chunk_rows] = ((m @ H) * m).double().sum(dim=1)
+    with tf32_products(M.is_cuda):
+        for start in range(0, M.shape[0], chunk_rows):
+            m = M[start:start + chunk_rows]
+            out[start:start + chunk_rows] = ((m @ H) * m).double().sum(dim=1)
     return out
+
+
+def _row_square_sums(W: torch.Tensor, Q: torch.Tensor, dead: torch.Tensor, chunk_rows: int = 1024):
+    """Per row, in float64: sum_j (W - Q)_j^2 and the same over the dead columns only, a chunk at a time
+    (a float64 copy of a whole stacked weight would be the unit's largest buffer)."""
+    total = torch.empty(W.shape[0], dtype=torch.float64, device=W.device)
+    on_dead = torch.zeros_like(total)
+    for start in range(0, W.shape[0], chunk_rows):
+        delta = (W[start:start + chunk_rows] - Q[start:start + chunk_rows]).double()
+        total[start:start + chunk_rows] = delta.square().sum(dim=1)
+        if bool(dead.any()):
+            on_dead[start:start + chunk_rows] = delta[:, dead].square().sum(dim=1)
+    return total, on_dead
 
 
 def _synced_clock(tensor: torch.Tensor) -> float:
@@ -392,42 +410,56 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
     users: dict[int, int] = {}  # LayerStats object -> groups still to read its Hessian
     for group in groups:
         users[id(stats[group[0].name])] = users.get(id(stats[group[0].name]), 0) + 1
-    jobs, stacked, quads = [], [], []
-    stats_s = 0.0
-    for group in groups:
-        weights = [t.module.weight.detach() for t in group]
-        W = (torch.cat(weights) if len(weights) > 1 else weights[0]).float()
-        H = stats[group[0].name].hessian.to(W.device)
-        started = _synced_clock(W)
-        quads.append(_quadratic_rows(torch.cat([W, W - quantize_rtn(W, group[0].grid).weight]), H))  # undamped H
-        stats_s += _synced_clock(W) - started
-        users[id(stats[group[0].name])] -= 1
-        jobs.append(dict(weight=W, hessian=H, grid=group[0].grid, damp=cfg.damp, block_size=cfg.block_size,
-                         act_order=cfg.act_order, overwrite_hessian=users[id(stats[group[0].name])] == 0))
-        stacked.append(weights)
+    stacked = [[t.module.weight.detach() for t in group] for group in groups]
+    quads = []
+    timer = {"stats_s": 0.0}
+
+    def stacked_float(weights):
+        return (torch.cat(weights) if len(weights) > 1 else weights[0]).float()
+
+    def jobs():
+        """One job per group, made as the runs are prepared, so that only one group's float32 weight and
+        Hessian outside its run are alive at a time (the last reader of a Hessian damps it in place)."""
+        for group, weights in zip(groups, stacked):
+            W = stacked_float(weights)
+            layer = stats[group[0].name]
+            H = layer.hessian.to(W.device)
+            started = _synced_clock(W)
+            rtn_delta = quantize_rtn(W, group[0].grid).weight.neg_().add_(W)
+            quads.append((_quadratic_rows(W, H), _quadratic_rows(rtn_delta, H)))  # undamped H
+            del rtn_delta
+            timer["stats_s"] += _synced_clock(W) - started
+            users[id(layer)] -= 1
+            last = users[id(layer)] == 0
+            if last:
+                layer.hessian = None  # damped in place by its run: no longer the calibration Hessian
+            yield dict(weight=W, hessian=H, grid=group[0].grid, damp=cfg.damp, block_size=cfg.block_size,
+                       act_order=cfg.act_order, overwrite_hessian=last)
+            del W, H
+
     try:
-        done_all = quantize_rows_concurrently(jobs)
+        done_all = quantize_rows_concurrently(jobs())
     except HessianNotPositiveDefinite as err:
         raise HessianNotPositiveDefinite(f"{unit.name}: {err}") from None
     for group in groups:
-        stats[group[0].name].hessian = None  # damped in place: no longer the calibration Hessian
+        stats[group[0].name].hessian = None
+    stats_s = timer["stats_s"]
 
     results = {}
-    for group, weights, job, quad, done in zip(groups, stacked, jobs, quads, done_all):
+    for group, weights, (den, rtn_num), done in zip(groups, stacked, quads, done_all):
         names = [t.name for t in group]
-        W = job["weight"]
+        W = stacked_float(weights)  # the modules still hold their original weights
         started = _synced_clock(W)
-        delta = (W - done.qweight.weight).double()
-        num = (done.err_sq - done.lam * delta.square().sum(dim=1) - delta[:, done.dead].square().sum(dim=1)).clamp(min=0)
-        rows = W.shape[0]
-        den, rtn_num = quad[:rows], quad[rows:]
+        squares, dead_squares = _row_square_sums(W, done.qweight.weight, done.dead)
+        num = (done.err_sq - done.lam * squares - dead_squares).clamp(min=0)
+        del W
         bounds, start = [], 0
         for w in weights:
             bounds.append((start, start + w.shape[0]))
             start += w.shape[0]
         sums = torch.stack([torch.stack([den[a:b].sum(), num[a:b].sum(), rtn_num[a:b].sum()]) for a, b in bounds])
         sums = sums.tolist()  # one device wait for the group
-        group_stats_s = stats_s / len(groups) + _synced_clock(W) - started
+        group_stats_s = stats_s / len(groups) + _synced_clock(num) - started
         for t, (r0, r1), (d, err, rtn_err) in zip(group, bounds, sums):
             q = done.qweight
             qweight = q if len(group) == 1 else QuantizedWeight(

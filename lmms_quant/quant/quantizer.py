@@ -24,6 +24,7 @@ Biases are never quantized.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -194,6 +195,24 @@ def max_levels_per_cell(values: torch.Tensor, grid: QuantGrid) -> int:
     ordered = torch.sort(cells, dim=1).values
     distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)
     return int(distinct.max())
+
+
+@contextlib.contextmanager
+def tf32_products(on_cuda: bool):
+    """Float32 matrix products in TF32 on CUDA, where ~3 significant digits are plenty: AWQ's searches
+    (their inputs are the model's fp16/bf16 activations, exact in TF32's 10-bit mantissa; the loss
+    differences between candidates are far larger) and GPTQ's report statistics (error ratios quoted
+    to 3-4 digits). Several times faster than full fp32. Never around GPTQ's own column loop, whose
+    codes must be the reference's."""
+    if not on_cuda:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @dataclass
