@@ -241,7 +241,7 @@ def reference_check(device) -> dict:
     jobs = [dict(weight=torch.randn(r, c, device=device, generator=g) * 0.02, hessian=hs[c], grid=grid, act_order=True)
             for r, c in shapes]
     serial, serial_s = timed(lambda: [gptq.quantize_rows(**job) for job in jobs])
-    together, together_s = timed(lambda: gptq.quantize_rows_concurrently(jobs))
+    together, together_s = timed(lambda: gptq.quantize_rows_concurrently([dict(job) for job in jobs]))  # jobs are taken
     mismatch = [float((a.qweight.codes != b.qweight.codes).float().mean()) for a, b in zip(serial, together)]
     out["opt_block_groups_concurrent_vs_serial"] = {
         "codes_equal": all(m == 0 for m in mismatch), "codes_mismatch_fraction": max(mismatch),

@@ -87,7 +87,7 @@ def attempt(res: dict, key: str, fn) -> None:
 def decoder_profile(parts, prefix: int, suffix: int, batch: int, new_tokens: int = 30) -> dict:
     from lmms_quant.model_wrappers.decoding import Greedy, Prompts, StaticCacheDecoder, PhaseClock
 
-    hidden = parts.lm_config.hidden_size
+    hidden = parts.model.get_input_embeddings().weight.shape[1]
     dtype = parts.embed_dtype
     g = torch.Generator(device="cuda").manual_seed(0)
     prompts = Prompts(torch.randn(batch, prefix, hidden, device="cuda", dtype=dtype, generator=g) * 0.02,

@@ -80,3 +80,24 @@ def test_the_reference_spreads_rounding_error_and_beats_rtn():
     grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=32)
     err = lambda approx: float(((w - approx) @ H * (w - approx)).sum())  # noqa: E731
     assert err(fasterquant(w, H, grid).weight) < 0.8 * err(quantize_rtn(w, grid).weight)
+
+
+def test_a_gptq_run_takes_its_jobs_weight_and_hessian_and_frees_them_once_copied():
+    """quantize_unit hands GPTQ one job dict per group; the float32 weight and the Hessian (0.45 GiB for
+    a LLaVA-7B down_proj) must not stay alive beside the run's own copies, and the codes are unchanged."""
+    import gc
+    import weakref
+
+    grid = QuantGrid(bits=4, sym=False, granularity="group", group_size=32)
+    weight, hessian = _layer(48, 128, seed=5)
+    expected = gptq.quantize_rows(weight.clone(), hessian.clone(), grid, act_order=True)
+    job = dict(weight=weight, hessian=hessian, grid=grid, act_order=True, overwrite_hessian=True)
+    alive = [weakref.ref(weight), weakref.ref(hessian)]
+    del weight, hessian
+    run = gptq._Run(job)
+    gc.collect()
+    assert "weight" not in job and "hessian" not in job
+    assert [ref() is None for ref in alive] == [True, True]
+    done = gptq._complete(run)
+    assert torch.equal(done.qweight.codes, expected.qweight.codes)
+    assert torch.equal(done.qweight.weight, expected.qweight.weight)

@@ -89,8 +89,8 @@ def quantize_rows(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, 
     """GPTQ of ``weight`` given H. Rows are independent given H: stacking Linears that share an input
     (q/k/v, gate/up) and quantizing them at once gives each its own codes, with one damped Cholesky.
     ``overwrite_hessian``: damp ``hessian`` in place (saves a copy of in x in)."""
-    return _complete(_Run(weight, hessian, grid, damp=damp, block_size=block_size, act_order=act_order,
-                          overwrite_hessian=overwrite_hessian))
+    return _complete(_Run(dict(weight=weight, hessian=hessian, grid=grid, damp=damp, block_size=block_size,
+                               act_order=act_order, overwrite_hessian=overwrite_hessian)))
 
 
 def _complete(run: "_Run") -> RowsResult:
@@ -100,16 +100,16 @@ def _complete(run: "_Run") -> RowsResult:
 
 
 def quantize_rows_concurrently(jobs) -> list[RowsResult]:
-    """Several independent `quantize_rows` calls (keyword dicts, an iterable consumed one at a time: a
-    job's weight and Hessian can be freed once its run is prepared). On CUDA their column loops, which
+    """Several independent `quantize_rows` calls (keyword dicts, an iterable consumed one at a time; each
+    run takes its dict's weight and Hessian out of it, see `_Run`). On CUDA their column loops, which
     are launch-bound chains of tiny kernels, are interleaved block by block on one stream each, so
     the GPU runs them side by side; every kernel and operand is the one a lone call uses."""
-    runs = [_Run(**job, slot=k) for k, job in enumerate(jobs)]  # host-synchronising preparation first
+    runs = [_Run(job, slot=k) for k, job in enumerate(jobs)]  # host-synchronising preparation first
     cuda = bool(runs) and runs[0].WT.is_cuda and len(runs) > 1
     if not cuda:
         return [_complete(run) for run in runs]
     main = torch.cuda.current_stream()
-    streams = [torch.cuda.Stream(device=run.WT.device) for run in runs]
+    streams = _side_streams(runs[0].WT.device, len(runs))
     for stream in streams:
         stream.wait_stream(main)
     for step in range(max(len(run.starts) for run in runs)):
@@ -122,16 +122,35 @@ def quantize_rows_concurrently(jobs) -> list[RowsResult]:
     return [run.finish() for run in runs]
 
 
+_STREAMS: dict = {}
+
+
+def _side_streams(device, n: int) -> list:
+    """n side streams of ``device``, the same ones every call: cuBLAS keeps a workspace per stream it
+    has run on (32 MiB on Hopper), so fresh streams from torch's pool of 32 would hold 1 GiB."""
+    streams = _STREAMS.setdefault(str(device), [])
+    while len(streams) < n:
+        streams.append(torch.cuda.Stream(device=device))
+    return streams[:n]
+
+
 class _Run:
     """One GPTQ call: prepared up to its column loop (the part that waits on the device), then run a
-    block at a time (`block`), then assembled (`finish`)."""
+    block at a time (`block`), then assembled (`finish`).
 
-    def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, *, damp: float = 0.01,
-                 block_size: int = 128, act_order: bool = False, overwrite_hessian: bool = False, slot: int = 0):
+    ``job``: quantize_rows' keywords as a dict, from which the weight and Hessian are *taken*: when the
+    caller keeps no other reference, the float32 weight and the original Hessian are freed as soon as
+    their transposed / permuted copies exist (a LLaVA-7B down_proj's Hessian is 0.45 GiB)."""
+
+    def __init__(self, job: dict, slot: int = 0):
+        weight, hessian = job.pop("weight"), job.pop("hessian")
+        grid, damp, block_size = job["grid"], job.get("damp", 0.01), job.get("block_size", 128)
+        act_order, overwrite_hessian = job.get("act_order", False), job.get("overwrite_hessian", False)
         W = weight.detach().float()  # only read here: the loop works on its transposed copy
         rows, columns = W.shape
         H = hessian.detach().float()
         H = H if overwrite_hessian and H is hessian and H.device == W.device else H.clone().to(W.device)
+        del weight, hessian
         if not torch.any(H != 0):
             raise NoCalibrationData("the Hessian is zero: no calibration data reached this layer")
         self.dead = dead = torch.diag(H) == 0
@@ -150,7 +169,8 @@ class _Run:
         self.perm = None
         if act_order:
             self.perm = torch.argsort(torch.diag(H), descending=True)
-            H = H[self.perm][:, self.perm]
+            H = H[self.perm]  # one permuted copy alive beside the original at a time
+            H = H[:, self.perm]
             column_group = [column_group[j] for j in self.perm.tolist()]
         self.column_group = column_group
 
@@ -417,25 +437,27 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
     def stacked_float(weights):
         return (torch.cat(weights) if len(weights) > 1 else weights[0]).float()
 
+    def make_job(group, weights) -> dict:
+        W = stacked_float(weights)
+        layer = stats[group[0].name]
+        H = layer.hessian.to(W.device)
+        started = _synced_clock(W)
+        rtn_delta = quantize_rtn(W, group[0].grid).weight.neg_().add_(W)
+        quads.append((_quadratic_rows(W, H), _quadratic_rows(rtn_delta, H)))  # undamped H
+        del rtn_delta
+        timer["stats_s"] += _synced_clock(W) - started
+        users[id(layer)] -= 1
+        last = users[id(layer)] == 0
+        if last:
+            layer.hessian = None  # damped in place by its run: no longer the calibration Hessian
+        return dict(weight=W, hessian=H, grid=group[0].grid, damp=cfg.damp, block_size=cfg.block_size,
+                    act_order=cfg.act_order, overwrite_hessian=last)
+
     def jobs():
-        """One job per group, made as the runs are prepared, so that only one group's float32 weight and
-        Hessian outside its run are alive at a time (the last reader of a Hessian damps it in place)."""
+        """One job per group, made as the runs are prepared; each run takes its job's weight and Hessian
+        (`_Run`), so no float32 weight or Hessian outlives the copies the run makes of it."""
         for group, weights in zip(groups, stacked):
-            W = stacked_float(weights)
-            layer = stats[group[0].name]
-            H = layer.hessian.to(W.device)
-            started = _synced_clock(W)
-            rtn_delta = quantize_rtn(W, group[0].grid).weight.neg_().add_(W)
-            quads.append((_quadratic_rows(W, H), _quadratic_rows(rtn_delta, H)))  # undamped H
-            del rtn_delta
-            timer["stats_s"] += _synced_clock(W) - started
-            users[id(layer)] -= 1
-            last = users[id(layer)] == 0
-            if last:
-                layer.hessian = None  # damped in place by its run: no longer the calibration Hessian
-            yield dict(weight=W, hessian=H, grid=group[0].grid, damp=cfg.damp, block_size=cfg.block_size,
-                       act_order=cfg.act_order, overwrite_hessian=last)
-            del W, H
+            yield make_job(group, weights)
 
     try:
         done_all = quantize_rows_concurrently(jobs())
