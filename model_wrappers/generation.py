@@ -342,6 +342,7 @@ class GenerationPath:
         if self._vision is not None:
             out["images_encoded"] = self._vision.images_encoded
             out["vision_tower_calls"] = self._vision.tower_calls
+            out["vision_graphs"] = dict(self._vision.encode.stats)
             if self._vision.disk is not None:
                 disk = self._vision.disk
                 out["feature_cache"] = {"dir": str(disk.dir), "hits": disk.hits, "misses": disk.misses,

@@ -35,6 +35,8 @@ import torch
 
 from lmms_quant.atomic import atomic_path, write_json_atomic
 
+from .graphed import GraphedBatches
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -184,8 +186,10 @@ class VisionFeatures:
     """
 
     def __init__(self, parts, processor, processor_inputs, device, memory: FeatureMemory,
-                 disk: DiskFeatures | None = None):
+                 disk: DiskFeatures | None = None, use_graph: bool = True):
         self.parts, self.processor, self.device = parts, processor, torch.device(device)
+        # On CUDA each batch of pixels is one graph replay (`graphed`): its outputs are cloned below.
+        self.encode = GraphedBatches(parts.image_features, self.device, enabled=use_graph)
         self.processor_inputs = processor_inputs  # the wrapper's own processor call (the stock path's)
         self.memory, self.disk = memory, disk
         self.full_processor = True
@@ -237,7 +241,7 @@ class VisionFeatures:
             fresh = [t for t in todo if t[3] is None]
             computed = iter(self._pixels([t[1] for t in fresh], [t[2] for t in fresh]).split(1) if fresh else ())
             pixels = torch.cat([t[3] if t[3] is not None else next(computed) for t in todo])
-            encoded = self.parts.image_features(pixels.to(self.device, self.parts.model.dtype))
+            encoded = self.encode(pixels.to(self.device, self.parts.model.dtype))
             self.images_encoded += len(todo)
             self.tower_calls += 1
             for (key, _, _, _), tensor in zip(todo, encoded):

@@ -100,3 +100,14 @@ def test_a_cache_root_that_cannot_be_written_fails_loudly(tmp_path):
     root.write_text("not a directory")
     with pytest.raises(OSError):
         DiskFeatures(root, {"model": "m"})
+
+
+def test_graph_buckets_are_the_next_power_of_two_and_cpu_batches_run_eagerly():
+    from lmms_quant.model_wrappers.graphed import GraphedBatches, bucket
+
+    assert [bucket(n) for n in (1, 2, 3, 5, 8, 13, 64, 65)] == [1, 2, 4, 8, 8, 16, 64, 128]
+    calls = []
+    encode = GraphedBatches(lambda x: calls.append(x.shape[0]) or x * 2, "cpu")
+    x = torch.arange(6.0).reshape(3, 2)
+    assert torch.equal(encode(x), x * 2) and calls == [3]  # no padding off CUDA
+    assert encode.stats == {"captures": 0, "replays": 0, "eager_calls": 1, "error": None}
