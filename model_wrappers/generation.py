@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 # a first chunk of 2 batches (the GPU starts early), then chunks of 8 batches (at least CHUNK_MIN requests).
 FIRST_CHUNK_BATCHES, CHUNK_BATCHES, CHUNK_MIN = 2, 8, 256
 FEATURE_MEMORY_BYTES = {"cuda": 2 << 30, "cpu": 256 << 20}
+SWITCH_INTERVAL_S = 0.0005
 
 
 def vision_recipe(recipe) -> dict:
@@ -189,6 +191,16 @@ class GenerationPath:
         straddle two chunks still goes through the tower once (its features stay in memory). Returns the
         indices left for the stock path."""
         self._setup()
+        previous = sys.getswitchinterval()
+        # The main thread waits for the interpreter lock each time a preparing thread holds it (up to the
+        # switch interval, 5 ms by default, per hand-over); it launches every GPU kernel, so shorter waits.
+        sys.setswitchinterval(min(previous, SWITCH_INTERVAL_S))
+        try:
+            return self._serve_chunks(requests, indices, greedy, stops, results)
+        finally:
+            sys.setswitchinterval(previous)
+
+    def _serve_chunks(self, requests, indices, greedy: Greedy, stops: list[str], results: list) -> list[int]:
         size = self.sizing.largest
         first, rest = FIRST_CHUNK_BATCHES * size, max(CHUNK_MIN, CHUNK_BATCHES * size)
         chunks = [indices[:first]] + [indices[i:i + rest] for i in range(first, len(indices), rest)]

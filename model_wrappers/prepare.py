@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 
 from .vision_cache import image_key
 
-THREADS = min(8, os.cpu_count() or 1)
+# Few threads: the main thread launches the GPU's work and needs the interpreter lock often; with 8
+# preparing threads busy, BLIP-2's vision and prefill phases took ~3x their GPU time on an H200 (the
+# preparation itself needs ~1 core at 250 images/s). LMMS_QUANT_PREPARE_THREADS overrides.
+THREADS = max(1, int(os.environ.get("LMMS_QUANT_PREPARE_THREADS", min(3, os.cpu_count() or 1))))
 
 
 @dataclass
