@@ -88,3 +88,26 @@ def test_sequential_driver_on_other_families_and_a_stack_that_is_not_a_plain_cha
     fallback = sequential.timing.get("model_driver_stacks", {})
     assert set(fallback) == ({"model.language_model.layers"} if kind == "qwen3_vl" else set())
     assert sequential.timing["block_forwards"] > 0
+
+
+def test_stored_outputs_before_the_last_stack_are_dropped_once_it_is_captured_and_codes_are_unchanged(
+        tiny_checkpoints, monkeypatch):
+    """LLaVA, everything quantized: the vision tower's stored outputs serve the projector's and the LM's
+    capture passes, then nothing; they are let go when the LM stack is captured (not held to the end)."""
+    from lmms_quant.quant.calibration import _OutputCache
+
+    cleared = []
+    clear = _OutputCache.clear
+
+    def recording(self):
+        cleared.append(self.used)
+        clear(self)
+
+    monkeypatch.setattr(_OutputCache, "clear", recording)
+    quantized, report = _quantize(tiny_checkpoints["llava"], "llava", "gptq", "sequential", component="all")
+    assert len(cleared) == 1 and cleared[0] > 0  # once, with something held
+    monkeypatch.setattr(_OutputCache, "clear", lambda self: None)
+    kept, kept_report = _quantize(tiny_checkpoints["llava"], "llava", "gptq", "sequential", component="all")
+    a, b = quantized.state_dict(), kept.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [t.output_error for t in report.tensors] == [t.output_error for t in kept_report.tensors]

@@ -365,6 +365,11 @@ class _OutputCache:
         self.hits = 0
         self.entries: dict = {}  # (module id, batch id) -> (param versions, input leaves, output, output leaves)
 
+    def clear(self) -> None:
+        """Forget every stored output (when no later unit will re-run the components they came from)."""
+        self.entries.clear()
+        self.used = 0
+
     def _candidates(self, model, unit: Unit) -> list:
         if self.budget <= 0:
             return []

@@ -24,7 +24,9 @@ dispatched by accelerate go through the model driver, which also moves from one 
 (ViT -> Q-Former -> projection -> LM) by running the model once up to the next stack, reusing the
 stored outputs of finished components.
 
-Memory: captured hidden states stay on the model's device, in its dtype, up to
+Memory: once a stack is captured and every later unit is one of its blocks, the stored outputs of the
+components before it (`calibration._OutputCache`) are dropped. Captured hidden states stay on the
+model's device, in its dtype, up to
 ``LMMS_QUANT_SEQUENTIAL_DEVICE_MB`` (default 4096 MiB, for one block's inputs and the outputs being
 made); past it, further batches are held on the CPU and moved in when run.
 """
@@ -77,6 +79,7 @@ class SequentialCalibrator(Calibrator):
         super().__init__(model, calib_batches, holdout_batches, seed=seed, device=device, dtype=dtype,
                          progress=progress)
         self.need_calib = need_calib
+        self.units = list(units)
         self.last_block: dict[str, int] = {}
         for unit in units:
             if unit.site.stack is not None and unit.site.block is not None:
@@ -187,6 +190,11 @@ class SequentialCalibrator(Calibrator):
                 state.hidden.setdefault(phase, []).append(self._hold(record["hidden"]))
                 state.calls.setdefault(phase, []).append({j: record[j] for j in range(first, last + 1)})
             captured = True
+            if self._only_this_stack_after(unit):
+                # Every later unit is a block of this stack, served from the captured inputs: the stored
+                # outputs of the components before it (LLaVA's vision tower with all its hidden states:
+                # 0.85 GiB on LLaVA-7B) would only be held to the end of the run.
+                self.cache.clear()
         finally:
             for handle in handles:
                 handle.remove()
@@ -197,6 +205,13 @@ class SequentialCalibrator(Calibrator):
                         self._release(tensor)
         self.state = state
         return None
+
+    def _only_this_stack_after(self, unit: Unit) -> bool:
+        position = next((i for i, u in enumerate(self.units) if u is unit), None)
+        if position is None:
+            return False
+        stack = unit.site.stack
+        return all(u.site.stack == stack and u.site.block is not None for u in self.units[position + 1:])
 
     def _run_block(self, index: int, phase: str, position: int):
         state = self.state
