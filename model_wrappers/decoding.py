@@ -22,14 +22,12 @@ decoded is plain greedy search; `greedy_settings` sends everything else back to 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
 from dataclasses import dataclass
 
 import torch
-from torch.nn.attention import sdpa_kernel
 
 log = logging.getLogger(__name__)
 
@@ -299,79 +297,28 @@ class StaticCacheDecoder:
             self.stats["eager_steps"] += 1
 
     def _capture(self, state: _State) -> None:
-        """Capture `_step` as a CUDA graph, once per attention backend that can run it, and keep the
-        fastest (on an H200, PyTorch's default SDPA choice for one query against a short masked cache
-        was the slowest kernel of the step); every warm-up, capture and trial replay runs on the real
-        state, which is then restored."""
-        saved = [t.clone() for t in state.mutable()]
-        timings, errors, best = {}, {}, None
-        # Trial replays write cache slots past the first step's: only with room for them.
-        candidates = ATTENTION_CANDIDATES if state.greedy.max_new_tokens > TRIAL_REPLAYS else ATTENTION_CANDIDATES[:1]
+        """Capture `_step` as a CUDA graph; the warm-up runs on the real state, which is then restored."""
+        saved = []
         try:
-            for name, backends in candidates:
-                try:
-                    graph = self._capture_with(state, backends, saved)
-                except Exception as err:  # noqa: BLE001 - this backend cannot run the step here
-                    errors[name] = f"{type(err).__name__}: {err}"
-                    torch.cuda.synchronize(self.device)
-                    continue
-                timings[name] = self._time_replays(graph, state, saved)
-                if best is None or timings[name] < timings[best[0]]:
-                    best = (name, graph)
+            saved = [t.clone() for t in state.mutable()]
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._step(state)  # warm-up: lazy allocations and kernel selection happen outside the capture
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the threads preparing the next requests (CPU work) must not void this capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._step(state)
+            state.graph = graph
+            self.stats["graph_captures"] += 1
+        except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager steps
+            state.graph_error = self.stats["graph_error"] = f"{type(err).__name__}: {err}"
+            log.warning("lmms-quant: decode step not captured as a CUDA graph (%s); decoding eagerly", err)
+            torch.cuda.synchronize(self.device)
         finally:
-            _restore(state, saved)
-        if best is None:
-            state.graph_error = self.stats["graph_error"] = "; ".join(f"{k}: {v}" for k, v in errors.items())
-            log.warning("lmms-quant: decode step not captured as a CUDA graph (%s); decoding eagerly",
-                        state.graph_error)
-            return
-        state.graph = best[1]
-        self.stats["graph_captures"] += 1
-        self.stats["attention"] = {"chosen": best[0], "step_ms": {k: round(v * 1000, 4) for k, v in timings.items()},
-                                   **({"unavailable": errors} if errors else {})}
-
-    def _capture_with(self, state: _State, backends, saved) -> "torch.cuda.CUDAGraph":
-        context = (lambda: contextlib.nullcontext()) if backends is None else (lambda: sdpa_kernel(backends()))
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), context():
-            self._step(state)  # warm-up: lazy allocations and kernel selection happen outside the capture
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        _restore(state, saved)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the threads preparing the next requests (CPU work) must not void this capture.
-        with context(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._step(state)
-        _restore(state, saved)
-        return graph
-
-    def _time_replays(self, graph, state: _State, saved) -> float:
-        graph.replay()  # first replay: not timed
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(TRIAL_REPLAYS - 1):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        _restore(state, saved)
-        return start.elapsed_time(end) / 1000 / (TRIAL_REPLAYS - 1)
-
-
-def _restore(state: _State, saved: list[torch.Tensor]) -> None:
-    for tensor, value in zip(state.mutable(), saved):
-        tensor.copy_(value)
-
-
-def _backends(*names: str):
-    from torch.nn.attention import SDPBackend
-
-    return lambda: [getattr(SDPBackend, n) for n in names]
-
-
-# (name, None: PyTorch's own choice | a function giving the SDPA backends allowed)
-ATTENTION_CANDIDATES = (("default", None), ("efficient", _backends("EFFICIENT_ATTENTION")),
-                        ("math", _backends("MATH")))
-TRIAL_REPLAYS = 4
+            for tensor, value in zip(state.mutable(), saved):
+                tensor.copy_(value)
 
 
 def _is_eos(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
