@@ -30,8 +30,9 @@ class Chunk:
 
 
 class Preparer:
-    def __init__(self, wrapper, threads: int = THREADS):
+    def __init__(self, wrapper, threads: int | None = None):
         self.wrapper = wrapper
+        threads = threads or THREADS  # read now: a benchmark may set the module's value
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lmms-quant-prepare")
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmms-quant-ahead")
 

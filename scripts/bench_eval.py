@@ -137,7 +137,7 @@ class Bench:
         run = {"model": name, "batch": batch, "checkpoint": str(checkpoint), "tasks": {}}
         self.result["runs"].append(run)
         for task, kind in (("bench_caption", "caption"), ("bench_vqa", "vqa")):
-            for path_name, fast in (("stock", False), ("fast", True)):
+            for path_name, fast in [(p, p == "fast") for p in self.args.path_names]:
                 if self.late(f"{name} {kind} {path_name}"):
                     continue
                 try:
@@ -382,7 +382,17 @@ def main(argv=None) -> int:
                         help="which measurements, in this order: agreement, throughput, sweep")
     parser.add_argument("--deadline-s", dest="deadline_s", type=float, default=420,
                         help="start nothing new after this many seconds")
+    parser.add_argument("--paths", default="stock,fast", help="generation paths measured: stock, fast or both")
+    parser.add_argument("--prepare-threads", dest="prepare_threads", type=int, default=None,
+                        help="the fast path's preparing threads [model_wrappers.prepare.THREADS]")
+    parser.add_argument("--switch-interval-ms", dest="switch_interval_ms", type=float, default=None,
+                        help="the interpreter switch interval while the fast path serves [generation.SWITCH_INTERVAL_S]")
     args = parser.parse_args(argv)
+    paths = [p.strip() for p in args.paths.split(",")]
+    if not paths or any(p not in ("stock", "fast") for p in paths):
+        print(f"bench_eval: --paths {args.paths!r}; valid: stock, fast or stock,fast", file=sys.stderr)
+        return 2
+    args.path_names = paths
     wanted = {w.strip() for w in args.steps.split(",")}
     unknown = wanted - {"agreement", "throughput", "sweep"}
     if unknown:
@@ -401,7 +411,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from lmms_quant.scripts.bench_eval_setup import write_bench_tasks
 
+    from lmms_quant.model_wrappers import generation, prepare
+
+    if args.prepare_threads is not None:
+        prepare.THREADS = max(1, args.prepare_threads)
+    if args.switch_interval_ms is not None:
+        generation.SWITCH_INTERVAL_S = args.switch_interval_ms / 1000
     bench = Bench(args)
+    bench.result["fast_path_settings"] = {"prepare_threads": prepare.THREADS,
+                                          "switch_interval_ms": generation.SWITCH_INTERVAL_S * 1000}
     bench.tasks = write_bench_tasks(bench.scratch / "bench_tasks", bench.sizes["caption_images"],
                                     bench.sizes["vqa_images"], image_size=bench.sizes["image_size"])
     names = [n.strip() for n in args.models.split(",") if n.strip()]
