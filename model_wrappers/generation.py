@@ -247,6 +247,8 @@ class GenerationPath:
     def _release(self) -> None:
         if self._decoder is not None:
             self._decoder.release()
+        if self._vision is not None:
+            self._vision.encode.release()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

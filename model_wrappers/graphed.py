@@ -10,7 +10,8 @@ A batch of n rows runs in the graph of the next power of two (rows past n repeat
 their outputs are dropped). The graphs share one memory pool; a graph's output buffer may be
 overwritten by the next replay of any of them, so the caller copies what it keeps before calling
 again (`VisionFeatures` clones each image's features at once). Off CUDA, or after a capture fails
-(logged, and counted in ``stats``), the function runs eagerly.
+(logged, and counted in ``stats``), the function runs eagerly; an out-of-memory error during a capture
+drops the graphs and is raised, so that the batch sizing retries smaller (`batch_size.BatchSizes`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from .batch_size import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,10 @@ class GraphedBatches:
         if entry is None:
             try:
                 entry = self._graphs[key] = self._capture(size, x)
-            except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager calls
+            except Exception as err:  # noqa: BLE001 - a failed capture falls back to eager calls, but for OOM
+                if is_out_of_memory(err):
+                    self.release()
+                    raise  # the batch sizing (`batch_size.BatchSizes`) retries smaller; graphs stay on
                 self.stats["error"] = f"{type(err).__name__}: {err}"
                 log.warning("lmms-quant: vision batches not captured as CUDA graphs (%s); running eagerly", err)
                 torch.cuda.synchronize(self.device)
@@ -59,6 +65,11 @@ class GraphedBatches:
         graph.replay()
         self.stats["replays"] += 1
         return static_out[:n]
+
+    def release(self) -> None:
+        """Drop every graph and its memory pool (they are captured again when next needed)."""
+        self._graphs.clear()
+        self._pool = None
 
     def _capture(self, size: int, x: torch.Tensor):
         static_in = x[:1].expand(size, *x.shape[1:]).clone()
