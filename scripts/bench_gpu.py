@@ -233,6 +233,23 @@ def reference_check(device) -> dict:
         "codes_equal": bool(torch.equal(stacked.codes, codes)),
         "codes_mismatch_fraction": float((stacked.codes != codes).float().mean()),
         "stacked_s": stacked_s, "one_at_a_time_s": alone_s}
+    # The calibration Hessian of fp16 activations, float32 SIMT (the reference) vs TF32 tensor cores
+    # (calibration.LayerStats.add): the sum's order differs, nothing else; what that does to the codes.
+    from lmms_quant.quant.calibration import LayerStats
+
+    x16 = torch.randn(5200, 11008 if torch.device(device).type == "cuda" else 256, device=device, generator=g,
+                      dtype=torch.float16)
+    stats = LayerStats(x16.shape[1], hessian=True, inputs=False, rows_per_batch=0, holdout_rows_per_batch=0, seed=0)
+    hessian_s = timed(lambda: stats.add(x16, "calib"))[1]
+    h_tf32 = stats.hessian
+    h_fp32, fp32_s = timed(lambda: x16.float().T @ x16.float())
+    w = torch.randn(4096 if torch.device(device).type == "cuda" else 64, x16.shape[1], device=device, generator=g) * 0.02
+    codes_tf32 = gptq.quantize_layer(w, h_tf32, grid, act_order=True).codes
+    codes_fp32 = gptq.quantize_layer(w, h_fp32, grid, act_order=True).codes
+    out[f"hessian_{x16.shape[0]}x{x16.shape[1]}_tf32_vs_fp32"] = {
+        "relative_difference": float((h_tf32 - h_fp32).norm() / h_fp32.norm()),
+        "codes_mismatch_fraction": float((codes_tf32 != codes_fp32).float().mean()),
+        "accumulate_s": hessian_s, "fp32_s": fp32_s}
     # One OPT block's four groups (q/k/v stacked, out, fc1, fc2): interleaved on streams vs one by one.
     dm, df = (2560, 10240) if torch.device(device).type == "cuda" else (64, 256)
     xs = {c: torch.randn(8192, c, device=device, generator=g, dtype=torch.float16).float() for c in (dm, df)}
@@ -391,7 +408,8 @@ def markdown(result: dict) -> str:
         lines += ["", "| reference check | codes equal | mismatch fraction | times s |", "|---|---|---|---|"]
         for name, c in result["reference_check"].items():
             times = ", ".join(f"{k} {v:.3f}" for k, v in c.items() if k.endswith("_s"))
-            lines.append(f"| {name} | {c['codes_equal']} | {c['codes_mismatch_fraction']:.2e} | {times} |")
+            equal = c.get("codes_equal", f"relative H difference {c.get('relative_difference', float('nan')):.1e}")
+            lines.append(f"| {name} | {equal} | {c['codes_mismatch_fraction']:.2e} | {times} |")
     return "\n".join(lines) + "\n"
 
 
