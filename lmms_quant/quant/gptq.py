@@ -388,10 +388,11 @@ def _row_square_sums(W: torch.Tensor, Q: torch.Tensor, dead: torch.Tensor, chunk
     (a float64 copy of a whole stacked weight would be the unit's largest buffer)."""
     total = torch.empty(W.shape[0], dtype=torch.float64, device=W.device)
     on_dead = torch.zeros_like(total)
+    any_dead = bool(dead.any())  # one device wait, not one per chunk
     for start in range(0, W.shape[0], chunk_rows):
         delta = (W[start:start + chunk_rows] - Q[start:start + chunk_rows]).double()
         total[start:start + chunk_rows] = delta.square().sum(dim=1)
-        if bool(dead.any()):
+        if any_dead:
             on_dead[start:start + chunk_rows] = delta[:, dead].square().sum(dim=1)
     return total, on_dead
 
