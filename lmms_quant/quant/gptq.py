@@ -148,8 +148,9 @@ class _Run:
         act_order, overwrite_hessian = job.get("act_order", False), job.get("overwrite_hessian", False)
         W = weight.detach().float()  # only read here: the loop works on its transposed copy
         rows, columns = W.shape
-        H = hessian.detach().float()
-        H = H if overwrite_hessian and H is hessian and H.device == W.device else H.clone().to(W.device)
+        H = hessian.detach().float()  # a new tensor object; the same storage when already float32
+        if not (overwrite_hessian and H.data_ptr() == hessian.data_ptr() and H.device == W.device):
+            H = H.to(W.device, copy=True)
         del weight, hessian
         if not torch.any(H != 0):
             raise NoCalibrationData("the Hessian is zero: no calibration data reached this layer")
@@ -433,12 +434,15 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
         users[id(stats[group[0].name])] = users.get(id(stats[group[0].name]), 0) + 1
     stacked = [[t.module.weight.detach() for t in group] for group in groups]
     quads = []
-    timer = {"stats_s": 0.0}
+    stats_s = 0.0
 
     def stacked_float(weights):
         return (torch.cat(weights) if len(weights) > 1 else weights[0]).float()
 
     def make_job(group, weights) -> dict:
+        """A group's job, made as the runs are prepared; its run takes the weight and Hessian (`_Run`),
+        so no float32 weight or Hessian outlives the copies the run makes of it."""
+        nonlocal stats_s
         W = stacked_float(weights)
         layer = stats[group[0].name]
         H = layer.hessian.to(W.device)
@@ -446,7 +450,7 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
         rtn_delta = quantize_rtn(W, group[0].grid).weight.neg_().add_(W)
         quads.append((_quadratic_rows(W, H), _quadratic_rows(rtn_delta, H)))  # undamped H
         del rtn_delta
-        timer["stats_s"] += _synced_clock(W) - started
+        stats_s += _synced_clock(W) - started
         users[id(layer)] -= 1
         last = users[id(layer)] == 0
         if last:
@@ -454,19 +458,10 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
         return dict(weight=W, hessian=H, grid=group[0].grid, damp=cfg.damp, block_size=cfg.block_size,
                     act_order=cfg.act_order, overwrite_hessian=last)
 
-    def jobs():
-        """One job per group, made as the runs are prepared; each run takes its job's weight and Hessian
-        (`_Run`), so no float32 weight or Hessian outlives the copies the run makes of it."""
-        for group, weights in zip(groups, stacked):
-            yield make_job(group, weights)
-
     try:
-        done_all = quantize_rows_concurrently(jobs())
+        done_all = quantize_rows_concurrently(make_job(g, w) for g, w in zip(groups, stacked))
     except HessianNotPositiveDefinite as err:
         raise HessianNotPositiveDefinite(f"{unit.name}: {err}") from None
-    for group in groups:
-        stats[group[0].name].hessian = None
-    stats_s = timer["stats_s"]
 
     results = {}
     for group, weights, (den, rtn_num), done in zip(groups, stacked, quads, done_all):
