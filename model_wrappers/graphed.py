@@ -31,10 +31,10 @@ def bucket(n: int) -> int:
 
 
 class GraphedBatches:
-    def __init__(self, fn, device, enabled: bool = True):
+    def __init__(self, fn, device):
         self.fn = fn
         self.device = torch.device(device)
-        self.enabled = enabled and self.device.type == "cuda"
+        self.enabled = self.device.type == "cuda"
         self._graphs: dict = {}  # (bucket, row shape, dtype) -> (graph, static input, static output)
         self._pool = None
         self.stats = {"captures": 0, "replays": 0, "eager_calls": 0, "error": None}

@@ -15,12 +15,22 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from lmms_quant.values import parse_positive_int
+
 from .vision_cache import image_key
 
 # Few threads: the main thread launches the GPU's work and needs the interpreter lock often; with 8
 # preparing threads busy, BLIP-2's vision and prefill phases took ~3x their GPU time on an H200 (the
-# preparation itself needs ~1 core at 250 images/s). LMMS_QUANT_PREPARE_THREADS overrides.
-THREADS = max(1, int(os.environ.get("LMMS_QUANT_PREPARE_THREADS", min(3, os.cpu_count() or 1))))
+# preparation itself needs ~1 core at 250 images/s).
+THREADS_ENV = "LMMS_QUANT_PREPARE_THREADS"
+
+
+def preparing_threads() -> int:
+    """``LMMS_QUANT_PREPARE_THREADS`` if set, else 3 (at most the CPU count)."""
+    value = os.environ.get(THREADS_ENV)
+    if value is None:
+        return min(3, os.cpu_count() or 1)
+    return parse_positive_int(THREADS_ENV, value, "e.g. 3")
 
 
 @dataclass
@@ -32,7 +42,7 @@ class Chunk:
 class Preparer:
     def __init__(self, wrapper, threads: int | None = None):
         self.wrapper = wrapper
-        threads = threads or THREADS  # read now: a benchmark may set the module's value
+        threads = threads or preparing_threads()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lmms-quant-prepare")
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmms-quant-ahead")
 
@@ -63,4 +73,4 @@ class Preparer:
         return self._ahead.submit(self.chunk, requests, indices, vision)
 
 
-__all__ = ["Chunk", "Preparer", "THREADS"]
+__all__ = ["Chunk", "Preparer", "THREADS_ENV", "preparing_threads"]

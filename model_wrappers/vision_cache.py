@@ -186,10 +186,10 @@ class VisionFeatures:
     """
 
     def __init__(self, parts, processor, processor_inputs, device, memory: FeatureMemory,
-                 disk: DiskFeatures | None = None, use_graph: bool = True):
+                 disk: DiskFeatures | None = None):
         self.parts, self.processor, self.device = parts, processor, torch.device(device)
         # On CUDA each batch of pixels is one graph replay (`graphed`): its outputs are cloned below.
-        self.encode = GraphedBatches(parts.image_features, self.device, enabled=use_graph)
+        self.encode = GraphedBatches(parts.image_features, self.device)
         self.processor_inputs = processor_inputs  # the wrapper's own processor call (the stock path's)
         self.memory, self.disk = memory, disk
         self.full_processor = True

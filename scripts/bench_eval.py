@@ -384,7 +384,7 @@ def main(argv=None) -> int:
                         help="start nothing new after this many seconds")
     parser.add_argument("--paths", default="stock,fast", help="generation paths measured: stock, fast or both")
     parser.add_argument("--prepare-threads", dest="prepare_threads", type=int, default=None,
-                        help="the fast path's preparing threads [model_wrappers.prepare.THREADS]")
+                        help="the fast path's preparing threads [LMMS_QUANT_PREPARE_THREADS, else 3]")
     parser.add_argument("--switch-interval-ms", dest="switch_interval_ms", type=float, default=None,
                         help="the interpreter switch interval while the fast path serves [generation.SWITCH_INTERVAL_S]")
     args = parser.parse_args(argv)
@@ -414,11 +414,11 @@ def main(argv=None) -> int:
     from lmms_quant.model_wrappers import generation, prepare
 
     if args.prepare_threads is not None:
-        prepare.THREADS = max(1, args.prepare_threads)
+        os.environ[prepare.THREADS_ENV] = str(args.prepare_threads)
     if args.switch_interval_ms is not None:
         generation.SWITCH_INTERVAL_S = args.switch_interval_ms / 1000
     bench = Bench(args)
-    bench.result["fast_path_settings"] = {"prepare_threads": prepare.THREADS,
+    bench.result["fast_path_settings"] = {"prepare_threads": prepare.preparing_threads(),
                                           "switch_interval_ms": generation.SWITCH_INTERVAL_S * 1000}
     bench.tasks = write_bench_tasks(bench.scratch / "bench_tasks", bench.sizes["caption_images"],
                                     bench.sizes["vqa_images"], image_size=bench.sizes["image_size"])

@@ -111,3 +111,15 @@ def test_graph_buckets_are_the_next_power_of_two_and_cpu_batches_run_eagerly():
     x = torch.arange(6.0).reshape(3, 2)
     assert torch.equal(encode(x), x * 2) and calls == [3]  # no padding off CUDA
     assert encode.stats == {"captures": 0, "replays": 0, "eager_calls": 1, "error": None}
+
+
+def test_preparing_threads_come_from_the_environment_and_a_bad_value_names_the_key(monkeypatch):
+    from lmms_quant.model_wrappers.prepare import THREADS_ENV, preparing_threads
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert 1 <= preparing_threads() <= 3
+    monkeypatch.setenv(THREADS_ENV, "5")
+    assert preparing_threads() == 5
+    monkeypatch.setenv(THREADS_ENV, "zero")
+    with pytest.raises(ValueError, match=f"{THREADS_ENV}.*zero.*positive int"):
+        preparing_threads()

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .archs import MatmulView, Unit
-from .quantizer import tf32_products
 from .calib_data import (CAPTION_INSTRUCTION, Batch, CalibSample, check_not_evaluated, load_samples,  # noqa: F401
                          make_batch, make_batches, sample_from_text)
+from .quantizer import tf32_products
 
 # --------------------------------------------------------------------------- capture
 
