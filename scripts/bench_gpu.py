@@ -284,7 +284,7 @@ def live_at_peak(snapshot: dict, top: int = 12) -> dict:
                 total += event["size"]
                 if total > peak:
                     peak, at_peak = total, dict(live)
-            elif action in ("free_requested",) and event["addr"] in live:
+            elif action == "free_requested" and event["addr"] in live:
                 total -= live.pop(event["addr"])[0]
     by_site: dict[str, int] = {}
     for size, where in at_peak.values():

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def timed(fn, reps: int = 5, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` over ``reps`` runs, CUDA events."""
