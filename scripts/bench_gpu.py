@@ -194,7 +194,7 @@ ARCHS = {
 
 def reference_check(device) -> dict:
     """The readable GPTQ loop against the fast path on real-size layers: the same codes?"""
-    from lmms_quant.quant import gptq
+    from lmms_quant.quant import gptq, gptq_kernel
     from lmms_quant.quant.gptq_reference import fasterquant
     from lmms_quant.quant.quantizer import QuantGrid
 
@@ -212,16 +212,49 @@ def reference_check(device) -> dict:
     x = torch.randn(8192, columns, device=device, generator=g, dtype=torch.float16).float()
     w = torch.randn(rows, columns, device=device, generator=g) * 0.02
     H = x.T @ x
+    kernel_env = os.environ.get("LMMS_QUANT_GPTQ_KERNEL")
+
+    def path(env: str, act_order: bool):
+        """GPTQ of the layer by the Triton kernel ("1") or the graphed torch loop ("0"), the second call
+        timed (compilation and graph capture happen in the first)."""
+        os.environ["LMMS_QUANT_GPTQ_KERNEL"] = env
+        try:
+            timed(lambda: gptq.quantize_layer(w, H, grid, act_order=act_order))
+            return timed(lambda: gptq.quantize_layer(w, H, grid, act_order=act_order))
+        finally:
+            if kernel_env is None:
+                os.environ.pop("LMMS_QUANT_GPTQ_KERNEL")
+            else:
+                os.environ["LMMS_QUANT_GPTQ_KERNEL"] = kernel_env
+
+    kernel_codes = {}
     for act_order in (True, False):
-        fast, fast_s = timed(lambda a=act_order: gptq.quantize_layer(w, H, grid, act_order=a))
-        fast, fast_s = timed(lambda a=act_order: gptq.quantize_layer(w, H, grid, act_order=a))  # graphs captured
+        (fast, fast_s), (graphed, graphed_s) = path("1", act_order), path("0", act_order)
+        kernel_codes[act_order] = fast.codes
         ref, ref_s = timed(lambda a=act_order: fasterquant(w, H, grid, act_order=a))
         out[f"opt_fc2_{rows}x{columns}_act_order_{act_order}"] = {
             "codes_equal": bool(torch.equal(fast.codes, ref.codes)),
             "codes_mismatch_fraction": float((fast.codes != ref.codes).float().mean()),
             "weights_equal": bool(torch.equal(fast.weight, ref.weight)),
-            "fast_s": fast_s, "reference_s": ref_s,
+            "graphed_codes_equal": bool(torch.equal(graphed.codes, ref.codes)),
+            "kernel_used": gptq_kernel.serves(w) and gptq_kernel._state["launched"],
+            "fast_s": fast_s, "graphed_loop_s": graphed_s, "reference_s": ref_s,
             "graph_used": torch.device(device).type == "cuda" and not gptq._BlockLoop.graphs_disabled}
+    if gptq_kernel.serves(w):  # the kernel's tile (block x rows per program) and warps: any gives the same codes
+        sweep = {}
+        for tile in (1024, 2048, 4096, 8192):
+            for warps in (1, 2, 4, 8):
+                os.environ.update(LMMS_QUANT_GPTQ_KERNEL_TILE=str(tile), LMMS_QUANT_GPTQ_KERNEL_WARPS=str(warps))
+                try:
+                    q, seconds = path("1", True)
+                    sweep[f"tile_{tile}_warps_{warps}_s"] = {
+                        "s": seconds, "codes_equal": bool(torch.equal(q.codes, kernel_codes[True]))}
+                finally:
+                    os.environ.pop("LMMS_QUANT_GPTQ_KERNEL_TILE")
+                    os.environ.pop("LMMS_QUANT_GPTQ_KERNEL_WARPS")
+        out["kernel_tile_sweep_act_order_True"] = {
+            "codes_equal": all(c["codes_equal"] for c in sweep.values()), "codes_mismatch_fraction": 0.0 if all(
+                c["codes_equal"] for c in sweep.values()) else float("nan"), **{k: c["s"] for k, c in sweep.items()}}
     d = 4096 if torch.device(device).type == "cuda" else 128
     x = torch.randn(8192, d, device=device, generator=g, dtype=torch.float16).float()
     H = x.T @ x

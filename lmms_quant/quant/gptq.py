@@ -27,6 +27,7 @@ import torch
 
 from lmms_quant.values import bad, parse_bool, parse_float, parse_positive_int
 
+from . import gptq_kernel
 from .method import MethodConfig, RecipeError, option
 from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, tf32_products
 
@@ -199,30 +200,44 @@ class _Run:
         # A "regular" block is full and every group that starts in it also ends in it: its column loop
         # has one fixed kernel sequence, run on fixed buffers (`_BlockLoop`), which on CUDA is captured
         # once per layer shape as a graph and replayed (the loop is launch-bound: 7 tiny kernels a column).
+        # On CUDA with triton, a block's whole column loop is one kernel (`gptq_kernel`), same codes.
         regular_ok = static or (block_size % grid.group_size == 0)
+        self.kernel = regular_ok and gptq_kernel.serves(self.WT)
+        self.err_buf = torch.empty(block_size, rows, device=self.WT.device) if self.kernel else None
         self.loop = (_BlockLoop.get(self.WT, self.scaleT.shape[1], block_size, grid, static, slot)
-                     if regular_ok else None)
+                     if regular_ok and not self.kernel else None)
         self.group_index = (torch.tensor(column_group, device=self.WT.device)
-                            if self.loop is not None and static else None)
+                            if (self.loop is not None or self.kernel) and static else None)
         self.columns = columns
         self.starts = list(range(0, columns, block_size))
 
     def block(self, i1: int) -> None:
         i2 = min(i1 + self.block_size, self.columns)
         WT, U = self.WT, self.U
-        if self.loop is not None and i2 - i1 == self.block_size:
+        Err1 = self._kernel_block(i1, i2) if self.kernel else None
+        if Err1 is None and self.loop is not None and i2 - i1 == self.block_size:
             Err1 = self.loop.run(WT, U, self.scaleT, self.zeroT, self.deqT, self.codesT, i1, i2, self.column_group,
                                  self.group_index)
-        else:
+        elif Err1 is None:
             Err1 = _irregular_block(WT, U, self.scaleT, self.zeroT, self.deqT, self.codesT, i1, i2, self.column_group,
                                     self.grid, self.static)
         self.err_sq += Err1.double().square().sum(dim=0)
         WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
 
+    def _kernel_block(self, i1: int, i2: int):
+        try:
+            return gptq_kernel.run_block(self.WT, self.U, self.scaleT, self.zeroT, self.group_index, self.deqT,
+                                         self.codesT, self.err_buf, i1, i2, self.grid, self.static)
+        except Exception as err:  # compiling the kernel failed (it writes nothing before it runs)
+            if not gptq_kernel.fall_back(err):
+                raise
+            self.kernel = False  # this layer goes on kernel by kernel; later ones use the graphed loop
+            return None
+
     def finish(self) -> RowsResult:
         scale, zero = self.scaleT.T.contiguous(), self.zeroT.T.contiguous()
         deqT, codesT = self.deqT, self.codesT
-        self.deqT = self.codesT = self.WT = self.U = None  # freed as the results are made
+        self.deqT = self.codesT = self.WT = self.U = self.err_buf = None  # freed as the results are made
         if self.perm is None:
             weight, codes = deqT.T.contiguous(), codesT.T.contiguous()
         else:  # un-permuted and transposed in one copy each: column perm[j] is row j of the loop's buffers
@@ -233,16 +248,19 @@ class _Run:
         return RowsResult(qweight, self.err_sq, self.lam, self.dead)
 
 
-def _round_column(w, r, dq, err, s, lo, hi, d, rest, u_row):
+def _round_column(w, r, dq, err, s, lo, hi, d, rest, u_row, product):
     """Column i of a block: r = code - zero, dequantized dq, scaled error err; spread err over the rest.
 
     clamp(round(w/s), -z, maxq - z) is clamp(round(w/s) + z, 0, maxq) - z exactly (small integers in
-    float), so r * s is the reference's (q - z) * s bit for bit, in 7 kernels instead of 9; the codes
-    r + z are formed once per block."""
+    float), so r * s is the reference's (q - z) * s bit for bit; the codes r + z are formed once per
+    block. The spread is a product, then a subtraction (``product``: a buffer shaped like ``rest``),
+    each rounded, as in the reference: ``addr_`` may fuse them into one multiply-add, whose single
+    rounding differs (and the Triton kernel, `gptq_kernel`, has to match one fixed definition)."""
     torch.div(w, s, out=r).round_().clamp_(lo, hi)
     torch.mul(r, s, out=dq)
     torch.sub(w, dq, out=err).div_(d)
-    rest.addr_(u_row, err, alpha=-1)
+    torch.mul(u_row[:, None], err[None, :], out=product)
+    rest.sub_(product)
 
 
 def _irregular_block(WT, U, scaleT, zeroT, deqT, codesT, i1, i2, column_group, grid, static):
@@ -251,6 +269,7 @@ def _irregular_block(WT, U, scaleT, zeroT, deqT, codesT, i1, i2, column_group, g
     g, maxq = grid.group_size, grid.maxq
     W1 = WT[i1:i2].clone()
     Err1 = torch.zeros_like(W1)
+    product = torch.empty_like(W1)
     Q1, C1 = deqT[i1:i2], codesT[i1:i2]
     U1 = U[i1:i2, i1:i2]
     for i in range(i2 - i1):
@@ -267,7 +286,8 @@ def _irregular_block(WT, U, scaleT, zeroT, deqT, codesT, i1, i2, column_group, g
         group = column_group[col]
         z = zeroT[group]
         r = torch.empty_like(W1[i])
-        _round_column(W1[i], r, Q1[i], Err1[i], scaleT[group], -z, maxq - z, U1[i, i], W1[i + 1:], U1[i, i + 1:])
+        _round_column(W1[i], r, Q1[i], Err1[i], scaleT[group], -z, maxq - z, U1[i, i], W1[i + 1:], U1[i, i + 1:],
+                      product[i + 1:])
         C1[i].copy_(r.add_(z))
     return Err1
 
@@ -291,6 +311,7 @@ class _BlockLoop:
         self.Err1 = torch.zeros(block, rows, **f32)
         self.Q1 = torch.zeros(block, rows, **f32)
         self.C1 = torch.zeros(block, rows, **f32)
+        self.P1 = torch.zeros(block, rows, **f32)  # the in-block update's products
         self.U1 = torch.eye(block, **f32)
         n_params = block if static else block // grid.group_size
         self.s_buf = torch.ones(n_params, prow, **f32)
@@ -333,7 +354,7 @@ class _BlockLoop:
                     torch.mul(self.z_buf[k], -1, out=self.lo_buf[k])
                     torch.add(self.lo_buf[k], maxq, out=self.hi_buf[k])
             _round_column(W1[i], C1[i], Q1[i], Err1[i], self.s_buf[k], self.lo_buf[k], self.hi_buf[k], U1[i, i],
-                          W1[i + 1:], U1[i, i + 1:])
+                          W1[i + 1:], U1[i, i + 1:], self.P1[i + 1:])
 
     def _capture(self):
         side = torch.cuda.Stream()

@@ -12,10 +12,11 @@ Two deliberate differences from ``fasterquant`` (both documented in `gptq`):
   the two agree when every group starts a block, e.g. group 128 with block 128). With act-order the
   groups are static (the reference's ``static_groups=True``): found on the original W up front.
 
-Storage: the loop keeps Wᵀ, so that a weight column is a contiguous row, and performs each
-arithmetic step with the same kernel the fast path runs (``addr_`` for the in-block update,
-``addmm_`` for the lazy update of later columns). Float rounding is then identical too, which is
-what lets the tests demand equal codes rather than close ones.
+Storage: the loop keeps Wᵀ, so that a weight column is a contiguous row. Every arithmetic step is
+one IEEE-rounded fp32 operation in a fixed order, as the fast paths perform it: the in-block update
+is a product, then a subtraction (as ``fasterquant``'s ``W1 -= err.matmul(Hinv1[i])``; never a fused
+multiply-add), the lazy update of later columns the same ``addmm_`` the fast paths call. Float
+rounding is then identical too, which is what lets the tests demand equal codes, not close ones.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def fasterquant(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, *,
             q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)  # the integer code
             dq = torch.sub(q, z).mul_(s)  # its value
             err = torch.sub(w, dq).div_(Hinv1[i, i])
-            W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)  # spread the error over the block's later columns
+            W1[i + 1:] -= torch.outer(Hinv1[i, i + 1:], err)  # spread the error over the block's later columns
             codesT[col], QT[col], Err1[i] = q, dq, err
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)  # ... and, lazily, over every later column
 

@@ -1,0 +1,161 @@
+"""GPTQ's column loop over one block as a single Triton kernel (CUDA).
+
+The loop over a block's columns is a chain of ~8 tiny dependent kernels per column (round, error,
+rank-1 update of the later columns); even replayed as a CUDA graph it is launch-bound, 3+ ms per
+block of 128 columns. Here each program keeps a block x R tile of Wᵀ (R output rows) in registers and
+runs the block's columns one after another itself: rows are independent given H, so programs never
+talk to each other, and one launch does what the graph's ~1000 kernels did.
+
+Same codes, bit for bit, as `gptq_reference.fasterquant` (and the torch loop in `gptq`):
+- every step is one IEEE-rounded fp32 operation in the reference's order: divisions through
+  ``div_rn`` (Triton's ``/`` is an approximate division), and ``enable_fp_fusion=False`` so that the
+  compiler never contracts a multiply and a subtraction into one fused multiply-add, whose single
+  rounding the reference (``mul`` then ``sub``) does not have;
+- round-half-to-even as torch.round, through the fp32 trick (x + 1.5·2^23) - 1.5·2^23, exact for
+  |x| < 2^22; larger quotients are beyond every clamp bound (|bound| <= 255) with their sign kept,
+  so the clamped code is torch's;
+- the selection of a column from the register tile is a max against -inf: exact, no arithmetic.
+
+Tests run this very function through Triton's CPU interpreter against the reference; on the GPU,
+``scripts/bench_gpu.py --check-reference`` does the same on real-size layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+try:  # triton comes with torch's CUDA wheels; without it (CPU torch) the torch loop runs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+# A register tile of at most this many fp32 values per program (block x rows).
+_TILE = 4096
+_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |x| < 2^22 half to even
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_state = {"disabled": False, "launched": False}
+
+
+def fall_back(err: Exception) -> bool:
+    """The first launch failed (no compiler for this card, ...): warn, and serve nothing more. Returns
+    False when the kernel has launched before, i.e. the error is not the kernel's availability."""
+    if _state["launched"]:
+        return False
+    log.warning("lmms-quant gptq: the Triton column-loop kernel failed to launch (%s); "
+                "using the graphed torch loop", err)
+    _state["disabled"] = True
+    return True
+
+
+def serves(tensor: torch.Tensor) -> bool:
+    """The kernel runs this loop: triton imports, LMMS_QUANT_GPTQ_KERNEL is not 0, and the tensor is
+    on CUDA (or anywhere, under Triton's interpreter)."""
+    return (triton is not None and not _state["disabled"] and os.environ.get("LMMS_QUANT_GPTQ_KERNEL", "1") != "0"
+            and (tensor.is_cuda or INTERPRETED))
+
+
+if triton is not None:
+
+    def _column_loop(W, U, S, Z, G, Q, C, E, rows, count, maxq,
+                     sw, su0, su1, ss0, ss1, sg, sq, sc, se, group_base,
+                     BLOCK: tl.constexpr, R: tl.constexpr, STATIC: tl.constexpr, GROUP: tl.constexpr,
+                     SYM: tl.constexpr, HALF: tl.constexpr):
+        """One block: W (count x rows, Wᵀ's block rows), U (the block's count x count part of the upper
+        Cholesky factor of H⁻¹). Writes dequantized values Q, codes C (uint8), scaled errors E; for
+        non-static groups also the groups' (scale, zero) rows into S, Z at ``group_base``."""
+        pid = tl.program_id(0)
+        r = pid * R + tl.arange(0, R)
+        rmask = r < rows
+        k = tl.arange(0, BLOCK)
+        kmask = k < count
+        tile = tl.load(W + k[:, None] * sw + r[None, :], mask=kmask[:, None] & rmask[None, :], other=0.0)
+        s = tl.zeros([R], dtype=tl.float32) + 1.0  # the current cell's (scale, zero), carried across columns
+        z = tl.zeros([R], dtype=tl.float32)
+        for i in range(count):
+            w = tl.max(tl.where(k[:, None] == i, tile, float("-inf")), axis=0)
+            if STATIC:
+                g = tl.load(G + i * sg)
+                s = tl.load(S + g * ss0 + r * ss1, mask=rmask, other=1.0)
+                z = tl.load(Z + g * ss0 + r * ss1, mask=rmask, other=0.0)
+            else:
+                # Every group starts in this block and ends in it (the caller checks): its parameters
+                # come from its columns as they are now, error feedback included.
+                if i % GROUP == 0:
+                    cells = (k[:, None] >= i) & (k[:, None] < i + GROUP) & (k[:, None] < count)
+                    xmin = tl.min(tl.where(cells, tile, float("inf")), axis=0)
+                    xmax = tl.max(tl.where(cells, tile, float("-inf")), axis=0)
+                    if SYM:
+                        amax = tl.maximum(tl.abs(xmin), tl.abs(xmax))
+                        s_new = tl.div_rn(2.0 * amax, maxq * 1.0)
+                        z_new = tl.zeros_like(s_new) + HALF
+                    else:
+                        xmin = tl.minimum(xmin, 0.0)
+                        xmax = tl.maximum(xmax, 0.0)
+                        s_new = tl.div_rn(xmax - xmin, maxq * 1.0)
+                        s_new = tl.where(s_new > 0, s_new, 1.0)
+                        x = tl.div_rn(-xmin, s_new)
+                        x = (x + _MAGIC) - _MAGIC
+                        z_new = tl.minimum(tl.maximum(x, 0.0), maxq * 1.0)
+                    s_new = tl.where(s_new > 0, s_new, 1.0)
+                    row = group_base + i // GROUP
+                    tl.store(S + row * ss0 + r * ss1, s_new, mask=rmask)
+                    tl.store(Z + row * ss0 + r * ss1, z_new, mask=rmask)
+                    s, z = s_new, z_new
+            x = tl.div_rn(w, s)
+            x = (x + _MAGIC) - _MAGIC
+            q = tl.minimum(tl.maximum(x + z, 0.0), maxq * 1.0)
+            dq = (q - z) * s
+            d = tl.load(U + i * su0 + i * su1)
+            err = tl.div_rn(w - dq, d)
+            tl.store(Q + i * sq + r, dq, mask=rmask)
+            tl.store(C + i * sc + r, q.to(tl.uint8), mask=rmask)
+            tl.store(E + i * se + r, err, mask=rmask)
+            later = (k > i) & kmask
+            u = tl.load(U + i * su0 + k * su1, mask=later, other=0.0)
+            tile = tl.where(later[:, None], tile - u[:, None] * err[None, :], tile)
+
+    # With TRITON_INTERPRET=1 set before triton is imported, this is Triton's CPU interpreter (tests).
+    _kernel = triton.jit(_column_loop)
+
+
+def block_supported(static: bool, grid, block_size: int) -> bool:
+    """Static parameters, or groups that all start and end inside their block."""
+    return static or (grid.granularity == "group" and block_size % grid.group_size == 0)
+
+
+def run_block(WT, U, scaleT, zeroT, group_index, deqT, codesT, err, i1: int, i2: int, grid,
+              static: bool) -> torch.Tensor:
+    """Columns i1..i2 of the loop (Wᵀ rows), in place: deqT, codesT and (non-static) scaleT/zeroT rows
+    are written; returns the block's scaled errors (i2 - i1, rows), a view of ``err``."""
+    count, rows = i2 - i1, WT.shape[1]
+    block = triton.next_power_of_2(count)
+    tile = int(os.environ.get("LMMS_QUANT_GPTQ_KERNEL_TILE", "0")) or _TILE  # benchmarks sweep these two
+    r = max(1, min(triton.next_power_of_2(rows), tile // block))
+    E = err[:count]
+    W, Ub = WT[i1:i2], U[i1:i2, i1:i2]
+    if Ub.stride(1) != 1:  # the factor comes column-major from cholesky(upper=True): rows read per column
+        Ub = Ub.contiguous()
+    ss1 = scaleT.stride(1) if scaleT.shape[1] > 1 else 0  # one scale for all rows (per-tensor grid)
+    G = group_index[i1:i2] if static else scaleT  # unused when not static
+    group_base = 0 if static else i1 // grid.group_size
+    args = (W, Ub, scaleT, zeroT, G, deqT[i1:i2], codesT[i1:i2], E, rows, count, grid.maxq,
+            W.stride(0), Ub.stride(0), Ub.stride(1), scaleT.stride(0), ss1, G.stride(0) if static else 0,
+            deqT.stride(0), codesT.stride(0), E.stride(0), group_base)
+    meta = dict(BLOCK=block, R=r, STATIC=static, GROUP=grid.group_size if not static else 1, SYM=grid.sym,
+                HALF=float(2 ** (grid.bits - 1)))
+    programs = (triton.cdiv(rows, r),)
+    _kernel[programs](*args, **meta, num_warps=_num_warps(r, block), enable_fp_fusion=False)
+    _state["launched"] = True
+    return E
+
+
+def _num_warps(r: int, block: int) -> int:
+    return int(os.environ.get("LMMS_QUANT_GPTQ_KERNEL_WARPS", "0")) or (1 if r * block <= 2048 else 4)
