@@ -37,7 +37,6 @@ except ImportError:  # pragma: no cover - depends on the install
 
 # A register tile of at most this many fp32 values per program (block x rows).
 _TILE = 4096
-_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds an fp32 |x| < 2^22 half to even
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -63,6 +62,7 @@ def serves(tensor: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds fp32 |x| < 2^22 half to even
 
     def _column_loop(W, U, S, Z, G, Q, C, E, rows, count, maxq,
                      sw, su0, su1, ss0, ss1, sg, sq, sc, se, group_base,
