@@ -67,8 +67,8 @@ def test_the_kernel_compiles_for_hopper_with_exactly_rounded_steps_and_no_fused_
     names = list(inspect.signature(gptq_kernel._column_loop).parameters)
     pointers = {"W": "*fp32", "U": "*fp32", "S": "*fp32", "Z": "*fp32", "G": "*i64", "Q": "*fp32", "C": "*u8",
                 "E": "*fp32"}
-    const = dict(BLOCK=128, R=32, STATIC=static, GROUP=1 if static else 32, SYM=sym, HALF=8.0)
-    signature = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
+    const = dict(BLOCK=128, R=32, STATIC=static, GROUP=1 if static else 32, SYM=sym, HALF=8.0, RECIPROCAL=True)
+    signature = {n: "constexpr" if n in const else pointers.get(n, "fp32" if n == "inv_maxq" else "i32") for n in names}
     source = ASTSource(fn=gptq_kernel._kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in const.items()})
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),

@@ -64,13 +64,15 @@ def serves(tensor: torch.Tensor) -> bool:
 if triton is not None:
     _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds fp32 |x| < 2^22 half to even
 
-    def _column_loop(W, U, S, Z, G, Q, C, E, rows, count, maxq,
+    def _column_loop(W, U, S, Z, G, Q, C, E, rows, count, maxq, inv_maxq,
                      sw, su0, su1, ss0, ss1, sg, sq, sc, se, group_base,
                      BLOCK: tl.constexpr, R: tl.constexpr, STATIC: tl.constexpr, GROUP: tl.constexpr,
-                     SYM: tl.constexpr, HALF: tl.constexpr):
+                     SYM: tl.constexpr, HALF: tl.constexpr, RECIPROCAL: tl.constexpr):
         """One block: W (count x rows, Wᵀ's block rows), U (the block's count x count part of the upper
         Cholesky factor of H⁻¹). Writes dequantized values Q, codes C (uint8), scaled errors E; for
-        non-static groups also the groups' (scale, zero) rows into S, Z at ``group_base``."""
+        non-static groups also the groups' (scale, zero) rows into S, Z at ``group_base``.
+        RECIPROCAL: a group's scale range / maxq as torch computes it on CUDA, range * fp32(1/maxq)
+        (torch divides by a scalar through its reciprocal there); an IEEE division elsewhere."""
         pid = tl.program_id(0)
         r = pid * R + tl.arange(0, R)
         rmask = r < rows
@@ -94,12 +96,18 @@ if triton is not None:
                     xmax = tl.max(tl.where(cells, tile, float("-inf")), axis=0)
                     if SYM:
                         amax = tl.maximum(tl.abs(xmin), tl.abs(xmax))
-                        s_new = tl.div_rn(2.0 * amax, maxq * 1.0)
+                        if RECIPROCAL:
+                            s_new = (2.0 * amax) * inv_maxq
+                        else:
+                            s_new = tl.div_rn(2.0 * amax, maxq * 1.0)
                         z_new = tl.zeros_like(s_new) + HALF
                     else:
                         xmin = tl.minimum(xmin, 0.0)
                         xmax = tl.maximum(xmax, 0.0)
-                        s_new = tl.div_rn(xmax - xmin, maxq * 1.0)
+                        if RECIPROCAL:
+                            s_new = (xmax - xmin) * inv_maxq
+                        else:
+                            s_new = tl.div_rn(xmax - xmin, maxq * 1.0)
                         s_new = tl.where(s_new > 0, s_new, 1.0)
                         x = tl.div_rn(-xmin, s_new)
                         x = (x + _MAGIC) - _MAGIC
@@ -146,11 +154,13 @@ def run_block(WT, U, scaleT, zeroT, group_index, deqT, codesT, err, i1: int, i2:
     ss1 = scaleT.stride(1) if scaleT.shape[1] > 1 else 0  # one scale for all rows (per-tensor grid)
     G = group_index[i1:i2] if static else scaleT  # unused when not static
     group_base = 0 if static else i1 // grid.group_size
-    args = (W, Ub, scaleT, zeroT, G, deqT[i1:i2], codesT[i1:i2], E, rows, count, grid.maxq,
+    # torch on CUDA: 1/b in the operand's precision on the host, then a product (see the kernel).
+    inv_maxq = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(grid.maxq), dtype=torch.float32))
+    args = (W, Ub, scaleT, zeroT, G, deqT[i1:i2], codesT[i1:i2], E, rows, count, grid.maxq, inv_maxq,
             W.stride(0), Ub.stride(0), Ub.stride(1), scaleT.stride(0), ss1, G.stride(0) if static else 0,
             deqT.stride(0), codesT.stride(0), E.stride(0), group_base)
     meta = dict(BLOCK=block, R=r, STATIC=static, GROUP=grid.group_size if not static else 1, SYM=grid.sym,
-                HALF=float(2 ** (grid.bits - 1)))
+                HALF=float(2 ** (grid.bits - 1)), RECIPROCAL=WT.is_cuda)
     programs = (triton.cdiv(rows, r),)
     _kernel[programs](*args, **meta, num_warps=_num_warps(r, block), enable_fp_fusion=False)
     _state["launched"] = True
