@@ -192,6 +192,12 @@ ARCHS = {
 }
 
 
+def _relative_error(w, q, H) -> float:
+    """tr(D H Dᵀ) / tr(W H Wᵀ) for D = W - Q."""
+    delta = (w - q).double()
+    return float(((delta @ H.double()) * delta).sum() / ((w.double() @ H.double()) * w.double()).sum())
+
+
 def reference_check(device) -> dict:
     """The readable GPTQ loop against the fast path on real-size layers: the same codes?"""
     from lmms_quant.quant import gptq, gptq_kernel
@@ -232,6 +238,11 @@ def reference_check(device) -> dict:
         (fast, fast_s), (graphed, graphed_s) = path("1", act_order), path("0", act_order)
         kernel_codes[act_order] = fast.codes
         ref, ref_s = timed(lambda a=act_order: fasterquant(w, H, grid, act_order=a))
+        ist = fasterquant(w, H, grid, act_order=act_order, inverse_factor="ist")
+        out[f"opt_fc2_{rows}x{columns}_act_order_{act_order}_ist_factor"] = {
+            "codes_equal": "n/a (another factor)", "codes_mismatch_fraction": float((ist.codes != ref.codes).float().mean()),
+            "relative_error_reversed_factor": _relative_error(w, ref.weight, H),
+            "relative_error_ist_factor": _relative_error(w, ist.weight, H)}
         out[f"opt_fc2_{rows}x{columns}_act_order_{act_order}"] = {
             "codes_equal": bool(torch.equal(fast.codes, ref.codes)),
             "codes_mismatch_fraction": float((fast.codes != ref.codes).float().mean()),
@@ -255,6 +266,16 @@ def reference_check(device) -> dict:
         out["kernel_tile_sweep_act_order_True"] = {
             "codes_equal": all(c["codes_equal"] for c in sweep.values()), "codes_mismatch_fraction": 0.0 if all(
                 c["codes_equal"] for c in sweep.values()) else float("nan"), **{k: c["s"] for k, c in sweep.items()}}
+    from lmms_quant.quant.gptq_reference import ist_inverse_factor, reversed_inverse_factor
+
+    damped = H + 0.01 * torch.diag(H).mean() * torch.eye(columns, device=device)
+    U_reversed, reversed_s = timed(lambda: reversed_inverse_factor(damped))
+    U_ist, ist_s = timed(lambda: ist_inverse_factor(damped))
+    out[f"inverse_factor_{columns}"] = {
+        "codes_equal": "n/a", "codes_mismatch_fraction": float("nan"),
+        "relative_difference": float((U_reversed - U_ist).norm() / U_ist.norm()),
+        "reversed_s": reversed_s, "ist_s": ist_s}
+    del damped, U_reversed, U_ist
     d = 4096 if torch.device(device).type == "cuda" else 128
     x = torch.randn(8192, d, device=device, generator=g, dtype=torch.float16).float()
     H = x.T @ x
@@ -440,7 +461,8 @@ def markdown(result: dict) -> str:
     if result.get("reference_check"):
         lines += ["", "| reference check | codes equal | mismatch fraction | times s |", "|---|---|---|---|"]
         for name, c in result["reference_check"].items():
-            times = ", ".join(f"{k} {v:.3f}" for k, v in c.items() if k.endswith("_s"))
+            times = ", ".join([f"{k} {v:.3f}" for k, v in c.items() if k.endswith("_s")]
+                              + [f"{k} {v:.5f}" for k, v in c.items() if k.startswith("relative_error")])
             equal = c.get("codes_equal", f"relative H difference {c.get('relative_difference', float('nan')):.1e}")
             lines.append(f"| {name} | {equal} | {c['codes_mismatch_fraction']:.2e} | {times} |")
     return "\n".join(lines) + "\n"

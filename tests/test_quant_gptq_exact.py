@@ -114,3 +114,30 @@ def test_overwrite_hessian_damps_the_callers_hessian_in_place_and_only_then():
     overwritten = gptq.quantize_rows(weight, damped, grid, overwrite_hessian=True)
     assert bool((damped.diagonal() > hessian.diagonal()).all())  # λ (and 1 on the dead input) added
     assert torch.equal(plain.qweight.codes, overwritten.qweight.codes)
+
+
+def test_the_reversed_inverse_factor_is_the_cholesky_factor_of_the_inverse_hessian():
+    # The fast path's U (one Cholesky of the reversed H, one triangular solve) against IST-DASLab's
+    # cholesky -> cholesky_inverse -> cholesky: in float64 the two must be one matrix.
+    from lmms_quant.quant.gptq_reference import ist_inverse_factor, reversed_inverse_factor
+
+    _, H = _layer(8, 96, seed=5)
+    H = H.double()
+    H[3, 3] = 1.0  # the dead input, decoupled as GPTQ does
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    U, U_ist = reversed_inverse_factor(H), ist_inverse_factor(H)
+    assert torch.equal(U, U.triu()) and bool((U.diagonal() > 0).all())
+    assert torch.allclose(U.T @ U @ H, torch.eye(96, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(U, U_ist, rtol=1e-9, atol=1e-13)
+
+
+def test_gptq_with_either_inverse_factor_has_the_same_error():
+    # In float32 the factors differ by rounding, which can flip a code; the layer's error must not move.
+    w, H = _layer(64, 256, seed=9)
+    grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=32)
+    errors = []
+    for factor in ("reversed", "ist"):
+        q = fasterquant(w, H, grid, act_order=True, inverse_factor=factor)
+        delta = w - q.weight
+        errors.append(float(torch.einsum("ij,jk,ik->", delta.double(), H.double(), delta.double())))
+    assert abs(errors[0] - errors[1]) <= 0.01 * errors[1]

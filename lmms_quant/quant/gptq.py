@@ -1,7 +1,8 @@
 """GPTQ (Frantar et al., 2022): column-by-column rounding with second-order error feedback.
 
 H = sum of x x^T over the calibration tokens reaching the layer (collected block by block, so it
-reflects the already-quantized blocks before it). With U the upper Cholesky factor of (H + λI)^-1,
+reflects the already-quantized blocks before it). With U the upper Cholesky factor of (H + λI)^-1
+(computed from the reversed H, `gptq_reference.reversed_inverse_factor`),
 column i is rounded, its error e_i = (w_i - q_i) / U_ii is spread over the not yet quantized
 columns (w_j -= e_i U_ij), lazily: inside a block of ``block_size`` columns at once, to later
 columns once per block.
@@ -178,16 +179,20 @@ class _Run:
 
         lam = damp * torch.mean(torch.diag(H))
         H.diagonal().add_(lam)
+        # U, the upper Cholesky factor of H^-1, from one Cholesky of the reversed H and one triangular
+        # solve (see `gptq_reference.reversed_inverse_factor`, the same steps); one copy of H alive.
+        H = H.flip(0, 1)
         L, info = torch.linalg.cholesky_ex(H)
         del H
         if int(info) != 0:
             raise HessianNotPositiveDefinite(f"the damped Hessian is not positive definite (damp={damp}); "
                                              f"increase damp")
         self.lam = float(lam)
-        inverse_h = torch.cholesky_inverse(L)
+        inverse_l = torch.eye(columns, device=L.device, dtype=L.dtype)
+        torch.linalg.solve_triangular(L, inverse_l, upper=False, out=inverse_l)
         del L
-        self.U = torch.linalg.cholesky(inverse_h, upper=True)
-        del inverse_h
+        self.U = inverse_l.flip(0, 1)
+        del inverse_l
 
         # Transposed (and permuted) in one copy: a weight column is a contiguous row here, and every
         # per-column step is an in-place kernel on contiguous memory, with no host synchronisation.

@@ -1,11 +1,14 @@
 """GPTQ, readable: the whole algorithm in one function, shaped like the IST-DASLab reference ``fasterquant``.
 
-This is the specification `gptq.quantize_layer` (fixed buffers, CUDA graphs) is tested against: the
+This is the specification `gptq.quantize_layer` (fixed buffers, CUDA graphs, the Triton kernel) is tested against: the
 same integer codes, dequantized weights, scales and zeros, bit for bit, on CPU (tests) and on CUDA
 (``scripts/bench_gpu.py --check-reference``). It is not used to quantize models.
 
-Two deliberate differences from ``fasterquant`` (both documented in `gptq`):
+Deliberate differences from IST-DASLab's ``fasterquant`` (documented in `gptq`):
 
+- the factor U of H⁻¹ comes from the reversed H (`reversed_inverse_factor`: two factorisation-sized
+  steps, not three); ``inverse_factor="ist"`` takes IST-DASLab's cholesky → cholesky_inverse →
+  cholesky instead, the same matrix to float rounding;
 - a dead input (H_jj = 0) keeps its column, plainly rounded (the reference zeroes it);
 - group parameters are found on the *error-updated* columns of the group when the loop enters it
   (the reference reads the columns of W that the current block's updates have not reached yet;
@@ -52,9 +55,34 @@ def _static_params(W: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torc
     return find_params(xmin, xmax, grid.bits, grid.sym)
 
 
+def ist_inverse_factor(H: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) as IST-DASLab computes it: Cholesky, its
+    inverse, Cholesky again."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise ValueError("the damped Hessian is not positive definite")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def reversed_inverse_factor(H: torch.Tensor) -> torch.Tensor:
+    """The same U from one Cholesky and one triangular solve, as the fast path computes it.
+
+    With P the reversal (P H P: rows and columns in reverse order) and P H P = L Lᵀ:
+    H⁻¹ = P L⁻ᵀ L⁻¹ P = UᵀU for U = P L⁻¹ P, which is upper triangular with a positive diagonal,
+    hence *the* Cholesky factor. Two factorisation-sized steps instead of three (cholesky_inverse is
+    two triangular solves); the two factors agree to float rounding, not bit for bit (tests)."""
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if int(info) != 0:
+        raise ValueError("the damped Hessian is not positive definite")
+    inverse_l = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    torch.linalg.solve_triangular(L, inverse_l, upper=False, out=inverse_l)
+    return inverse_l.flip(0, 1)
+
+
 def fasterquant(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, *, damp: float = 0.01,
-                block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
-    """Quantize ``weight`` (out x in) given H = sum x xᵀ of its calibration inputs."""
+                block_size: int = 128, act_order: bool = False, inverse_factor: str = "reversed") -> QuantizedWeight:
+    """Quantize ``weight`` (out x in) given H = sum x xᵀ of its calibration inputs.
+    ``inverse_factor``: "reversed" (the fast path's) or "ist" (IST-DASLab's steps to the same matrix)."""
     W = weight.detach().float().clone()
     rows, columns = W.shape
     H = hessian.detach().float().clone().to(W.device)
@@ -81,10 +109,7 @@ def fasterquant(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, *,
 
     # Hinv: the upper Cholesky factor of (H + λI)^-1, λ = damp · mean(diag H).
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info) != 0:
-        raise ValueError(f"the damped Hessian is not positive definite (damp={damp})")
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    Hinv = ist_inverse_factor(H) if inverse_factor == "ist" else reversed_inverse_factor(H)
 
     WT = W.T.contiguous()  # WT[j] is column j of W
     scaleT, zeroT = scale.T.contiguous(), zero.T.contiguous()
