@@ -200,7 +200,7 @@ def _relative_error(w, q, H) -> float:
 
 def reference_check(device) -> dict:
     """The readable GPTQ loop against the fast path on real-size layers: the same codes?"""
-    from lmms_quant.quant import gptq, gptq_kernel
+    from lmms_quant.quant import gptq, gptq_kernel, gptq_torch_loop
     from lmms_quant.quant.gptq_reference import fasterquant
     from lmms_quant.quant.quantizer import QuantGrid
 
@@ -250,7 +250,7 @@ def reference_check(device) -> dict:
             "graphed_codes_equal": bool(torch.equal(graphed.codes, ref.codes)),
             "kernel_used": gptq_kernel.serves(w) and gptq_kernel._state["launched"],
             "fast_s": fast_s, "graphed_loop_s": graphed_s, "reference_s": ref_s,
-            "graph_used": torch.device(device).type == "cuda" and not gptq._BlockLoop.graphs_disabled}
+            "graph_used": torch.device(device).type == "cuda" and not gptq_torch_loop.BlockLoop.graphs_disabled}
     if gptq_kernel.serves(w):  # the kernel's tile (block x rows per program) and warps: any gives the same codes
         sweep = {}
         for tile in (1024, 2048, 4096, 8192):
@@ -275,7 +275,7 @@ def reference_check(device) -> dict:
         "codes_equal": "n/a", "codes_mismatch_fraction": float("nan"),
         "relative_difference": float((U_reversed - U_ist).norm() / U_ist.norm()),
         "reversed_s": reversed_s, "ist_s": ist_s}
-    del damped, U_reversed, U_ist
+    damped = U_reversed = U_ist = None  # 3 x 0.4 GiB, not needed by the checks below
     d = 4096 if torch.device(device).type == "cuda" else 128
     x = torch.randn(8192, d, device=device, generator=g, dtype=torch.float16).float()
     H = x.T @ x
