@@ -111,3 +111,19 @@ def test_stored_outputs_before_the_last_stack_are_dropped_once_it_is_captured_an
     a, b = quantized.state_dict(), kept.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [t.output_error for t in report.tensors] == [t.output_error for t in kept_report.tensors]
+
+
+def test_real_token_rows_by_the_cached_index_are_the_boolean_masks_rows():
+    # Calibration and AWQ's search pick real tokens by an index found once per batch (no device wait):
+    # the rows and their order must be boolean indexing's, for (batch, seq, d) and OPT's flattened input.
+    from lmms_quant.quant.calib_data import Batch, TokenMasks
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(3, 7, generator=g) > 0.4
+    batch = Batch({"x": torch.zeros(1)}, {"attention_mask": mask})
+    assert isinstance(batch.masks, TokenMasks)
+    x = torch.randn(3, 7, 5, generator=g)
+    expected = x[mask]
+    assert torch.equal(batch.masks.real_rows(x, "attention_mask"), expected)
+    assert torch.equal(batch.masks.real_rows(x.reshape(21, 5), "attention_mask"), expected)
+    assert batch.masks.index("attention_mask", "cpu") is batch.masks.index("attention_mask", "cpu")

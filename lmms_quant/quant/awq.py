@@ -131,9 +131,11 @@ def _self_contained(parent: str, applied: list[FoldSite]) -> bool:
     return True
 
 
-def _real_tokens(y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _real_tokens(y: torch.Tensor, masks, mask_key: str | None) -> torch.Tensor:
+    """``masks``: the call's batch masks (`calib_data.TokenMasks`: rows by a cached index, no device wait)."""
+    mask = masks.get(mask_key) if mask_key else None
     if mask is not None and tuple(y.shape[:-1]) == tuple(mask.shape):
-        return y[mask.to(y.device)]
+        return masks.real_rows(y, mask_key)
     return y.reshape(-1, y.shape[-1])
 
 
@@ -153,29 +155,28 @@ def search_scale_block(parent: nn.Module, calls: list, mean_abs: torch.Tensor, l
             in_parent[name].weight.copy_(w.to(in_parent[name].weight.dtype))
 
     def run() -> list[torch.Tensor]:
-        return [_real_tokens(call.replay(parent), call.masks.get(mask_key) if mask_key else None) for call in calls]
+        return [_real_tokens(call.replay(parent), call.masks, mask_key) for call in calls]
 
-    losses = []
-    best = None
+    scales, totals = [], []
     try:
         install({n: current[n] for n in in_parent})
         reference = run()
         n_elements = sum(r.numel() for r in reference)
         for k in range(n_grid):
-            alpha = k / n_grid
-            s = mean_abs.pow(alpha).clamp(min=1e-4)
+            s = mean_abs.pow(k / n_grid).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             install({n: scaled_rtn_weight(current[n], s, g) for n, g in zip(linears, grids)})
             total = torch.zeros((), device=mean_abs.device)
             for out, ref in zip(run(), reference):
                 total = total + (out.float() - ref.float()).square().sum().to(total.device)
-            loss = float(total) / max(1, n_elements)
-            losses.append(loss)
-            if best is None or loss < best[2]:
-                best = (s, alpha, loss)
+            scales.append(s)
+            totals.append(total)
     finally:
         install(saved)
-    return best[0], best[1], best[2], losses[0], losses
+    # Read once, after the grid: a read per candidate would stall the device queue n_grid times.
+    losses = [t / max(1, n_elements) for t in torch.stack(totals).tolist()]
+    k = min(range(n_grid), key=losses.__getitem__)  # the first of equal losses, as the search always took
+    return scales[k], k / n_grid, losses[k], losses[0], losses
 
 
 def apply_fold(fold: FoldSite, s: torch.Tensor, modules: dict[str, nn.Module],

@@ -170,12 +170,42 @@ def load_samples(source: CalibSource, n: int, seed: int) -> list[CalibSample]:
 # --------------------------------------------------------------------------- batches
 
 
+class TokenMasks(dict):
+    """A batch's token masks (key -> bool (batch, seq), True on real tokens) and, per mask and device,
+    the flat indices of its real tokens, found once. Rows picked by an index tensor need no device
+    synchronisation; a boolean-mask index waits for the GPU to count the rows, and a CPU mask moved
+    per call waits for the copy: calibration picks real tokens at every Linear group of every batch,
+    AWQ's search at every parent output of every candidate scale."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._index: dict = {}
+
+    def index(self, key: str, device) -> torch.Tensor:
+        """int64 indices, on ``device``, of the True entries of the flattened mask ``key`` (row-major:
+        the order boolean indexing gives)."""
+        cached = self._index.get((key, str(device)))
+        if cached is None:
+            cached = self[key].reshape(-1).nonzero().squeeze(1).to(device)
+            self._index[(key, str(device))] = cached
+        return cached
+
+    def real_rows(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        """The rows of ``x`` (mask-shaped leading dims, or already flattened to one row per token) on
+        real tokens, as ``x.reshape(-1, d)[mask.reshape(-1)]``."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index(key, x.device))
+
+
 @dataclass
 class Batch:
     inputs: dict  # tensors for model(**inputs)
-    masks: dict = field(default_factory=dict)  # mask key -> bool (batch, seq): real tokens
+    masks: TokenMasks = field(default_factory=TokenMasks)  # mask key -> bool (batch, seq): real tokens
     options: dict = field(default_factory=dict)  # non-tensor model kwargs
     entry: str | None = None  # the submodule to call (a text-only batch on BLIP-2: its language model)
+
+    def __post_init__(self):
+        if not isinstance(self.masks, TokenMasks):
+            self.masks = TokenMasks(self.masks)
 
     def to(self, device, dtype) -> dict:
         moved = {}

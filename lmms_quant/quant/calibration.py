@@ -136,6 +136,8 @@ class LayerStats:
         if x.shape[0] <= cap:
             return x
         keep = torch.randperm(x.shape[0], generator=self.generator)[:cap].sort().values
+        if x.is_cuda:  # from pinned memory the copy is queued, not waited for
+            keep = keep.pin_memory().to(x.device, non_blocking=True)
         return x[keep.to(x.device)]
 
     def add(self, x: torch.Tensor, phase: str) -> None:
@@ -182,14 +184,16 @@ class LayerStats:
         return True
 
 
-def _tokens(x: torch.Tensor, mask: torch.Tensor | None, where: str) -> torch.Tensor:
+def _tokens(x: torch.Tensor, masks, mask_key: str | None, where: str) -> torch.Tensor:
+    """The input rows of real tokens (``masks``: the batch's `calib_data.TokenMasks`)."""
+    mask = masks.get(mask_key) if mask_key else None
     if mask is not None:
         # (batch, seq, d), or flattened to (batch * seq, d) as OPT does before its feed-forward.
         matches = tuple(x.shape[:-1]) == tuple(mask.shape) or (x.dim() == 2 and x.shape[0] == mask.numel())
         if not matches:
             raise RuntimeError(f"{where}: input {tuple(x.shape)} does not match its token mask {tuple(mask.shape)}; "
                                f"the architecture table names the wrong mask")
-        return x.reshape(-1, x.shape[-1])[mask.reshape(-1).to(x.device)]
+        return masks.real_rows(x, mask_key)
     return x.reshape(-1, x.shape[-1])
 
 
@@ -253,8 +257,7 @@ class Calibrator:
                                            f"not on a later one; the model's call graph changed between batches")
                     return
                 seen.append((x, mask_key, name))
-                mask = state["batch"].masks.get(mask_key) if mask_key else None
-                stats[name].add(_tokens(x.detach(), mask, name), state["phase"])
+                stats[name].add(_tokens(x.detach(), state["batch"].masks, mask_key, name), state["phase"])
             return hook
 
         def exit_hook(module, args, output):
