@@ -21,6 +21,7 @@ end. Results: ``<out>/bench_gpu.json`` (rewritten after every measurement, temp 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -347,6 +348,40 @@ def live_at_peak(snapshot: dict, top: int = 12) -> dict:
     return {"peak_recorded_gib": peak / GIB, "by_site_gib": {k: v / GIB for k, v in rows}}
 
 
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync",
+              "cudaLaunchKernel", "cudaGraphLaunch")
+
+
+def _profiler(device):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.device(device).type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def profile_summary(prof, wall_s: float, top: int = 15) -> dict:
+    """What a profiled run spent: the device's busiest kernels, the host's busiest ops (self time), and
+    how often the host called the runtime to wait, copy or launch. A device busy for much less than the
+    wall time, with many synchronisations, is a run the host paces. Kernel times on concurrent streams
+    add up, so ``device_kernel_s`` can exceed the wall time."""
+    averages = prof.key_averages()
+
+    def device_us(event) -> float:
+        return getattr(event, "self_device_time_total", 0) or 0
+
+    kernels = sorted((e for e in averages if device_us(e) > 0), key=device_us, reverse=True)
+    host = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "wall_s": wall_s,
+        "device_kernel_s": sum(device_us(e) for e in kernels) / 1e6,
+        "host_self_s": sum(e.self_cpu_time_total for e in averages) / 1e6,
+        "runtime_calls": {e.key: e.count for e in averages if e.key in HOST_WAITS},
+        "top_device": [{"name": e.key[:160], "calls": e.count, "ms": device_us(e) / 1e3} for e in kernels[:top]],
+        "top_host_self": [{"name": e.key[:160], "calls": e.count, "ms": e.self_cpu_time_total / 1e3}
+                          for e in host[:top]],
+    }
+
+
 def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> None:
     from lmms_quant.quant import Recipe, quantize
 
@@ -376,8 +411,10 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
         t0 = time.perf_counter()
         if args.memory_trace:
             torch.cuda.memory._record_memory_history(max_entries=4_000_000, context="alloc", stacks="python")
-        report = quantize(model, processor, recipe, device=device, progress=False)
-        _sync(device)
+        profiler = _profiler(device) if args.profile else contextlib.nullcontext()
+        with profiler:
+            report = quantize(model, processor, recipe, device=device, progress=False)
+            _sync(device)
         wall = time.perf_counter() - t0
         trace = None
         if args.memory_trace:
@@ -398,6 +435,8 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
             run["peak_above_weights_gib"] = run["peak_gpu_gib"] - entry["fp16_weights_gib"]
         if trace is not None:
             run["memory_trace"] = trace  # recording slows the run: its times are not comparable
+        if args.profile:
+            run["profile"] = profile_summary(profiler, wall)  # so does profiling
         entry["runs"].append(run)
         print(arch, json.dumps(run), flush=True)
         _write(out_path, result)
@@ -455,6 +494,15 @@ def markdown(result: dict) -> str:
                          f"{fmt(r.get('peak_above_weights_gib'))} | {fmt(r['mean_output_error'], 4)} |")
         for spec in arch.get("not_run", []):
             lines.append(f"| {arch['arch']} | {spec} | not run (deadline) | | | | | | | |")
+    for arch in result["archs"]:
+        for r in arch["runs"]:
+            if "profile" in r:
+                p = r["profile"]
+                calls = ", ".join(f"{k} {v}" for k, v in p["runtime_calls"].items())
+                kernels = "; ".join(f"{k['name'][:60]} {k['ms']:.0f} ms" for k in p["top_device"][:5])
+                lines += ["", f"Profile, {arch['arch']} {r['method']}:{r['component']} (profiled: times not comparable): "
+                          f"wall {p['wall_s']:.2f} s, device kernels {p['device_kernel_s']:.2f} s, host self "
+                          f"{p['host_self_s']:.2f} s; runtime calls: {calls or 'none'}; top kernels: {kernels or 'none'}."]
     if result.get("targets"):
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {c['target']} | {c['measured']:.3f} | {'yes' if c['met'] else 'NO'} |" for c in result["targets"]]
@@ -481,6 +529,8 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-trace", action="store_true",
                         help="record CUDA allocations: what is alive at each run's peak, by source line (slow)")
     parser.add_argument("--check-reference", action="store_true", help="gptq_reference vs the fast path, real size")
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler over each run: top device kernels and host ops, runtime waits (slows the run)")
     args = parser.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     archs = (args.arch or ("blip2-opt-2.7b,llava-1.5-7b,llava-1.5-13b" if cuda else "tiny,tiny-llava")).split(",")
