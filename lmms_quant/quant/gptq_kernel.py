@@ -25,7 +25,10 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
+
+from lmms_quant.values import parse_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +38,11 @@ try:  # triton comes with torch's CUDA wheels; without it (CPU torch) the torch 
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-# A register tile of at most this many fp32 values per program (block x rows).
+# A register tile of at most this many fp32 values per program (block x rows), and the warps per program
+# when the tile is larger than 2048: the benchmark's sweep (1024..8192 values, 1..8 warps) gave the same
+# codes and times within 8 % of each other on an H200 (benchmarks/RESULTS.md); overridable to sweep again.
 _TILE = 4096
+TILE_ENV, WARPS_ENV = "LMMS_QUANT_GPTQ_KERNEL_TILE", "LMMS_QUANT_GPTQ_KERNEL_WARPS"
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -145,27 +151,28 @@ def run_block(WT, U, scaleT, zeroT, group_index, deqT, codesT, err, i1: int, i2:
     are written; returns the block's scaled errors (i2 - i1, rows), a view of ``err``."""
     count, rows = i2 - i1, WT.shape[1]
     block = triton.next_power_of_2(count)
-    tile = int(os.environ.get("LMMS_QUANT_GPTQ_KERNEL_TILE", "0")) or _TILE  # benchmarks sweep these two
-    r = max(1, min(triton.next_power_of_2(rows), tile // block))
+    r = max(1, min(triton.next_power_of_2(rows), _env_int(TILE_ENV, _TILE) // block))
     E = err[:count]
     W, Ub = WT[i1:i2], U[i1:i2, i1:i2]
-    if Ub.stride(1) != 1:  # the factor comes column-major from cholesky(upper=True): rows read per column
+    if Ub.stride(1) != 1:  # the kernel reads U by rows: a column-major factor is copied, a block at a time
         Ub = Ub.contiguous()
     ss1 = scaleT.stride(1) if scaleT.shape[1] > 1 else 0  # one scale for all rows (per-tensor grid)
     G = group_index[i1:i2] if static else scaleT  # unused when not static
     group_base = 0 if static else i1 // grid.group_size
     # torch on CUDA: 1/b in the operand's precision on the host, then a product (see the kernel).
-    inv_maxq = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(float(grid.maxq), dtype=torch.float32))
+    inv_maxq = float(np.float32(1.0) / np.float32(grid.maxq))
     args = (W, Ub, scaleT, zeroT, G, deqT[i1:i2], codesT[i1:i2], E, rows, count, grid.maxq, inv_maxq,
             W.stride(0), Ub.stride(0), Ub.stride(1), scaleT.stride(0), ss1, G.stride(0) if static else 0,
             deqT.stride(0), codesT.stride(0), E.stride(0), group_base)
     meta = dict(BLOCK=block, R=r, STATIC=static, GROUP=grid.group_size if not static else 1, SYM=grid.sym,
                 HALF=float(2 ** (grid.bits - 1)), RECIPROCAL=WT.is_cuda)
     programs = (triton.cdiv(rows, r),)
-    _kernel[programs](*args, **meta, num_warps=_num_warps(r, block), enable_fp_fusion=False)
+    warps = _env_int(WARPS_ENV, 1 if r * block <= 2048 else 4)
+    _kernel[programs](*args, **meta, num_warps=warps, enable_fp_fusion=False)
     _state["launched"] = True
     return E
 
 
-def _num_warps(r: int, block: int) -> int:
-    return int(os.environ.get("LMMS_QUANT_GPTQ_KERNEL_WARPS", "0")) or (1 if r * block <= 2048 else 4)
+def _env_int(key: str, default: int) -> int:
+    value = os.environ.get(key)
+    return default if value is None else parse_positive_int(key, value, f"e.g. {default}")
