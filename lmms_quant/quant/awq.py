@@ -154,13 +154,16 @@ def search_scale_block(parent: nn.Module, calls: list, mean_abs: torch.Tensor, l
         for name, w in weights.items():
             in_parent[name].weight.copy_(w.to(in_parent[name].weight.dtype))
 
-    def run() -> list[torch.Tensor]:
-        return [_real_tokens(call.replay(parent), call.masks, mask_key) for call in calls]
+    def run():
+        """The parent's real-token outputs, one call at a time (a candidate's outputs are compared as
+        they come: only the reference's are all held, 0.6 GiB for a LLaVA-7B MLP on 128 samples)."""
+        for call in calls:
+            yield _real_tokens(call.replay(parent), call.masks, mask_key)
 
     scales, totals = [], []
     try:
         install({n: current[n] for n in in_parent})
-        reference = run()
+        reference = list(run())
         n_elements = sum(r.numel() for r in reference)
         for k in range(n_grid):
             s = mean_abs.pow(k / n_grid).clamp(min=1e-4)
@@ -281,8 +284,9 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
     targets = {t.name: t for t in unit.targets}
     modules = {t.name: t.module for t in unit.targets}
     inputs = {name: stats[name].inputs for name in targets}
-    original = {name: t.module.weight.detach().float().clone() for name, t in targets.items()}
-    current = {name: w.clone() for name, w in original.items()}
+    # fp32 working copies; the modules keep their original weights until the caller writes the results
+    # (the search installs candidates and puts the originals back), so the report reads them there.
+    current = {name: t.module.weight.detach().to(torch.float32, copy=True) for name, t in targets.items()}
     col_scale: dict[str, torch.Tensor] = {}
     row_scale: dict[str, torch.Tensor] = {}
     fold_info: dict[str, dict] = {}
@@ -338,7 +342,7 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
                                    **fold_info.get(name, {}), "calib_tokens": stats[name].n_calib})
         effective = result.effective_weight(qweight.weight)
         started = time.perf_counter()
-        reference = original[name]
+        reference = t.module.weight.detach().float()
         norm_sq, (awq_sq, rtn_sq) = _output_sq_norms(x, reference, [effective, quantize_rtn(reference, t.grid).weight])
         result.calib_error = (awq_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         result.rtn_calib_error = (rtn_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
