@@ -241,7 +241,8 @@ def reference_check(device) -> dict:
         ref, ref_s = timed(lambda a=act_order: fasterquant(w, H, grid, act_order=a))
         ist = fasterquant(w, H, grid, act_order=act_order, inverse_factor="ist")
         out[f"opt_fc2_{rows}x{columns}_act_order_{act_order}_ist_factor"] = {
-            "codes_equal": "n/a (another factor)", "codes_mismatch_fraction": float((ist.codes != ref.codes).float().mean()),
+            "codes_equal": "n/a (another factor)",
+            "codes_mismatch_fraction": float((ist.codes != ref.codes).float().mean()),
             "relative_error_reversed_factor": _relative_error(w, ref.weight, H),
             "relative_error_ist_factor": _relative_error(w, ist.weight, H)}
         out[f"opt_fc2_{rows}x{columns}_act_order_{act_order}"] = {
@@ -500,9 +501,10 @@ def markdown(result: dict) -> str:
                 p = r["profile"]
                 calls = ", ".join(f"{k} {v}" for k, v in p["runtime_calls"].items())
                 kernels = "; ".join(f"{k['name'][:60]} {k['ms']:.0f} ms" for k in p["top_device"][:5])
-                lines += ["", f"Profile, {arch['arch']} {r['method']}:{r['component']} (profiled: times not comparable): "
-                          f"wall {p['wall_s']:.2f} s, device kernels {p['device_kernel_s']:.2f} s, host self "
-                          f"{p['host_self_s']:.2f} s; runtime calls: {calls or 'none'}; top kernels: {kernels or 'none'}."]
+                lines += ["", f"Profile, {arch['arch']} {r['method']}:{r['component']} (profiled: times not "
+                          f"comparable): wall {p['wall_s']:.2f} s, device kernels {p['device_kernel_s']:.2f} s, "
+                          f"host self {p['host_self_s']:.2f} s; runtime calls: {calls or 'none'}; "
+                          f"top kernels: {kernels or 'none'}."]
     if result.get("targets"):
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {c['target']} | {c['measured']:.3f} | {'yes' if c['met'] else 'NO'} |" for c in result["targets"]]
@@ -530,7 +532,8 @@ def main(argv=None) -> int:
                         help="record CUDA allocations: what is alive at each run's peak, by source line (slow)")
     parser.add_argument("--check-reference", action="store_true", help="gptq_reference vs the fast path, real size")
     parser.add_argument("--profile", action="store_true",
-                        help="torch.profiler over each run: top device kernels and host ops, runtime waits (slows the run)")
+                        help="torch.profiler over each run: top device kernels and host ops, runtime waits "
+                             "(slows the run)")
     args = parser.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     archs = (args.arch or ("blip2-opt-2.7b,llava-1.5-7b,llava-1.5-13b" if cuda else "tiny,tiny-llava")).split(",")

@@ -40,7 +40,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 # A register tile of at most this many fp32 values per program (block x rows), and the warps per program
 # when the tile is larger than 2048: the benchmark's sweep (1024..8192 values, 1..8 warps) gave the same
-# codes, 0.072-0.100 s for an fc2, this default within 8 % of the best, on an H200 (benchmarks/RESULTS.md); overridable to sweep again.
+# codes, 0.072-0.100 s for an fc2, this default within 8 % of the best, on an H200 (benchmarks/RESULTS.md).
+# Both can be overridden, to sweep again.
 _TILE = 4096
 TILE_ENV, WARPS_ENV = "LMMS_QUANT_GPTQ_KERNEL_TILE", "LMMS_QUANT_GPTQ_KERNEL_WARPS"
 
