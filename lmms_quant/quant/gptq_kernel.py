@@ -22,6 +22,7 @@ Tests run this very function through Triton's CPU interpreter against the refere
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -169,7 +170,10 @@ def run_block(WT, U, scaleT, zeroT, group_index, deqT, codesT, err, i1: int, i2:
                 HALF=float(2 ** (grid.bits - 1)), RECIPROCAL=WT.is_cuda)
     programs = (triton.cdiv(rows, r),)
     warps = _env_int(WARPS_ENV, 1 if r * block <= 2048 else 4)
-    _kernel[programs](*args, **meta, num_warps=warps, enable_fp_fusion=False)
+    # Triton launches on torch's current device (and its current stream): with a model spread over
+    # several GPUs, that is not necessarily the one holding this layer.
+    with torch.cuda.device(WT.device) if WT.is_cuda else contextlib.nullcontext():
+        _kernel[programs](*args, **meta, num_warps=warps, enable_fp_fusion=False)
     _state["launched"] = True
     return E
 
