@@ -42,6 +42,8 @@ CASES = [
     (32, 200, QuantGrid(bits=4, sym=False, granularity="group", group_size=32), 64, True),
     (32, 200, QuantGrid(bits=3, sym=True, granularity="group", group_size=32), 64, True),
     (32, 192, QuantGrid(bits=4, sym=True, granularity="channel"), 64, False),
+    # symmetric groups found inside their blocks (the Triton kernel's symmetric in-block parameters).
+    (40, 192, QuantGrid(bits=3, sym=True, granularity="group", group_size=32), 64, False),
 ]
 
 

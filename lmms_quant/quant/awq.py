@@ -133,7 +133,7 @@ def _self_contained(parent: str, applied: list[FoldSite]) -> bool:
 
 def _real_tokens(y: torch.Tensor, masks, mask_key: str | None) -> torch.Tensor:
     """``masks``: the call's batch masks (`calib_data.TokenMasks`: rows by a cached index, no device wait)."""
-    mask = masks.get(mask_key) if mask_key else None
+    mask = masks.get(mask_key)
     if mask is not None and tuple(y.shape[:-1]) == tuple(mask.shape):
         return masks.real_rows(y, mask_key)
     return y.reshape(-1, y.shape[-1])

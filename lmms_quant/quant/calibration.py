@@ -136,9 +136,9 @@ class LayerStats:
         if x.shape[0] <= cap:
             return x
         keep = torch.randperm(x.shape[0], generator=self.generator)[:cap].sort().values
-        if x.is_cuda:  # from pinned memory the copy is queued, not waited for
-            keep = keep.pin_memory().to(x.device, non_blocking=True)
-        return x[keep.to(x.device)]
+        # from pinned memory the copy to a GPU is queued, not waited for
+        keep = keep.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else keep.to(x.device)
+        return x[keep]
 
     def add(self, x: torch.Tensor, phase: str) -> None:
         exact_in_tf32 = x.dtype in TF32_EXACT
@@ -186,7 +186,7 @@ class LayerStats:
 
 def _tokens(x: torch.Tensor, masks, mask_key: str | None, where: str) -> torch.Tensor:
     """The input rows of real tokens (``masks``: the batch's `calib_data.TokenMasks`)."""
-    mask = masks.get(mask_key) if mask_key else None
+    mask = masks.get(mask_key)
     if mask is not None:
         # (batch, seq, d), or flattened to (batch * seq, d) as OPT does before its feed-forward.
         matches = tuple(x.shape[:-1]) == tuple(mask.shape) or (x.dim() == 2 and x.shape[0] == mask.numel())

@@ -217,18 +217,21 @@ class _Run:
 
     def block(self, i1: int) -> None:
         i2 = min(i1 + self.block_size, self.columns)
-        WT, U = self.WT, self.U
         Err1 = self._kernel_block(i1, i2) if self.kernel else None
-        if Err1 is None and self.loop is not None and i2 - i1 == self.block_size:
-            Err1 = self.loop.run(WT, U, self.scaleT, self.zeroT, self.deqT, self.codesT, i1, i2, self.column_group,
-                                 self.group_index)
-        elif Err1 is None:
-            Err1 = torch_loop.irregular_block(WT, U, self.scaleT, self.zeroT, self.deqT, self.codesT, i1, i2,
-                                              self.column_group, self.grid, self.static)
+        if Err1 is None:
+            Err1 = self._torch_block(i1, i2)
         self.err_sq += Err1.double().square().sum(dim=0)
-        WT[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1)
+        self.WT[i2:].addmm_(self.U[i1:i2, i2:].T, Err1, alpha=-1)
 
-    def _kernel_block(self, i1: int, i2: int):
+    def _torch_block(self, i1: int, i2: int) -> torch.Tensor:
+        if self.loop is not None and i2 - i1 == self.block_size:
+            return self.loop.run(self.WT, self.U, self.scaleT, self.zeroT, self.deqT, self.codesT, i1, i2,
+                                 self.column_group, self.group_index)
+        return torch_loop.irregular_block(self.WT, self.U, self.scaleT, self.zeroT, self.deqT, self.codesT, i1, i2,
+                                          self.column_group, self.grid, self.static)
+
+    def _kernel_block(self, i1: int, i2: int) -> torch.Tensor | None:
+        """The block by the Triton kernel, or None when it cannot launch (then it never serves again)."""
         try:
             return gptq_kernel.run_block(self.WT, self.U, self.scaleT, self.zeroT, self.group_index, self.deqT,
                                          self.codesT, self.err_buf, i1, i2, self.grid, self.static)

@@ -70,7 +70,13 @@ def serves(tensor: torch.Tensor) -> bool:
 
 
 if triton is not None:
-    _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds fp32 |x| < 2^22 half to even
+    _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+
+    @triton.jit
+    def _round_half_even(x):
+        """torch.round of fp32 ``x`` for |x| < 2^22 (beyond, the sign and a magnitude past every clamp
+        bound are kept): adding and subtracting 1.5·2^23 leaves no fraction bits, rounding to even."""
+        return (x + _MAGIC) - _MAGIC
 
     def _column_loop(W, U, S, Z, G, Q, C, E, rows, count, maxq, inv_maxq,
                      sw, su0, su1, ss0, ss1, sg, sq, sc, se, group_base,
@@ -102,32 +108,25 @@ if triton is not None:
                     cells = (k[:, None] >= i) & (k[:, None] < i + GROUP) & (k[:, None] < count)
                     xmin = tl.min(tl.where(cells, tile, float("inf")), axis=0)
                     xmax = tl.max(tl.where(cells, tile, float("-inf")), axis=0)
+                    # QuantGrid.params_from_range, step for step
                     if SYM:
-                        amax = tl.maximum(tl.abs(xmin), tl.abs(xmax))
-                        if RECIPROCAL:
-                            s_new = (2.0 * amax) * inv_maxq
-                        else:
-                            s_new = tl.div_rn(2.0 * amax, maxq * 1.0)
-                        z_new = tl.zeros_like(s_new) + HALF
+                        span = 2.0 * tl.maximum(tl.abs(xmin), tl.abs(xmax))
                     else:
                         xmin = tl.minimum(xmin, 0.0)
-                        xmax = tl.maximum(xmax, 0.0)
-                        if RECIPROCAL:
-                            s_new = (xmax - xmin) * inv_maxq
-                        else:
-                            s_new = tl.div_rn(xmax - xmin, maxq * 1.0)
-                        s_new = tl.where(s_new > 0, s_new, 1.0)
-                        x = tl.div_rn(-xmin, s_new)
-                        x = (x + _MAGIC) - _MAGIC
-                        z_new = tl.minimum(tl.maximum(x, 0.0), maxq * 1.0)
-                    s_new = tl.where(s_new > 0, s_new, 1.0)
+                        span = tl.maximum(xmax, 0.0) - xmin
+                    if RECIPROCAL:
+                        s = span * inv_maxq
+                    else:
+                        s = tl.div_rn(span, maxq * 1.0)
+                    s = tl.where(s > 0, s, 1.0)
+                    if SYM:
+                        z = tl.zeros_like(s) + HALF
+                    else:
+                        z = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(-xmin, s)), 0.0), maxq * 1.0)
                     row = group_base + i // GROUP
-                    tl.store(S + row * ss0 + r * ss1, s_new, mask=rmask)
-                    tl.store(Z + row * ss0 + r * ss1, z_new, mask=rmask)
-                    s, z = s_new, z_new
-            x = tl.div_rn(w, s)
-            x = (x + _MAGIC) - _MAGIC
-            q = tl.minimum(tl.maximum(x + z, 0.0), maxq * 1.0)
+                    tl.store(S + row * ss0 + r * ss1, s, mask=rmask)
+                    tl.store(Z + row * ss0 + r * ss1, z, mask=rmask)
+            q = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(w, s)) + z, 0.0), maxq * 1.0)
             dq = (q - z) * s
             d = tl.load(U + i * su0 + i * su1)
             err = tl.div_rn(w - dq, d)
