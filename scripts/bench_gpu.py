@@ -394,14 +394,28 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
              "fp16_weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / GIB}
     result["archs"].append(entry)
     runs = (args.runs or ARCHS[arch][1]).split(",")
-    pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if len(runs) > 1 else None
+    keep = len(runs) > 1 or args.warmup
+    pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if keep else None
     _write(out_path, result)
+    if args.warmup:  # the process's first quantization pays one-time costs (kernel compiles, library set-up)
+        from lmms_quant.quant import Recipe, quantize
+
+        method, component = runs[0].split(":")
+        _sync(device)
+        t0 = time.perf_counter()
+        quantize(model, processor, Recipe.parse({"method": method, "component": component, "bits": 4,
+                                                 "group_size": 128, "calib_n": args.calib_n,
+                                                 "calib_batch_size": args.calib_batch_size}),
+                 device=device, progress=False)
+        _sync(device)
+        entry["warmup"] = {"spec": runs[0], "wall_s": time.perf_counter() - t0}
+        print(arch, "warm-up", json.dumps(entry["warmup"]), flush=True)
     for index, spec in enumerate(runs):
         if time.perf_counter() - started > args.deadline_s:
             entry.setdefault("not_run", []).append(spec)
             continue
         method, component = spec.split(":")
-        if index:
+        if index or args.warmup:
             model.load_state_dict(pristine)
         recipe = Recipe.parse({"method": method, "component": component, "bits": 4, "group_size": 128,
                                "calib_n": args.calib_n, "calib_batch_size": args.calib_batch_size})
@@ -493,6 +507,9 @@ def markdown(result: dict) -> str:
                          f"{fmt(r['calibration_s'])} | {fmt(r['method_s'])} | {fmt(r['report_stats_s'])} | "
                          f"{fmt(r['block_forwards'])} | {fmt(r.get('peak_gpu_gib'))} | "
                          f"{fmt(r.get('peak_above_weights_gib'))} | {fmt(r['mean_output_error'], 4)} |")
+        if arch.get("warmup"):
+            lines.append(f"| {arch['arch']} | {arch['warmup']['spec']}, cold (warm-up, first of the process) | "
+                         f"{fmt(arch['warmup']['wall_s'])} | | | | | | | |")
         for spec in arch.get("not_run", []):
             lines.append(f"| {arch['arch']} | {spec} | not run (deadline) | | | | | | | |")
     for arch in result["archs"]:
@@ -531,6 +548,9 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-trace", action="store_true",
                         help="record CUDA allocations: what is alive at each run's peak, by source line (slow)")
     parser.add_argument("--check-reference", action="store_true", help="gptq_reference vs the fast path, real size")
+    parser.add_argument("--warmup", action="store_true",
+                        help="run each arch's first method:component once, untimed, before the timed runs "
+                             "(its wall time is reported as the cold run)")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler over each run: top device kernels and host ops, runtime waits "
                              "(slows the run)")

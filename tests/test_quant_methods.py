@@ -306,6 +306,23 @@ def test_awq_picks_the_scale_by_the_attention_modules_output_not_the_linears_own
     assert losses[round(own_alpha * 20)] > 1.1 * losses[chosen]
 
 
+@pytest.mark.parametrize("columns", [128, 100])
+def test_awq_cell_errors_from_group_gram_matrices_are_each_cells_own_output_error(columns):
+    # Cell (o, g)'s error is ||X_g d_og||² over the tokens; the clip search forms it as d (X_gᵀX_g) dᵀ.
+    # Checked cell by cell against the direct products, a narrow last group (100 = 3 x 32 + 4) and
+    # output-row weights included.
+    x = correlated_inputs(n_tokens=512)[:, :columns].double()
+    delta = weight(24, columns, seed=4).double() * 0.1
+    row_weight = torch.linspace(0.5, 2.0, 24, dtype=torch.float64)
+    grid = QuantGrid(bits=4, sym=False, granularity="group", group_size=32)
+    got = awq._cell_sq_errors(x, delta, grid, row_weight)
+    assert got.shape == grid.param_shape(24, columns)
+    for g in range(got.shape[1]):
+        cols = slice(32 * g, min(32 * (g + 1), columns))
+        direct = (x[:, cols] @ delta[:, cols].T).square().sum(dim=0) * row_weight.square()
+        assert torch.allclose(got[:, g], direct, rtol=1e-10)
+
+
 def test_awq_clip_search_draws_its_rows_from_every_calibration_batch():
     # Inputs in batch order: the first batches carry no signal. A search that reads only the first
     # rows sees no error anywhere and keeps the full range; one that spreads over all rows clips.

@@ -30,6 +30,7 @@ from lmms_quant.values import bad, parse_bool, parse_float, parse_positive_int
 
 from . import gptq_kernel
 from . import gptq_torch_loop as torch_loop
+from .gptq_reference import invert_lower_
 from .method import MethodConfig, RecipeError, option
 from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, tf32_products
 
@@ -179,7 +180,7 @@ class _Run:
         lam = damp * torch.mean(torch.diag(H))
         H.diagonal().add_(lam)
         # U, the upper Cholesky factor of H^-1, from one Cholesky of the reversed H and one triangular
-        # solve (see `gptq_reference.reversed_inverse_factor`, the same steps); one copy of H alive.
+        # inverse (see `gptq_reference.reversed_inverse_factor`, the same steps); one copy of H alive.
         H = H.flip(0, 1)
         L, info = torch.linalg.cholesky_ex(H)
         del H
@@ -187,11 +188,8 @@ class _Run:
             raise HessianNotPositiveDefinite(f"the damped Hessian is not positive definite (damp={damp}); "
                                              f"increase damp")
         self.lam = float(lam)
-        inverse_l = torch.eye(columns, device=L.device, dtype=L.dtype)
-        torch.linalg.solve_triangular(L, inverse_l, upper=False, out=inverse_l)
+        self.U = invert_lower_(L).flip(0, 1)
         del L
-        self.U = inverse_l.flip(0, 1)
-        del inverse_l
 
         # Transposed (and permuted) in one copy: a weight column is a contiguous row here, and every
         # per-column step is an in-place kernel on contiguous memory, with no host synchronisation.
@@ -262,21 +260,21 @@ def _quadratic_rows(M: torch.Tensor, H: torch.Tensor, chunk_rows: int = 4096) ->
     with tf32_products(M.is_cuda):
         for start in range(0, M.shape[0], chunk_rows):
             m = M[start:start + chunk_rows]
-            out[start:start + chunk_rows] = ((m @ H) * m).double().sum(dim=1)
+            out[start:start + chunk_rows] = (m @ H).mul_(m).sum(dim=1, dtype=torch.float64)
     return out
 
 
 def _row_square_sums(W: torch.Tensor, Q: torch.Tensor, dead: torch.Tensor, chunk_rows: int = 1024):
-    """Per row, in float64: sum_j (W - Q)_j^2 and the same over the dead columns only, a chunk at a time
-    (a float64 copy of a whole stacked weight would be the unit's largest buffer)."""
+    """Per row: sum_j (W - Q)_j^2 and the same over the dead columns only, squares in fp32 summed in
+    float64, a chunk at a time (a copy of a whole stacked weight would be the unit's largest buffer)."""
     total = torch.empty(W.shape[0], dtype=torch.float64, device=W.device)
     on_dead = torch.zeros_like(total)
     any_dead = bool(dead.any())  # one device wait, not one per chunk
     for start in range(0, W.shape[0], chunk_rows):
-        delta = (W[start:start + chunk_rows] - Q[start:start + chunk_rows]).double()
-        total[start:start + chunk_rows] = delta.square().sum(dim=1)
+        squares = (W[start:start + chunk_rows] - Q[start:start + chunk_rows]).square_()  # summed in float64
+        total[start:start + chunk_rows] = squares.sum(dim=1, dtype=torch.float64)
         if any_dead:
-            on_dead[start:start + chunk_rows] = delta[:, dead].square().sum(dim=1)
+            on_dead[start:start + chunk_rows] = squares[:, dead].sum(dim=1, dtype=torch.float64)
     return total, on_dead
 
 

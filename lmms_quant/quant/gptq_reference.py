@@ -28,6 +28,8 @@ import torch
 
 from .quantizer import QuantGrid, QuantizedWeight
 
+INVERSE_BLOCK = 1024  # block columns of L⁻¹ solved at a time (`invert_lower_`)
+
 
 def find_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) of cells spanning [xmin, xmax]; codes 0..2^b-1 with w_hat = (q - zero) * scale."""
@@ -64,8 +66,23 @@ def ist_inverse_factor(H: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
 
+def invert_lower_(L: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """L⁻¹ of a lower-triangular L, written over L, one block column at a time.
+
+    Block column j of L⁻¹ (columns j..j+b) is zero above row j, so it solves only the trailing system
+    L[j:, j:] X = I[j:, j:j+b]: about n³/6 multiply-adds in all, a third of one solve against the whole
+    identity (which also works out the zeros above the diagonal). No later solve reads block column j
+    of L (they read the trailing L[j', j':] for j' > j), so X overwrites it."""
+    n, block = L.shape[0], block or INVERSE_BLOCK
+    for j in range(0, n, block):
+        b = min(block, n - j)
+        identity = torch.eye(n - j, b, device=L.device, dtype=L.dtype)
+        L[j:, j:j + b] = torch.linalg.solve_triangular(L[j:, j:], identity, upper=False)
+    return L
+
+
 def reversed_inverse_factor(H: torch.Tensor) -> torch.Tensor:
-    """The same U from one Cholesky and one triangular solve, as the fast path computes it.
+    """The same U from one Cholesky and one triangular inverse, as the fast path computes it.
 
     With P the reversal (P H P: rows and columns in reverse order) and P H P = L Lᵀ:
     H⁻¹ = P L⁻ᵀ L⁻¹ P = UᵀU for U = P L⁻¹ P, which is upper triangular with a positive diagonal,
@@ -74,9 +91,7 @@ def reversed_inverse_factor(H: torch.Tensor) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if int(info) != 0:
         raise ValueError("the damped Hessian is not positive definite")
-    inverse_l = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-    torch.linalg.solve_triangular(L, inverse_l, upper=False, out=inverse_l)
-    return inverse_l.flip(0, 1)
+    return invert_lower_(L).flip(0, 1)
 
 
 def fasterquant(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, *, damp: float = 0.01,
@@ -148,4 +163,4 @@ def fasterquant(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, *,
                            scale=scaleT.T.contiguous(), zero=zeroT.T.contiguous().to(torch.int32), grid=grid)
 
 
-__all__ = ["fasterquant", "find_params"]
+__all__ = ["fasterquant", "find_params", "invert_lower_", "reversed_inverse_factor"]

@@ -198,17 +198,18 @@ def max_levels_per_cell(values: torch.Tensor, grid: QuantGrid) -> int:
 
 
 @contextlib.contextmanager
-def tf32_products(on_cuda: bool):
+def tf32_products(on_cuda: bool, allow: bool = True):
     """Float32 matrix products in TF32 on CUDA, where ~3 significant digits are plenty: AWQ's searches
     (their inputs are the model's fp16/bf16 activations, exact in TF32's 10-bit mantissa; the loss
     differences between candidates are far larger) and GPTQ's report statistics (error ratios quoted
     to 3-4 digits). Several times faster than full fp32. Never around GPTQ's own column loop, whose
-    codes must be the reference's."""
+    codes must be the reference's. ``allow=False``: full fp32 products inside, for a quadratic form
+    d G dᵀ that may cancel (AWQ's clip search by Gram matrices)."""
     if not on_cuda:
         yield
         return
     previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = allow
     try:
         yield
     finally:
