@@ -65,8 +65,8 @@ def _weighted_sq_error(x: torch.Tensor, delta: torch.Tensor, row_weight: torch.T
                        chunk_rows: int = 4096) -> torch.Tensor:
     total = torch.zeros((), device=delta.device)
     for start in range(0, x.shape[0], chunk_rows):
-        y = (x[start:start + chunk_rows] @ delta.T).reshape(-1) if row_weight is None else \
-            (x[start:start + chunk_rows] @ delta.T).mul_(row_weight[None, :]).reshape(-1)
+        y = x[start:start + chunk_rows].float() @ delta.T  # inputs are held in the model's dtype
+        y = (y if row_weight is None else y.mul_(row_weight[None, :])).reshape(-1)
         total = total + torch.dot(y, y)  # one reduction, no squared copy
     return total
 
@@ -81,7 +81,7 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list
                  mean_abs: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
     """(best s, its alpha, its loss, the alpha=0 / RTN loss) for Linears sharing input ``x``, by their
     own output error on ``x``; ``mean_abs`` (default: that of ``x``) is a = mean |X_j|."""
-    mean_abs = x.abs().mean(dim=0) if mean_abs is None else mean_abs.to(x.device)
+    mean_abs = x.float().abs().mean(dim=0) if mean_abs is None else mean_abs.to(x.device)
     best = None
     rtn_loss = None
     for k in range(n_grid):
@@ -238,7 +238,7 @@ def _cell_sq_errors(x: torch.Tensor, delta: torch.Tensor, grid: QuantGrid,
     if grid.granularity == "tensor":
         return _weighted_sq_error(x, delta, row_weight).reshape(1, 1)
     if grid.granularity == "channel":
-        err = (x @ delta.T).square().sum(dim=0)
+        err = (x.float() @ delta.T).square().sum(dim=0)
         err = err if weight2 is None else err * weight2
         return err[:, None]
     g, n = grid.group_size, grid.n_groups(columns)
@@ -264,7 +264,7 @@ def spread_rows(x: torch.Tensor, n: int) -> torch.Tensor:
 def clip_search(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid,
                 row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-cell range shrink factor in {1, 0.95, ..., 0.55} minimising that cell's output error."""
-    x = spread_rows(x, CLIP_ROWS)
+    x = spread_rows(x, CLIP_ROWS).float()
     grams = group_grams(x, grid.group_size) if grid.granularity == "group" else None
     best_err = best_ratio = None
     for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS)):
@@ -377,7 +377,7 @@ def _output_sq_norms(x: torch.Tensor, reference: torch.Tensor, approxes: list[to
     rows = reference.shape[0]
     totals = torch.zeros(1 + len(approxes), dtype=torch.float64, device=reference.device)
     for start in range(0, x.shape[0], chunk_rows):
-        y = (x[start:start + chunk_rows] @ stacked).double().square()
-        totals += y.reshape(y.shape[0], 1 + len(approxes), rows).sum(dim=(0, 2))
+        y = (x[start:start + chunk_rows].float() @ stacked).square_()  # summed in float64, no float64 copy
+        totals += y.reshape(y.shape[0], 1 + len(approxes), rows).sum(dim=(0, 2), dtype=torch.float64)
     values = totals.tolist()
     return values[0], values[1:]

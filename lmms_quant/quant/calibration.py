@@ -134,25 +134,28 @@ class LayerStats:
 
     def _subsample(self, x: torch.Tensor, cap: int) -> torch.Tensor:
         if x.shape[0] <= cap:
-            return x
+            return x.clone()  # held past the forward: never a view of the model's activations
         keep = torch.randperm(x.shape[0], generator=self.generator)[:cap].sort().values
         # from pinned memory the copy to a GPU is queued, not waited for
         keep = keep.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else keep.to(x.device)
         return x[keep]
 
     def add(self, x: torch.Tensor, phase: str) -> None:
+        """Add a batch's input rows. Held rows keep the model's dtype (half the memory of float32 for
+        a half-precision model; their float32 values are the same): users convert them as they read."""
         exact_in_tf32 = x.dtype in TF32_EXACT
-        x = x.float()
         if phase == "calib":
             self.n_calib += x.shape[0]
             if self.want_hessian:
                 if self.hessian is None:
                     self.hessian = torch.zeros(self.in_features, self.in_features, device=x.device)
+                xf = x.float()
                 with tf32_products(x.is_cuda and exact_in_tf32):
-                    self.hessian.addmm_(x.T, x)
+                    self.hessian.addmm_(xf.T, xf)
+                del xf
             if self.want_inputs:
                 self._inputs.append(self._subsample(x, self.rows_per_batch))
-                total = x.abs().sum(dim=0)
+                total = x.abs().sum(dim=0, dtype=torch.float32)
                 self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
         else:
             self._holdout.append(self._subsample(x, self.holdout_rows_per_batch))
