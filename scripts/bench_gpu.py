@@ -398,8 +398,6 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
     pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if keep else None
     _write(out_path, result)
     if args.warmup:  # the process's first quantization pays one-time costs (kernel compiles, library set-up)
-        from lmms_quant.quant import Recipe, quantize
-
         method, component = runs[0].split(":")
         _sync(device)
         t0 = time.perf_counter()

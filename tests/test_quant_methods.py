@@ -364,3 +364,22 @@ def test_gptqs_own_errors_give_the_hessian_error_without_another_product():
     den = float(((w @ H) * w).sum())
     assert (num / den) ** 0.5 == pytest.approx(relative_hessian_error(H, w, done.qweight.weight), rel=1e-4)
     assert (num / den) ** 0.5 == pytest.approx(relative_output_error(x, w, done.qweight.weight), rel=1e-3)
+
+
+@pytest.mark.parametrize("grid", [QuantGrid(bits=3, sym=False, granularity="group", group_size=32),
+                                  QuantGrid(bits=4, sym=True, granularity="group", group_size=32),
+                                  QuantGrid(bits=4, sym=False, granularity="group", group_size=48)], ids=str)
+def test_rounding_whole_groups_on_the_group_view_gives_the_bits_of_the_expanded_parameters(grid):
+    # _round broadcasts a group's parameters over its columns instead of expanding them to the
+    # weight's shape; the values must be the same bits (96 columns: 48 divides them, a view; 32 too).
+    from lmms_quant.quant.quantizer import _round, rtn_weight
+
+    w = weight(40, 96, seed=6)
+    scale, zero = grid.fit(w)
+    s, z = grid.expand(scale, 96), grid.expand(zero, 96)
+    codes = grid.quantize(w, s, z)
+    expected = grid.dequantize(codes, s, z)
+    got_codes, got = _round(w, grid, scale, zero)
+    assert torch.equal(got_codes, codes) and torch.equal(got, expected)
+    assert torch.equal(rtn_weight(w, grid), expected)
+    assert torch.equal(quantize_rtn(w, grid).codes, codes.to(torch.uint8))

@@ -39,7 +39,7 @@ from lmms_quant.values import parse_bool, parse_positive_int
 
 from .archs import FoldSite
 from .method import MethodConfig, RecipeError, option
-from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, tf32_products
+from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, rtn_weight, tf32_products
 
 NEEDS_HESSIAN = False
 NEEDS_INPUTS = True
@@ -73,7 +73,7 @@ def _weighted_sq_error(x: torch.Tensor, delta: torch.Tensor, row_weight: torch.T
 
 def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     """Q(W diag(s)) diag(1/s): the weight AWQ's scale s yields, in the original input coordinates."""
-    return quantize_rtn(weight * s[None, :], grid).weight / s[None, :]
+    return rtn_weight(weight * s[None, :], grid) / s[None, :]
 
 
 def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list[torch.Tensor | None],
@@ -270,7 +270,7 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid,
     for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS)):
         ratio = 1 - step / CLIP_STEPS
         clip = torch.full(grid.param_shape(*weight.shape), ratio, device=weight.device)
-        err = _cell_sq_errors(x, weight - quantize_rtn(weight, grid, clip).weight, grid, row_weight, grams)
+        err = _cell_sq_errors(x, weight - rtn_weight(weight, grid, clip), grid, row_weight, grams)
         if best_err is None:
             best_err, best_ratio = err, clip
         else:
@@ -360,7 +360,7 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         effective = result.effective_weight(qweight.weight)
         started = time.perf_counter()
         reference = t.module.weight.detach().float()
-        norm_sq, (awq_sq, rtn_sq) = _output_sq_norms(x, reference, [effective, quantize_rtn(reference, t.grid).weight])
+        norm_sq, (awq_sq, rtn_sq) = _output_sq_norms(x, reference, [effective, rtn_weight(reference, t.grid)])
         result.calib_error = (awq_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         result.rtn_calib_error = (rtn_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         # ||X W^T|| turns the relative errors back into the absolute ones the scale search sums.

@@ -32,7 +32,7 @@ from . import gptq_kernel
 from . import gptq_torch_loop as torch_loop
 from .gptq_reference import invert_lower_
 from .method import MethodConfig, RecipeError, option
-from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, tf32_products
+from .quantizer import LayerResult, QuantGrid, QuantizedWeight, rtn_weight, tf32_products
 
 NEEDS_HESSIAN = True
 NEEDS_INPUTS = False
@@ -327,7 +327,7 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
         layer = stats[group[0].name]
         H = layer.hessian.to(W.device)
         started = _synced_clock(W)
-        rtn_delta = quantize_rtn(W, group[0].grid).weight.neg_().add_(W)
+        rtn_delta = rtn_weight(W, group[0].grid).neg_().add_(W)
         quads.append((_quadratic_rows(W, H), _quadratic_rows(rtn_delta, H)))  # undamped H
         del rtn_delta
         stats_s += _synced_clock(W) - started

@@ -154,15 +154,30 @@ class QuantizedWeight:
         )
 
 
+def _round(w: torch.Tensor, grid: QuantGrid, scale: torch.Tensor, zero: torch.Tensor):
+    """(codes as float, dequantized weight) of a float32 w, both (out, in).
+
+    Whole groups are rounded on the (out, n_groups, group) view with the parameters broadcast over
+    the group: the same operations on the same values as expanding them to (out, in) first, so the
+    same bits, without materialising two weight-sized gathers (the search loops of AWQ round a weight
+    dozens of times per Linear)."""
+    rows, in_features = w.shape
+    if grid.granularity == "group" and in_features % grid.group_size == 0:
+        cells = w.reshape(rows, in_features // grid.group_size, grid.group_size)
+        s, z = scale[:, :, None], zero[:, :, None]
+        codes = grid.quantize(cells, s, z)
+        return codes.reshape(rows, in_features), grid.dequantize(codes, s, z).reshape(rows, in_features)
+    s, z = grid.expand(scale, in_features), grid.expand(zero, in_features)
+    codes = grid.quantize(w, s, z)
+    return codes, grid.dequantize(codes, s, z)
+
+
 def quantize_with_params(w: torch.Tensor, grid: QuantGrid, scale: torch.Tensor, zero: torch.Tensor,
                          clip: torch.Tensor | None = None) -> QuantizedWeight:
     """Round every weight to the nearest level of its cell's grid."""
-    w = w.float()
-    in_features = w.shape[1]
-    s, z = grid.expand(scale, in_features), grid.expand(zero, in_features)
-    codes = grid.quantize(w, s, z)
+    codes, weight = _round(w.float(), grid, scale, zero)
     return QuantizedWeight(
-        weight=grid.dequantize(codes, s, z), codes=codes.to(torch.uint8), scale=scale.float(),
+        weight=weight, codes=codes.to(torch.uint8), scale=scale.float(),
         zero=zero.to(torch.int32), grid=grid, clip=clip,
     )
 
@@ -171,6 +186,12 @@ def quantize_rtn(w: torch.Tensor, grid: QuantGrid, clip: torch.Tensor | None = N
     """Round-to-nearest with min-max parameters per cell."""
     scale, zero = grid.fit(w, clip)
     return quantize_with_params(w, grid, scale, zero, clip)
+
+
+def rtn_weight(w: torch.Tensor, grid: QuantGrid, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """``quantize_rtn(w, grid, clip).weight`` alone (no uint8 codes): for searches that only compare."""
+    scale, zero = grid.fit(w, clip)
+    return _round(w.float(), grid, scale, zero)[1]
 
 
 def cells_view(x: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
