@@ -21,6 +21,7 @@ columns once per block.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -278,10 +279,32 @@ def _row_square_sums(W: torch.Tensor, Q: torch.Tensor, dead: torch.Tensor, chunk
     return total, on_dead
 
 
-def _synced_clock(tensor: torch.Tensor) -> float:
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
-    return time.perf_counter()
+class _SpanClock:
+    """The summed duration of marked spans of work, without making the host wait for the device: on
+    CUDA a span is a pair of timing events on the current stream, read only after the caller has
+    waited anyway (a device wait per span would stall the queue that GPTQ's groups keep full)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.events, self.host_s = cuda, [], 0.0
+
+    @contextlib.contextmanager
+    def span(self):
+        if not self.cuda:
+            started = time.perf_counter()
+            yield
+            self.host_s += time.perf_counter() - started
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.events.append((start, end))
+
+    def seconds(self) -> float:
+        """All spans so far (on CUDA: waits for the last one)."""
+        if self.events:
+            self.events[-1][1].synchronize()
+        return self.host_s + sum(start.elapsed_time(end) for start, end in self.events) / 1e3
 
 
 def _stackable(targets, stats) -> list[list]:
@@ -314,7 +337,7 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
         users[id(stats[group[0].name])] = users.get(id(stats[group[0].name]), 0) + 1
     stacked = [[t.module.weight.detach() for t in group] for group in groups]
     quads = []
-    stats_s = 0.0
+    before_run = _SpanClock(any(t.module.weight.is_cuda for t in unit.targets))  # the RTN reference, tr(W H Wᵀ)
 
     def stacked_float(weights):
         return (torch.cat(weights) if len(weights) > 1 else weights[0]).float()
@@ -322,15 +345,13 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
     def make_job(group, weights) -> dict:
         """A group's job, made as the runs are prepared; its run takes the weight and Hessian (`_Run`),
         so no float32 weight or Hessian outlives the copies the run makes of it."""
-        nonlocal stats_s
         W = stacked_float(weights)
         layer = stats[group[0].name]
         H = layer.hessian.to(W.device)
-        started = _synced_clock(W)
-        rtn_delta = rtn_weight(W, group[0].grid).neg_().add_(W)
-        quads.append((_quadratic_rows(W, H), _quadratic_rows(rtn_delta, H)))  # undamped H
-        del rtn_delta
-        stats_s += _synced_clock(W) - started
+        with before_run.span():
+            rtn_delta = rtn_weight(W, group[0].grid).neg_().add_(W)
+            quads.append((_quadratic_rows(W, H), _quadratic_rows(rtn_delta, H)))  # undamped H
+            del rtn_delta
         users[id(layer)] -= 1
         last = users[id(layer)] == 0
         if last:
@@ -347,17 +368,19 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
     for group, weights, (den, rtn_num), done in zip(groups, stacked, quads, done_all):
         names = [t.name for t in group]
         W = stacked_float(weights)  # the modules still hold their original weights
-        started = _synced_clock(W)
-        squares, dead_squares = _row_square_sums(W, done.qweight.weight, done.dead)
-        num = (done.err_sq - done.lam * squares - dead_squares).clamp(min=0)
-        del W
-        bounds, start = [], 0
-        for w in weights:
-            bounds.append((start, start + w.shape[0]))
-            start += w.shape[0]
-        sums = torch.stack([torch.stack([den[a:b].sum(), num[a:b].sum(), rtn_num[a:b].sum()]) for a, b in bounds])
+        after_run = _SpanClock(W.is_cuda)
+        with after_run.span():
+            squares, dead_squares = _row_square_sums(W, done.qweight.weight, done.dead)
+            num = (done.err_sq - done.lam * squares - dead_squares).clamp(min=0)
+            del W
+            bounds, start = [], 0
+            for w in weights:
+                bounds.append((start, start + w.shape[0]))
+                start += w.shape[0]
+            sums = torch.stack([torch.stack([den[a:b].sum(), num[a:b].sum(), rtn_num[a:b].sum()])
+                                for a, b in bounds])
         sums = sums.tolist()  # one device wait for the group
-        group_stats_s = stats_s / len(groups) + _synced_clock(num) - started
+        group_stats_s = before_run.seconds() / len(groups) + after_run.seconds()
         for t, (r0, r1), (d, err, rtn_err) in zip(group, bounds, sums):
             q = done.qweight
             qweight = q if len(group) == 1 else QuantizedWeight(
