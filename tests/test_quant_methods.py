@@ -383,3 +383,29 @@ def test_rounding_whole_groups_on_the_group_view_gives_the_bits_of_the_expanded_
     assert torch.equal(got_codes, codes) and torch.equal(got, expected)
     assert torch.equal(rtn_weight(w, grid), expected)
     assert torch.equal(quantize_rtn(w, grid).codes, codes.to(torch.uint8))
+
+
+def test_awq_scores_through_the_input_factor_as_through_the_input_itself():
+    # ||X Dᵀ|| = ||R Dᵀ|| for RᵀR = XᵀX: the Linear-output search may multiply by the small R. A dead
+    # input channel (a zero column: XᵀX singular) is covered by the diagonal shift.
+    x = correlated_inputs(n_tokens=1024, outliers=3)
+    x[:, 5] = 0.0
+    R = awq.input_factor(x)
+    assert R is not None and R.shape == (128, 128) and torch.equal(R, R.triu())
+    delta = weight(48, 128, seed=8) * 0.01
+    row_weight = torch.linspace(0.5, 2.0, 48)
+    for r in (None, row_weight):
+        direct = awq._weighted_sq_error(x.double(), delta.double(), None if r is None else r.double())
+        assert torch.allclose(awq._weighted_sq_error(R, delta, r).double(), direct, rtol=1e-5)
+    assert awq.input_factor(x[:200]) is None  # not twice as tall as wide: X itself is cheaper
+
+
+def test_awq_scale_search_by_the_input_factor_picks_the_scale_the_input_picks(monkeypatch):
+    x = correlated_inputs(n_tokens=2048, outliers=4)
+    weights = [weight(64, 128, seed=s) for s in (2, 3)]
+    grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=32)
+    by_factor = awq.search_scale(x, weights, [None, None], [grid, grid], 20)
+    monkeypatch.setattr(awq, "input_factor", lambda x: None)
+    by_input = awq.search_scale(x, weights, [None, None], [grid, grid], 20)
+    assert by_factor[1] == by_input[1] and by_factor[1] > 0
+    assert by_factor[2] == pytest.approx(by_input[2], rel=1e-4)

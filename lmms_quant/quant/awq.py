@@ -63,9 +63,9 @@ Config = AWQConfig
 
 def _weighted_sq_error(x: torch.Tensor, delta: torch.Tensor, row_weight: torch.Tensor | None,
                        chunk_rows: int = 4096) -> torch.Tensor:
-    total = torch.zeros((), device=delta.device)
+    total = torch.zeros((), device=delta.device, dtype=delta.dtype)
     for start in range(0, x.shape[0], chunk_rows):
-        y = x[start:start + chunk_rows].float() @ delta.T  # inputs are held in the model's dtype
+        y = x[start:start + chunk_rows].to(delta.dtype) @ delta.T  # inputs are held in the model's dtype
         y = (y if row_weight is None else y.mul_(row_weight[None, :])).reshape(-1)
         total = total + torch.dot(y, y)  # one reduction, no squared copy
     return total
@@ -76,28 +76,48 @@ def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) ->
     return rtn_weight(weight * s[None, :], grid) / s[None, :]
 
 
+def input_factor(x: torch.Tensor) -> torch.Tensor | None:
+    """R (columns x columns, upper triangular) with RᵀR = XᵀX, so that ||X Dᵀ|| = ||R Dᵀ|| for every D:
+    a search that scores many weight errors D on an input of many more rows than columns multiplies
+    by R instead of X (LLaVA's o_proj: 4096 rows of R, not 16384 of X). None when X is not at least
+    twice as tall as wide, or its Gram matrix is too singular for a Cholesky.
+
+    XᵀX is summed in fp32 from products exact for fp16/bf16 inputs (TF32 on CUDA, full fp32 for
+    fp32 inputs) and factored in float64 after a 1e-10 relative diagonal shift (dead input channels
+    make it singular; the shift adds 1e-10·max H_jj·||D||² to a loss)."""
+    rows, columns = x.shape
+    if 2 * columns > rows:
+        return None
+    xf = x.float()
+    with tf32_products(x.is_cuda, allow=x.dtype in (torch.float16, torch.bfloat16)):
+        gram = (xf.T @ xf).double()
+    del xf
+    gram.diagonal().add_(1e-10 * float(gram.diagonal().max()))
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        return None
+    return factor.T.float()
+
+
 def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list[torch.Tensor | None],
                  grids: list[QuantGrid], n_grid: int,
                  mean_abs: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
     """(best s, its alpha, its loss, the alpha=0 / RTN loss) for Linears sharing input ``x``, by their
-    own output error on ``x``; ``mean_abs`` (default: that of ``x``) is a = mean |X_j|."""
+    own output error on ``x`` (scored through `input_factor` where X is tall); ``mean_abs`` (default:
+    that of ``x``) is a = mean |X_j|."""
     mean_abs = x.float().abs().mean(dim=0) if mean_abs is None else mean_abs.to(x.device)
-    best = None
-    rtn_loss = None
+    factor = input_factor(x)
+    scored = x if factor is None else factor
+    scales, totals = [], []
     for k in range(n_grid):
-        alpha = k / n_grid
-        s = mean_abs.pow(alpha).clamp(min=1e-4)
+        s = mean_abs.pow(k / n_grid).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        loss = sum(
-            _weighted_sq_error(x, w - scaled_rtn_weight(w, s, g), r)
-            for w, r, g in zip(weights, row_weights, grids)
-        )
-        loss = float(loss)
-        if k == 0:
-            rtn_loss = loss
-        if best is None or loss < best[2]:
-            best = (s, alpha, loss)
-    return best[0], best[1], best[2], rtn_loss
+        scales.append(s)
+        totals.append(sum(_weighted_sq_error(scored, w - scaled_rtn_weight(w, s, g), r)
+                          for w, r, g in zip(weights, row_weights, grids)))
+    losses = torch.stack(totals).tolist()  # one device wait for the grid, not one per candidate
+    k = min(range(n_grid), key=losses.__getitem__)  # the first of equal losses
+    return scales[k], k / n_grid, losses[k], losses[0]
 
 
 def fold_parent(fold: FoldSite) -> str:
