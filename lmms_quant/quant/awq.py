@@ -76,6 +76,9 @@ def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) ->
     return rtn_weight(weight * s[None, :], grid) / s[None, :]
 
 
+_UNSET = object()
+
+
 def input_factor(x: torch.Tensor) -> torch.Tensor | None:
     """R (columns x columns, upper triangular) with RᵀR = XᵀX, so that ||X Dᵀ|| = ||R Dᵀ|| for every D:
     a search that scores many weight errors D on an input of many more rows than columns multiplies
@@ -100,13 +103,13 @@ def input_factor(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list[torch.Tensor | None],
-                 grids: list[QuantGrid], n_grid: int,
-                 mean_abs: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
+                 grids: list[QuantGrid], n_grid: int, mean_abs: torch.Tensor | None = None,
+                 factor=_UNSET) -> tuple[torch.Tensor, float, float, float]:
     """(best s, its alpha, its loss, the alpha=0 / RTN loss) for Linears sharing input ``x``, by their
     own output error on ``x`` (scored through `input_factor` where X is tall); ``mean_abs`` (default:
-    that of ``x``) is a = mean |X_j|."""
+    that of ``x``) is a = mean |X_j|; ``factor``: `input_factor(x)` when the caller has it."""
     mean_abs = x.float().abs().mean(dim=0) if mean_abs is None else mean_abs.to(x.device)
-    factor = input_factor(x)
+    factor = input_factor(x) if factor is _UNSET else factor
     scored = x if factor is None else factor
     scales, totals = [], []
     for k in range(n_grid):
@@ -301,14 +304,16 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid,
 
 
 def quantize_layer(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, *, clip: bool,
-                   row_weight: torch.Tensor | None = None) -> QuantizedWeight:
-    """Round an (already scaled) weight, with the clip search when asked and when it helps."""
+                   row_weight: torch.Tensor | None = None, scored: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round an (already scaled) weight, with the clip search when asked and when it helps (by the
+    output error on ``scored``: x, or its `input_factor`)."""
     plain = quantize_rtn(weight, grid)
     if not clip:
         return plain
+    scored = x if scored is None else scored
     clipped = quantize_rtn(weight, grid, clip_search(weight, x, grid, row_weight))
-    err_plain = _weighted_sq_error(x, weight - plain.weight, row_weight)
-    err_clipped = _weighted_sq_error(x, weight - clipped.weight, row_weight)
+    err_plain = _weighted_sq_error(scored, weight - plain.weight, row_weight)
+    err_clipped = _weighted_sq_error(scored, weight - clipped.weight, row_weight)
     return clipped if float(err_clipped) < float(err_plain) else plain
 
 
@@ -329,6 +334,13 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
     fold_info: dict[str, dict] = {}
     notes = []
 
+    factors: dict[int, torch.Tensor | None] = {}  # per input (Linears sharing one input share its object)
+
+    def factor_of(x: torch.Tensor) -> torch.Tensor | None:
+        if id(x) not in factors:
+            factors[id(x)] = input_factor(x)
+        return factors[id(x)]
+
     calls = getattr(stats, "calls", {})
     call_modules = getattr(stats, "call_modules", {})
     applied: list[FoldSite] = []
@@ -348,7 +360,7 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
             criterion = "linear_output"
             s, alpha, loss, rtn_loss = search_scale(
                 x, [current[n] for n in fold.linears], [row_scale.get(n) for n in fold.linears], grids, cfg.grid,
-                mean_abs)
+                mean_abs, factor=factor_of(x))
         apply_fold(fold, s, modules, current)
         applied.append(fold)
         if fold.prev_name in current:
@@ -370,17 +382,22 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         x = inputs[name]
         s = col_scale.get(name)
         r = row_scale.get(name)
-        x_now = x if s is None else x / s[None, :]
+        factor = factor_of(x)  # R / s factors X / s as R factors X
+        scored = x if factor is None else factor
+        scored = scored if s is None else scored / s[None, :]
+        clip_rows = spread_rows(x, CLIP_ROWS)
+        clip_rows = clip_rows if s is None else clip_rows / s[None, :]
         leaf = t.site.role.split(".")[-1]
-        qweight = quantize_layer(current[name], x_now, t.grid, clip=cfg.clip and leaf not in _NO_CLIP_LEAVES,
-                                 row_weight=r)
+        qweight = quantize_layer(current[name], clip_rows, t.grid, clip=cfg.clip and leaf not in _NO_CLIP_LEAVES,
+                                 row_weight=r, scored=scored)
         result = LayerResult(qweight, in_scale=s, out_scale=r,
                              info={"scaled": s is not None, "clip_searched": qweight.clip is not None,
                                    **fold_info.get(name, {}), "calib_tokens": stats[name].n_calib})
         effective = result.effective_weight(qweight.weight)
         started = time.perf_counter()
         reference = t.module.weight.detach().float()
-        norm_sq, (awq_sq, rtn_sq) = _output_sq_norms(x, reference, [effective, rtn_weight(reference, t.grid)])
+        norm_sq, (awq_sq, rtn_sq) = _output_sq_norms(x if factor is None else factor, reference,
+                                                     [effective, rtn_weight(reference, t.grid)])
         result.calib_error = (awq_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         result.rtn_calib_error = (rtn_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         # ||X W^T|| turns the relative errors back into the absolute ones the scale search sums.
