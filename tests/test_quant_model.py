@@ -327,3 +327,18 @@ def test_per_tensor_gptq_keeps_one_scale_per_linear_where_linears_share_an_input
     scales = [report.codes[f"{block}.{p}"].scale for p in ("q_proj", "k_proj", "v_proj")]
     assert all(s.shape == (1, 1) for s in scales) and len({float(s) for s in scales}) == 3
     assert all("quantized_with" not in t.details for t in report.tensors)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_each_records_weight_error_is_the_written_weight_against_the_original(tiny_checkpoints, method):
+    # Records are taken against the modules' weights before the results are written (no copy is kept),
+    # so a method must hand the modules back as it found them; then these are the true errors.
+    model, processor = load(tiny_checkpoints["blip2_opt"], "blip2_opt")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = quantize(model, processor, Recipe.parse({**FAST, "method": method, "bits": 3, "group_size": 32}),
+                      progress=False)
+    after = model.state_dict()
+    for t in report.tensors:
+        w0, w1 = before[f"{t.name}.weight"].double(), after[f"{t.name}.weight"].double()
+        assert t.weight_error == pytest.approx(float((w0 - w1).norm() / w0.norm()), rel=1e-5)
+        assert t.weight_error > 0

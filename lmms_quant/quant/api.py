@@ -175,15 +175,16 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
             unit = _drop_layers_without_data(unit, stats, skipped)
             if not unit.targets:
                 return
-        # In the model's dtype (exact; half the memory of fp32 for fp16/bf16 models), widened per tensor.
-        originals = {t.name: t.module.weight.detach().clone() for t in unit.targets}
         results, notes = method.quantize_unit(unit, stats, recipe.config)
         folds.extend(notes)
+        # Every record first, then every write: the modules still hold their original weights (methods
+        # leave them as they found them), so no copy of a unit's weights is made to compare against,
+        # and a weight tied between two targets is the original for both records.
         for t in unit.targets:
             result = results[t.name]
-            t.module.weight.copy_(result.qweight.weight.to(t.module.weight.dtype))
-            effective = result.effective_weight(t.module.weight.detach().float())
-            original = originals.pop(t.name).float()
+            original = t.module.weight.detach().float()
+            # what the module will hold: the result rounded to the model's dtype, in its coordinates
+            effective = result.effective_weight(result.qweight.weight.to(t.module.weight.dtype))
             holdout = stats[t.name].holdout
             # Timings go to the report's totals, not into a tensor's record: two runs of one recipe
             # give identical tensor records.
@@ -203,8 +204,11 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
                 details=details,
             ))
             grids[id(stored_weight(t.module))] = (t.grid, tuple(original.shape))
+            del original, effective
             if keep_codes:
                 codes[t.name] = result.qweight.to_cpu()
+        for t in unit.targets:
+            t.module.weight.copy_(results[t.name].qweight.weight.to(t.module.weight.dtype))
 
     on_cuda = any(p.is_cuda for p in model.parameters())
 

@@ -10,7 +10,8 @@ A method module (``rtn.py``, ``gptq.py``, ``awq.py``) declares:
   keyword arguments per batch) the method replays; they arrive in ``stats.calls`` (AWQ's parent search).
 - ``quantize_unit(unit, stats, cfg) -> (results, notes)``: quantize the selected Linears of one unit
   (a block, or a set of non-block Linears) given the collected statistics; ``results[name]`` is a
-  `LayerResult`, ``notes`` free-form records for the report (AWQ's folds).
+  `LayerResult`, ``notes`` free-form records for the report (AWQ's folds). It leaves the targets'
+  module weights as it found them: the caller records each result against them, then writes.
 
 The registry that finds a method by name is `recipe.METHODS`: adding a method is one file plus one line there.
 """
