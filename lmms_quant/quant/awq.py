@@ -73,7 +73,7 @@ def _weighted_sq_error(x: torch.Tensor, delta: torch.Tensor, row_weight: torch.T
 
 def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     """Q(W diag(s)) diag(1/s): the weight AWQ's scale s yields, in the original input coordinates."""
-    return rtn_weight(weight * s[None, :], grid) / s[None, :]
+    return rtn_weight(weight * s[None, :], grid).div_(s[None, :])
 
 
 _UNSET = object()
@@ -170,11 +170,13 @@ def search_scale_block(parent: nn.Module, calls: list, mean_abs: torch.Tensor, l
     (fold-adjusted, floating-point) weights, the fold's ``linears`` the candidate Q(W s)/s; their
     weights are put back afterwards. The loss is the mean squared error of the parent's output on the
     real tokens of every recorded calibration call."""
-    saved = {n: m.weight.detach().clone() for n, m in in_parent.items()}
+    # The modules' own weight tensors, put back as they are at the end: no copy of them is made. A
+    # candidate is installed by pointing the parameter at a new tensor, one Linear at a time.
+    originals = {n: m.weight.data for n, m in in_parent.items()}
 
     def install(weights: dict[str, torch.Tensor]) -> None:
         for name, w in weights.items():
-            in_parent[name].weight.copy_(w.to(in_parent[name].weight.dtype))
+            in_parent[name].weight.data = w.to(originals[name].dtype, copy=True)
 
     def run():
         """The parent's real-token outputs, one call at a time (a candidate's outputs are compared as
@@ -190,7 +192,8 @@ def search_scale_block(parent: nn.Module, calls: list, mean_abs: torch.Tensor, l
         for k in range(n_grid):
             s = mean_abs.pow(k / n_grid).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            install({n: scaled_rtn_weight(current[n], s, g) for n, g in zip(linears, grids)})
+            for n, g in zip(linears, grids):
+                install({n: scaled_rtn_weight(current[n], s, g)})
             parts = []
             for out, ref in zip(run(), reference):
                 diff = (out.float() - ref).reshape(-1)  # ref promoted inside the subtraction
@@ -198,7 +201,8 @@ def search_scale_block(parent: nn.Module, calls: list, mean_abs: torch.Tensor, l
             scales.append(s)
             totals.append(torch.stack(parts).sum())
     finally:
-        install(saved)
+        for name, module in in_parent.items():
+            module.weight.data = originals[name]
     # Read once, after the grid: a read per candidate would stall the device queue n_grid times.
     losses = [t / max(1, n_elements) for t in torch.stack(totals).tolist()]
     k = min(range(n_grid), key=losses.__getitem__)  # the first of equal losses, as the search always took

@@ -121,11 +121,11 @@ class QuantGrid:
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Integer codes (as float) of w for already broadcastable scale/zero."""
-        return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+        return torch.div(w, scale).round_().add_(zero).clamp_(0, self.maxq)  # in place after the division
 
     @staticmethod
     def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        return (codes - zero) * scale
+        return torch.sub(codes, zero).mul_(scale)
 
 
 @dataclass
