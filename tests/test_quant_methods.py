@@ -180,6 +180,16 @@ def test_gptq_refuses_a_layer_that_saw_no_data():
         gptq.quantize_layer(weight(), torch.zeros(128, 128), QuantGrid(bits=4, sym=False, granularity="channel"))
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_refuses_a_hessian_that_damping_does_not_make_positive_definite(act_order):
+    # Checked when the run's results are read (no device wait while runs are prepared), never returned.
+    grid = QuantGrid(bits=4, sym=False, granularity="group", group_size=32)
+    H = torch.eye(128)
+    H[7, 7] = -50.0  # an indefinite "Hessian": λ = 0.01 mean(diag) cannot lift it
+    with pytest.raises(gptq.HessianNotPositiveDefinite, match="damp=0.01"):
+        gptq.quantize_layer(weight(), H, grid, act_order=act_order)
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_awq_scale_search_is_never_worse_than_rtn_and_wins_with_outlier_channels(bits):
     x, w = correlated_inputs(outliers=8), weight()

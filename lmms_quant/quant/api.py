@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 
@@ -20,7 +21,7 @@ from .calibration import Calibrator
 from .sequential import SequentialCalibrator
 from .recipe import Recipe, method_module
 from .report import QuantReport, TensorRecord, account
-from .quantizer import relative_output_error
+from .quantizer import max_levels_tensor, output_error_terms
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,6 @@ def _tied_names(model) -> dict[int, list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
     return names
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    den = float(a.norm())
-    return float((a - b).norm()) / den if den > 0 else float("nan")
 
 
 def quantize(model, processor, recipe: Recipe, *, evaluated=(), cache=None, device=None, keep_codes: bool = False,
@@ -180,12 +176,27 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
         # Every record first, then every write: the modules still hold their original weights (methods
         # leave them as they found them), so no copy of a unit's weights is made to compare against,
         # and a weight tied between two targets is the original for both records.
+        # The records' statistics stay on the device until one read for the whole unit.
+        measured = []
         for t in unit.targets:
             result = results[t.name]
             original = t.module.weight.detach().float()
             # what the module will hold: the result rounded to the model's dtype, in its coordinates
             effective = result.effective_weight(result.qweight.weight.to(t.module.weight.dtype))
             holdout = stats[t.name].holdout
+            output_terms = (torch.zeros(2, dtype=torch.float64, device=original.device) if holdout is None
+                            else output_error_terms(holdout, original, effective))
+            levels = max_levels_tensor(result.qweight.codes, result.qweight.grid).float()
+            weight_terms = torch.stack([(original - effective).norm(), original.norm(), levels]).double()
+            measured.append(torch.cat([weight_terms, output_terms]))
+            del original, effective
+        values = torch.stack(measured).tolist() if measured else []
+        for t, (delta_norm, norm, levels, out_num, out_den) in zip(unit.targets, values):
+            result = results[t.name]
+            holdout = stats[t.name].holdout
+            shape = tuple(t.module.weight.shape)
+            output_error = None if holdout is None else (
+                math.sqrt(out_num / out_den) if out_den > 0 else float("nan"))
             # Timings go to the report's totals, not into a tensor's record: two runs of one recipe
             # give identical tensor records.
             details = dict(result.info or {})
@@ -193,18 +204,17 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
             records.append(TensorRecord(
                 name=t.name, component=t.site.component, stack=t.site.stack, block=t.site.block,
                 role=t.site.role, method=recipe.method, bits=t.grid.bits, granularity=t.grid.granularity,
-                group_size=t.grid.group_size, sym=t.grid.sym, shape=tuple(original.shape),
-                n_groups=t.grid.n_groups(original.shape[1]), max_levels=result.qweight.max_levels(),
-                weight_error=_relative(original, effective),
-                output_error=None if holdout is None else relative_output_error(holdout, original, effective),
+                group_size=t.grid.group_size, sym=t.grid.sym, shape=shape,
+                n_groups=t.grid.n_groups(shape[1]), max_levels=int(levels),
+                weight_error=delta_norm / norm if norm > 0 else float("nan"),
+                output_error=output_error,
                 output_error_calib=result.calib_error, rtn_output_error_calib=result.rtn_calib_error,
                 feeds_output=t.site.feeds_output,
                 tied_to=[n for n in tied.get(id(stored_weight(t.module)), []) if n not in (t.name, f"{t.name}.weight")],
                 holdout_tokens=0 if holdout is None else int(holdout.shape[0]),
                 details=details,
             ))
-            grids[id(stored_weight(t.module))] = (t.grid, tuple(original.shape))
-            del original, effective
+            grids[id(stored_weight(t.module))] = (t.grid, shape)
             if keep_codes:
                 codes[t.name] = result.qweight.to_cpu()
         for t in unit.targets:

@@ -83,7 +83,7 @@ class RowsResult:
 
     qweight: QuantizedWeight
     err_sq: torch.Tensor  # float64 (rows,)
-    lam: float
+    lam: torch.Tensor  # 0-dim: λ added to H's diagonal
     dead: torch.Tensor  # bool (columns,)
 
 
@@ -155,10 +155,11 @@ class _Run:
         if not (overwrite_hessian and H.data_ptr() == hessian.data_ptr() and H.device == W.device):
             H = H.to(W.device, copy=True)
         del weight, hessian
-        if not torch.any(H != 0):
-            raise NoCalibrationData("the Hessian is zero: no calibration data reached this layer")
+        # Checked in `finish`, with the factorisation's status: one device read per run, where the
+        # results are read anyway, so preparing runs never waits for the device.
+        self.has_data = torch.any(H != 0)
         self.dead = dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
+        H.diagonal().masked_fill_(dead, 1.0)
 
         self.grid, self.block_size = grid, block_size
         self.static = static = grid.granularity != "group" or act_order
@@ -168,27 +169,24 @@ class _Run:
         else:
             scale = torch.zeros(n_param_rows, n_groups, device=W.device)
             zero = torch.zeros(n_param_rows, n_groups, device=W.device)
-        column_group = grid.column_group(columns).tolist()  # python ints: no device syncs in the loop
+        column_group = grid.column_group(columns, device=W.device)  # per loop column, its cell column
 
         self.perm = None
         if act_order:
             self.perm = torch.argsort(torch.diag(H), descending=True)
             H = H[self.perm]  # one permuted copy alive beside the original at a time
             H = H[:, self.perm]
-            column_group = [column_group[j] for j in self.perm.tolist()]
-        self.column_group = column_group
+            column_group = column_group[self.perm]
+        self.column_group_index, self._column_group = column_group, None
 
         lam = damp * torch.mean(torch.diag(H))
         H.diagonal().add_(lam)
         # U, the upper Cholesky factor of H^-1, from one Cholesky of the reversed H and one triangular
         # inverse (see `gptq_reference.reversed_inverse_factor`, the same steps); one copy of H alive.
         H = H.flip(0, 1)
-        L, info = torch.linalg.cholesky_ex(H)
+        L, self.info = torch.linalg.cholesky_ex(H)  # info != 0: not positive definite (`finish` raises)
         del H
-        if int(info) != 0:
-            raise HessianNotPositiveDefinite(f"the damped Hessian is not positive definite (damp={damp}); "
-                                             f"increase damp")
-        self.lam = float(lam)
+        self.lam, self.damp = lam, damp
         self.U = invert_lower_(L).flip(0, 1)
         del L
 
@@ -209,8 +207,7 @@ class _Run:
         self.err_buf = torch.empty(block_size, rows, device=self.WT.device) if self.kernel else None
         self.loop = (torch_loop.BlockLoop.get(self.WT, self.scaleT.shape[1], block_size, grid, static, slot)
                      if regular_ok and not self.kernel else None)
-        self.group_index = (torch.tensor(column_group, device=self.WT.device)
-                            if (self.loop is not None or self.kernel) and static else None)
+        self.group_index = column_group if (self.loop is not None or self.kernel) and static else None
         self.columns = columns
         self.starts = list(range(0, columns, block_size))
 
@@ -240,7 +237,20 @@ class _Run:
             self.kernel = False  # this layer goes on kernel by kernel; later ones use the graphed loop
             return None
 
+    @property
+    def column_group(self) -> list[int]:
+        """Per loop column, its cell column as python ints, for the torch loops (one device read)."""
+        if self._column_group is None:
+            self._column_group = self.column_group_index.tolist()
+        return self._column_group
+
     def finish(self) -> RowsResult:
+        has_data, factored = torch.stack([self.has_data, self.info == 0]).tolist()
+        if not has_data:
+            raise NoCalibrationData("the Hessian is zero: no calibration data reached this layer")
+        if not factored:
+            raise HessianNotPositiveDefinite(f"the damped Hessian is not positive definite (damp={self.damp}); "
+                                             f"increase damp")
         scale, zero = self.scaleT.T.contiguous(), self.zeroT.T.contiguous()
         deqT, codesT = self.deqT, self.codesT
         self.deqT = self.codesT = self.WT = self.U = self.err_buf = None  # freed as the results are made

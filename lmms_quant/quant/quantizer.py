@@ -212,10 +212,15 @@ def cells_view(x: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
 
 def max_levels_per_cell(values: torch.Tensor, grid: QuantGrid) -> int:
     """The largest number of distinct values in any cell of ``values`` (codes or weights)."""
+    return int(max_levels_tensor(values, grid))
+
+
+def max_levels_tensor(values: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+    """`max_levels_per_cell` as a 0-dim tensor on the values' device, for a caller that reads several
+    statistics at once."""
     cells = cells_view(values, grid)
     ordered = torch.sort(cells, dim=1).values
-    distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)
-    return int(distinct.max())
+    return (1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)).max()
 
 
 @contextlib.contextmanager
@@ -259,6 +264,20 @@ class LayerResult:
         if self.in_scale is not None:
             weight = weight / self.in_scale.to(weight.device)[None, :]
         return weight
+
+
+def output_error_terms(x: torch.Tensor, reference: torch.Tensor, approx: torch.Tensor,
+                       chunk_rows: int = 4096) -> torch.Tensor:
+    """(||x (reference - approx)^T||², ||x reference^T||²) as a float64 tensor on x's device, without
+    reading it: `relative_output_error`'s two sums, for a caller that reads several at once."""
+    delta = (reference - approx).float()
+    reference = reference.float()
+    totals = torch.zeros(2, dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], chunk_rows):
+        xs = x[start:start + chunk_rows].float()
+        totals[0] += (xs @ delta.T).square().sum(dtype=torch.float64)
+        totals[1] += (xs @ reference.T).square().sum(dtype=torch.float64)
+    return totals
 
 
 def relative_output_error(x: torch.Tensor, reference: torch.Tensor, approx: torch.Tensor,
