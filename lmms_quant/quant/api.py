@@ -272,7 +272,15 @@ def _driver_counts(calibrator) -> dict:
 
 
 def _drop_layers_without_data(unit: Unit, stats, skipped: list[dict]) -> Unit:
-    missing = [t for t in unit.targets if not stats[t.name].has_data()]
+    flags = {}  # per statistics object (Linears sharing an input share one), read in one go
+    for t in unit.targets:
+        flags.setdefault(id(stats[t.name]), stats[t.name].data_flag())
+    pending = [(key, flag) for key, flag in flags.items() if isinstance(flag, torch.Tensor)]
+    if pending:
+        device = pending[0][1].device
+        flags.update(zip([key for key, _ in pending],
+                         torch.stack([flag.to(device) for _, flag in pending]).tolist()))
+    missing = [t for t in unit.targets if not flags[id(stats[t.name])]]
     if not missing:
         return unit
     for t in missing:

@@ -177,13 +177,16 @@ class LayerStats:
             self._holdout = [torch.cat(self._holdout)]
         return self._holdout[0] if self._holdout else None
 
-    def has_data(self) -> bool:
+    def data_flag(self) -> bool | torch.Tensor:
+        """Whether calibration data reached this input and was not all zero: a python bool where
+        that decides it, else a 0-dim bool tensor, so that a caller checking several Linears reads
+        the device once for all of them."""
         if self.n_calib == 0:
             return False
         if self.hessian is not None:
-            return bool(torch.any(self.hessian != 0))
+            return torch.any(self.hessian != 0)
         if self._inputs:
-            return bool(any(torch.any(x != 0) for x in self._inputs))
+            return torch.stack([torch.any(x != 0) for x in self._inputs]).any()
         return True
 
 
