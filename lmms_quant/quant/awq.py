@@ -95,7 +95,7 @@ def input_factor(x: torch.Tensor) -> torch.Tensor | None:
     with tf32_products(x.is_cuda, allow=x.dtype in (torch.float16, torch.bfloat16)):
         gram = (xf.T @ xf).double()
     del xf
-    gram.diagonal().add_(1e-10 * float(gram.diagonal().max()))
+    gram.diagonal().add_(1e-10 * gram.diagonal().max())
     factor, info = torch.linalg.cholesky_ex(gram)
     if int(info) != 0:
         return None
@@ -318,7 +318,7 @@ def quantize_layer(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, *, cl
     clipped = quantize_rtn(weight, grid, clip_search(weight, x, grid, row_weight))
     err_plain = _weighted_sq_error(scored, weight - plain.weight, row_weight)
     err_clipped = _weighted_sq_error(scored, weight - clipped.weight, row_weight)
-    return clipped if float(err_clipped) < float(err_plain) else plain
+    return clipped if bool(err_clipped < err_plain) else plain  # one device read
 
 
 def quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult], list[dict]]:
