@@ -107,7 +107,7 @@ def quantize_rows_concurrently(jobs) -> list[RowsResult]:
     run takes its dict's weight and Hessian out of it, see `_Run`). On CUDA their column loops, which
     are launch-bound chains of tiny kernels, are interleaved block by block on one stream each, so
     the GPU runs them side by side; every kernel and operand is the one a lone call uses."""
-    runs = [_Run(job, slot=k) for k, job in enumerate(jobs)]  # host-synchronising preparation first
+    runs = [_Run(job, slot=k) for k, job in enumerate(jobs)]  # every preparation first (queued, no device wait)
     cuda = bool(runs) and runs[0].WT.is_cuda and len(runs) > 1
     if not cuda:
         return [_complete(run) for run in runs]
