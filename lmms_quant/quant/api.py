@@ -190,7 +190,8 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
             weight_terms = torch.stack([(original - effective).norm(), original.norm(), levels]).double()
             measured.append(torch.cat([weight_terms, output_terms]))
             del original, effective
-        values = torch.stack(measured).tolist() if measured else []
+        # (a unit spread over several devices by accelerate gathers its statistics on the first one)
+        values = torch.stack([m.to(measured[0].device) for m in measured]).tolist() if measured else []
         for t, (delta_norm, norm, levels, out_num, out_den) in zip(unit.targets, values):
             result = results[t.name]
             holdout = stats[t.name].holdout
