@@ -48,10 +48,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("rows,columns,grid,block_size,act_order", CASES)
-def test_gptq_codes_equal_the_reference_loop(rows, columns, grid, block_size, act_order, monkeypatch):
-    from lmms_quant.quant import gptq_reference
-
-    monkeypatch.setattr(gptq_reference, "INVERSE_BLOCK", 72)  # U's triangular inverse in several blocks
+def test_gptq_codes_equal_the_reference_loop(rows, columns, grid, block_size, act_order):
     w, H = _layer(rows, columns, seed=rows + columns)
     fast = gptq.quantize_layer(w, H, grid, block_size=block_size, act_order=act_order)
     codes, deq, scale, zero = reference_quantize_layer(w, H, grid, block_size=block_size, act_order=act_order)
@@ -121,29 +118,21 @@ def test_overwrite_hessian_damps_the_callers_hessian_in_place_and_only_then():
     assert torch.equal(plain.qweight.codes, overwritten.qweight.codes)
 
 
-def test_the_blockwise_triangular_inverse_is_the_inverse():
-    # Block columns of L^-1 solved on their trailing systems, written over L (a ragged last block).
-    from lmms_quant.quant.gptq_reference import invert_lower_
+def test_the_triangular_inverse_is_the_inverse():
+    from lmms_quant.quant.gptq_reference import lower_inverse
 
     _, H = _layer(8, 96, seed=3)
     L = torch.linalg.cholesky(H.double() + 0.1 * torch.eye(96, dtype=torch.float64))
-    expected = torch.linalg.inv(L)
-    for block in (40, 96, 1024):
-        inverse = invert_lower_(L.clone(), block=block)
-        assert torch.equal(inverse, inverse.tril())
-        assert torch.allclose(inverse, expected, rtol=1e-10, atol=1e-12)
-    assert torch.allclose(invert_lower_(L.clone(), block=40) @ L, torch.eye(96, dtype=torch.float64), atol=1e-10)
+    inverse = lower_inverse(L)
+    assert torch.equal(inverse, inverse.tril())
+    assert torch.allclose(inverse, torch.linalg.inv(L), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(inverse @ L, torch.eye(96, dtype=torch.float64), atol=1e-10)
 
 
-@pytest.mark.parametrize("block", [None, 40])
-def test_the_reversed_inverse_factor_is_the_cholesky_factor_of_the_inverse_hessian(block, monkeypatch):
+def test_the_reversed_inverse_factor_is_the_cholesky_factor_of_the_inverse_hessian():
     # The fast path's U (one Cholesky of the reversed H, one triangular inverse) against IST-DASLab's
     # cholesky -> cholesky_inverse -> cholesky: in float64 the two must be one matrix.
-    from lmms_quant.quant import gptq_reference
     from lmms_quant.quant.gptq_reference import ist_inverse_factor, reversed_inverse_factor
-
-    if block:
-        monkeypatch.setattr(gptq_reference, "INVERSE_BLOCK", block)
 
     _, H = _layer(8, 96, seed=5)
     H = H.double()

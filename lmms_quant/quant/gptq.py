@@ -31,7 +31,7 @@ from lmms_quant.values import bad, parse_bool, parse_float, parse_positive_int
 
 from . import gptq_kernel
 from . import gptq_torch_loop as torch_loop
-from .gptq_reference import invert_lower_
+from .gptq_reference import lower_inverse
 from .method import MethodConfig, RecipeError, option
 from .quantizer import LayerResult, QuantGrid, QuantizedWeight, rtn_weight, tf32_products
 
@@ -187,8 +187,10 @@ class _Run:
         L, self.info = torch.linalg.cholesky_ex(H)  # info != 0: not positive definite (`finish` raises)
         del H
         self.lam, self.damp = lam, damp
-        self.U = invert_lower_(L).flip(0, 1)
+        inverse_l = lower_inverse(L)
         del L
+        self.U = inverse_l.flip(0, 1)
+        del inverse_l
 
         # Transposed (and permuted) in one copy: a weight column is a contiguous row here, and every
         # per-column step is an in-place kernel on contiguous memory, with no host synchronisation.

@@ -28,8 +28,6 @@ import torch
 
 from .quantizer import QuantGrid, QuantizedWeight
 
-INVERSE_BLOCK = 1024  # block columns of L⁻¹ solved at a time (`invert_lower_`)
-
 
 def find_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) of cells spanning [xmin, xmax]; codes 0..2^b-1 with w_hat = (q - zero) * scale."""
@@ -66,19 +64,10 @@ def ist_inverse_factor(H: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
 
-def invert_lower_(L: torch.Tensor, block: int | None = None) -> torch.Tensor:
-    """L⁻¹ of a lower-triangular L, written over L, one block column at a time.
-
-    Block column j of L⁻¹ (columns j..j+b) is zero above row j, so it solves only the trailing system
-    L[j:, j:] X = I[j:, j:j+b]: about n³/6 multiply-adds in all, a third of one solve against the whole
-    identity (which also works out the zeros above the diagonal). No later solve reads block column j
-    of L (they read the trailing L[j', j':] for j' > j), so X overwrites it."""
-    n, block = L.shape[0], block or INVERSE_BLOCK
-    for j in range(0, n, block):
-        b = min(block, n - j)
-        identity = torch.eye(n - j, b, device=L.device, dtype=L.dtype)
-        L[j:, j:j + b] = torch.linalg.solve_triangular(L[j:, j:], identity, upper=False)
-    return L
+def lower_inverse(L: torch.Tensor) -> torch.Tensor:
+    """L⁻¹ of a lower-triangular L: one triangular solve against the identity, in place of it."""
+    inverse = torch.eye(L.shape[0], device=L.device, dtype=L.dtype)
+    return torch.linalg.solve_triangular(L, inverse, upper=False, out=inverse)
 
 
 def reversed_inverse_factor(H: torch.Tensor) -> torch.Tensor:
@@ -91,7 +80,7 @@ def reversed_inverse_factor(H: torch.Tensor) -> torch.Tensor:
     L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if int(info) != 0:
         raise ValueError("the damped Hessian is not positive definite")
-    return invert_lower_(L).flip(0, 1)
+    return lower_inverse(L).flip(0, 1)
 
 
 def fasterquant(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, *, damp: float = 0.01,
@@ -163,4 +152,4 @@ def fasterquant(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, *,
                            scale=scaleT.T.contiguous(), zero=zeroT.T.contiguous().to(torch.int32), grid=grid)
 
 
-__all__ = ["fasterquant", "find_params", "invert_lower_", "reversed_inverse_factor"]
+__all__ = ["fasterquant", "find_params", "lower_inverse", "reversed_inverse_factor"]
