@@ -76,9 +76,6 @@ def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) ->
     return rtn_weight(weight * s[None, :], grid).div_(s[None, :])
 
 
-_UNSET = object()
-
-
 def input_factor(x: torch.Tensor) -> torch.Tensor | None:
     """R (columns x columns, upper triangular) with RᵀR = XᵀX, so that ||X Dᵀ|| = ||R Dᵀ|| for every D:
     a search that scores many weight errors D on an input of many more rows than columns multiplies
@@ -102,15 +99,20 @@ def input_factor(x: torch.Tensor) -> torch.Tensor | None:
     return factor.T.float()
 
 
+def scoring_rows(x: torch.Tensor) -> torch.Tensor:
+    """What output errors on ``x`` are scored through: its `input_factor` where there is one, else x."""
+    factor = input_factor(x)
+    return x if factor is None else factor
+
+
 def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list[torch.Tensor | None],
                  grids: list[QuantGrid], n_grid: int, mean_abs: torch.Tensor | None = None,
-                 factor=_UNSET) -> tuple[torch.Tensor, float, float, float]:
+                 scored: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
     """(best s, its alpha, its loss, the alpha=0 / RTN loss) for Linears sharing input ``x``, by their
     own output error on ``x`` (scored through `input_factor` where X is tall); ``mean_abs`` (default:
-    that of ``x``) is a = mean |X_j|; ``factor``: `input_factor(x)` when the caller has it."""
+    that of ``x``) is a = mean |X_j|; ``scored``: `scoring_rows(x)` when the caller has it."""
     mean_abs = x.float().abs().mean(dim=0) if mean_abs is None else mean_abs.to(x.device)
-    factor = input_factor(x) if factor is _UNSET else factor
-    scored = x if factor is None else factor
+    scored = scoring_rows(x) if scored is None else scored
     scales, totals = [], []
     for k in range(n_grid):
         s = mean_abs.pow(k / n_grid).clamp(min=1e-4)
@@ -338,12 +340,12 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
     fold_info: dict[str, dict] = {}
     notes = []
 
-    factors: dict[int, torch.Tensor | None] = {}  # per input (Linears sharing one input share its object)
+    rows_of: dict[int, torch.Tensor] = {}  # `scoring_rows` per input (Linears sharing one share its object)
 
-    def factor_of(x: torch.Tensor) -> torch.Tensor | None:
-        if id(x) not in factors:
-            factors[id(x)] = input_factor(x)
-        return factors[id(x)]
+    def scored_of(x: torch.Tensor) -> torch.Tensor:
+        if id(x) not in rows_of:
+            rows_of[id(x)] = scoring_rows(x)
+        return rows_of[id(x)]
 
     calls = getattr(stats, "calls", {})
     call_modules = getattr(stats, "call_modules", {})
@@ -364,7 +366,7 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
             criterion = "linear_output"
             s, alpha, loss, rtn_loss = search_scale(
                 x, [current[n] for n in fold.linears], [row_scale.get(n) for n in fold.linears], grids, cfg.grid,
-                mean_abs, factor=factor_of(x))
+                mean_abs, scored=scored_of(x))
         apply_fold(fold, s, modules, current)
         applied.append(fold)
         if fold.prev_name in current:
@@ -386,22 +388,20 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         x = inputs[name]
         s = col_scale.get(name)
         r = row_scale.get(name)
-        factor = factor_of(x)  # R / s factors X / s as R factors X
-        scored = x if factor is None else factor
-        scored = scored if s is None else scored / s[None, :]
+        scored = scored_of(x)  # R / s factors X / s as R factors X
+        scored_now = scored if s is None else scored / s[None, :]
         clip_rows = spread_rows(x, CLIP_ROWS)
         clip_rows = clip_rows if s is None else clip_rows / s[None, :]
         leaf = t.site.role.split(".")[-1]
         qweight = quantize_layer(current[name], clip_rows, t.grid, clip=cfg.clip and leaf not in _NO_CLIP_LEAVES,
-                                 row_weight=r, scored=scored)
+                                 row_weight=r, scored=scored_now)
         result = LayerResult(qweight, in_scale=s, out_scale=r,
                              info={"scaled": s is not None, "clip_searched": qweight.clip is not None,
                                    **fold_info.get(name, {}), "calib_tokens": stats[name].n_calib})
         effective = result.effective_weight(qweight.weight)
         started = time.perf_counter()
         reference = t.module.weight.detach().float()
-        norm_sq, (awq_sq, rtn_sq) = _output_sq_norms(x if factor is None else factor, reference,
-                                                     [effective, rtn_weight(reference, t.grid)])
+        norm_sq, (awq_sq, rtn_sq) = _output_sq_norms(scored, reference, [effective, rtn_weight(reference, t.grid)])
         result.calib_error = (awq_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         result.rtn_calib_error = (rtn_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         # ||X W^T|| turns the relative errors back into the absolute ones the scale search sums.

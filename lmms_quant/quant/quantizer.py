@@ -268,8 +268,8 @@ class LayerResult:
 
 def output_error_terms(x: torch.Tensor, reference: torch.Tensor, approx: torch.Tensor,
                        chunk_rows: int = 4096) -> torch.Tensor:
-    """(||x (reference - approx)^T||², ||x reference^T||²) as a float64 tensor on x's device, without
-    reading it: `relative_output_error`'s two sums, for a caller that reads several at once."""
+    """(||x (reference - approx)^T||², ||x reference^T||²) as a float64 tensor on x's device, not yet
+    read: the two sums of `relative_output_error`, for a caller that reads several at once."""
     delta = (reference - approx).float()
     reference = reference.float()
     totals = torch.zeros(2, dtype=torch.float64, device=x.device)
@@ -283,13 +283,7 @@ def output_error_terms(x: torch.Tensor, reference: torch.Tensor, approx: torch.T
 def relative_output_error(x: torch.Tensor, reference: torch.Tensor, approx: torch.Tensor,
                           chunk_rows: int = 4096) -> float:
     """||x (reference - approx)^T|| / ||x reference^T|| (Frobenius), biases excluded."""
-    delta = (reference - approx).float()
-    reference = reference.float()
-    num = den = 0.0
-    for start in range(0, x.shape[0], chunk_rows):
-        xs = x[start:start + chunk_rows].float()
-        num += float((xs @ delta.T).square().sum())
-        den += float((xs @ reference.T).square().sum())
+    num, den = output_error_terms(x, reference, approx, chunk_rows).tolist()
     return math.sqrt(num / den) if den > 0 else float("nan")
 
 
