@@ -397,14 +397,16 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
     keep = len(runs) > 1 or args.warmup
     pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if keep else None
     _write(out_path, result)
+
+    def recipe_of(spec: str) -> Recipe:
+        method, component = spec.split(":")
+        return Recipe.parse({"method": method, "component": component, "bits": 4, "group_size": 128,
+                             "calib_n": args.calib_n, "calib_batch_size": args.calib_batch_size})
+
     if args.warmup:  # the process's first quantization pays one-time costs (kernel compiles, library set-up)
-        method, component = runs[0].split(":")
         _sync(device)
         t0 = time.perf_counter()
-        quantize(model, processor, Recipe.parse({"method": method, "component": component, "bits": 4,
-                                                 "group_size": 128, "calib_n": args.calib_n,
-                                                 "calib_batch_size": args.calib_batch_size}),
-                 device=device, progress=False)
+        quantize(model, processor, recipe_of(runs[0]), device=device, progress=False)
         _sync(device)
         entry["warmup"] = {"spec": runs[0], "wall_s": time.perf_counter() - t0}
         print(arch, "warm-up", json.dumps(entry["warmup"]), flush=True)
@@ -415,8 +417,7 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
         method, component = spec.split(":")
         if index or args.warmup:
             model.load_state_dict(pristine)
-        recipe = Recipe.parse({"method": method, "component": component, "bits": 4, "group_size": 128,
-                               "calib_n": args.calib_n, "calib_batch_size": args.calib_batch_size})
+        recipe = recipe_of(spec)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

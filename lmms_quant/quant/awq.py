@@ -176,9 +176,8 @@ def search_scale_block(parent: nn.Module, calls: list, mean_abs: torch.Tensor, l
     # candidate is installed by pointing the parameter at a new tensor, one Linear at a time.
     originals = {n: m.weight.data for n, m in in_parent.items()}
 
-    def install(weights: dict[str, torch.Tensor]) -> None:
-        for name, w in weights.items():
-            in_parent[name].weight.data = w.to(originals[name].dtype, copy=True)
+    def install(name: str, w: torch.Tensor) -> None:
+        in_parent[name].weight.data = w.to(originals[name].dtype, copy=True)
 
     def run():
         """The parent's real-token outputs, one call at a time (a candidate's outputs are compared as
@@ -188,14 +187,15 @@ def search_scale_block(parent: nn.Module, calls: list, mean_abs: torch.Tensor, l
 
     scales, totals = [], []
     try:
-        install({n: current[n] for n in in_parent})
+        for n in in_parent:
+            install(n, current[n])
         reference = list(run())
         n_elements = sum(r.numel() for r in reference)
         for k in range(n_grid):
             s = mean_abs.pow(k / n_grid).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             for n, g in zip(linears, grids):
-                install({n: scaled_rtn_weight(current[n], s, g)})
+                install(n, scaled_rtn_weight(current[n], s, g))
             parts = []
             for out, ref in zip(run(), reference):
                 diff = (out.float() - ref).reshape(-1)  # ref promoted inside the subtraction
