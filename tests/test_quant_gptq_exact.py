@@ -118,15 +118,28 @@ def test_overwrite_hessian_damps_the_callers_hessian_in_place_and_only_then():
     assert torch.equal(plain.qweight.codes, overwritten.qweight.codes)
 
 
-def test_the_triangular_inverse_is_the_inverse():
+@pytest.mark.parametrize("n,leaf", [(96, 512), (300, 64), (333, 40)])
+def test_the_triangular_inverse_is_the_inverse(n, leaf):
+    # One solve (n <= leaf), and the inverse by halves with uneven halves and several levels.
     from lmms_quant.quant.gptq_reference import lower_inverse
 
-    _, H = _layer(8, 96, seed=3)
-    L = torch.linalg.cholesky(H.double() + 0.1 * torch.eye(96, dtype=torch.float64))
-    inverse = lower_inverse(L)
+    _, H = _layer(8, n, seed=3)
+    L = torch.linalg.cholesky(H.double() + 0.1 * torch.eye(n, dtype=torch.float64))
+    inverse = lower_inverse(L, leaf=leaf)
     assert torch.equal(inverse, inverse.tril())
     assert torch.allclose(inverse, torch.linalg.inv(L), rtol=1e-10, atol=1e-12)
-    assert torch.allclose(inverse @ L, torch.eye(96, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(inverse @ L, torch.eye(n, dtype=torch.float64), atol=1e-10)
+
+
+def test_the_triangular_inverse_by_halves_is_as_accurate_in_float32_as_one_solve():
+    from lmms_quant.quant.gptq_reference import lower_inverse
+
+    _, H = _layer(8, 700, seed=4)
+    L = torch.linalg.cholesky(H.double() + 0.01 * H.double().diagonal().mean() * torch.eye(700, dtype=torch.float64))
+    exact = torch.linalg.inv(L)
+    halves = lower_inverse(L.float(), leaf=128).double()
+    solved = torch.linalg.solve_triangular(L.float(), torch.eye(700), upper=False).double()
+    assert float((halves - exact).norm()) <= 1.5 * float((solved - exact).norm())
 
 
 def test_the_reversed_inverse_factor_is_the_cholesky_factor_of_the_inverse_hessian():

@@ -47,9 +47,9 @@ def blip2_five_layers(tmp_path_factory):
 def _block_calls(path, driver):
     model = FIXTURE_MODEL_CLASSES["blip2_opt"].from_pretrained(path).eval()
     layers = model.language_model.model.decoder.layers
-    calls = [0] * len(layers)
+    calls = [0] * len(layers)  # calls begun (a statistics pass may stop inside the block)
     for i, layer in enumerate(layers):
-        layer.register_forward_hook(lambda module, args, output, i=i: calls.__setitem__(i, calls[i] + 1))
+        layer.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
     report = run_quantization(model, AutoProcessor.from_pretrained(path),
                               Recipe.parse({"method": "gptq", "component": "llm", **RECIPE}), progress=False,
                               driver=driver)
@@ -60,10 +60,10 @@ def test_sequential_driver_runs_each_block_at_most_three_times_per_batch(blip2_f
     batches = 2 + 1  # 8 calibration samples and 4 held out, in batches of 4
     sequential, report = _block_calls(blip2_five_layers, "sequential")
     by_model, _ = _block_calls(blip2_five_layers, "model")
-    # Once in the capture pass (the last needed block is not run there), once for its statistics,
-    # once quantized to make the next block's inputs (not for the last block): 3n - 2 per batch.
-    assert sequential == [3 * batches] * 4 + [batches]
-    assert sum(sequential) == (3 * 5 - 2) * batches == report.timing["block_forwards"] + 4 * batches
+    # Begun once in the capture pass (which stops at the last needed block's input), once for its
+    # statistics, once quantized to make the next block's inputs (not the last block): 3n - 1 per batch.
+    assert sequential == [3 * batches] * 4 + [2 * batches]
+    assert sum(sequential) == (3 * 5 - 1) * batches == report.timing["block_forwards"] + 5 * batches
     # The model driver re-runs the stack up to each block: n (n + 1) / 2 per batch.
     assert by_model == [(5 - i) * batches for i in range(5)] and sum(by_model) == 15 * batches
 
@@ -127,3 +127,60 @@ def test_real_token_rows_by_the_cached_index_are_the_boolean_masks_rows():
     assert torch.equal(batch.masks.real_rows(x, "attention_mask"), expected)
     assert torch.equal(batch.masks.real_rows(x.reshape(21, 5), "attention_mask"), expected)
     assert batch.masks.index("attention_mask", "cpu") is batch.masks.index("attention_mask", "cpu")
+
+
+class _TwoLinearBlock(torch.nn.Module):
+    """a, then b; with ``a_again``, a once more on b's output (a Linear called twice in one forward)."""
+
+    def __init__(self, d=16, a_again=False):
+        super().__init__()
+        self.a, self.b, self.a_again = torch.nn.Linear(d, d), torch.nn.Linear(d, d), a_again
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return self.a(y) if self.a_again else y
+
+
+def _collect_two_linear_block(block):
+    from lmms_quant.quant.archs import LinearSite, Target, Unit, UnitSite
+    from lmms_quant.quant.calibration import Batch, Calibrator
+    from lmms_quant.quant.quantizer import QuantGrid
+
+    grid = QuantGrid(bits=4, sym=False, granularity="group", group_size=8)
+    sites = [LinearSite(n, block.get_submodule(n), n, "llm", None, None, None) for n in ("a", "b")]
+    unit = Unit(UnitSite("block", "llm", None, None, None, sites, []), [Target(s, grid) for s in sites], [], block)
+    torch.manual_seed(0)
+    batches = [Batch({"x": torch.randn(3, 5, 16)}) for _ in range(4)]
+    completed = {"b": 0}
+    block.b.register_forward_hook(lambda *_: completed.__setitem__("b", completed["b"] + 1))
+    with torch.no_grad():
+        stats = Calibrator(block, batches, [], seed=0, device="cpu", dtype=torch.float32).collect(unit, hessian=True)
+        b_ran = completed["b"]
+        inputs = {"a": [], "b": []}
+        for batch in batches:
+            x = batch.inputs["x"].reshape(-1, 16)
+            h = torch.relu(block.a(x))
+            inputs["a"].append(x)
+            inputs["b"].append(h)
+            if block.a_again:
+                inputs["a"].append(block.b(h))
+    expected = {n: sum(x.T @ x for x in xs) for n, xs in inputs.items()}
+    return stats, expected, b_ran
+
+
+def test_calibration_passes_after_the_first_stop_at_the_units_last_linear_input_with_the_same_statistics():
+    # The unit's last Linear (b) and what follows it run on the first pass only; the Hessians hold
+    # every batch's rows all the same.
+    stats, expected, b_ran = _collect_two_linear_block(_TwoLinearBlock())
+    assert b_ran == 1
+    for name in ("a", "b"):
+        torch.testing.assert_close(stats[name].hessian, expected[name], rtol=1e-5, atol=1e-4)
+        assert stats[name].n_calib == 4 * 15
+
+
+def test_a_linear_called_again_after_the_last_ones_input_keeps_every_call():
+    # Stopping at b's input would lose a's second call: the first pass shows it, so no pass stops early.
+    stats, expected, b_ran = _collect_two_linear_block(_TwoLinearBlock(a_again=True))
+    assert b_ran == 4
+    torch.testing.assert_close(stats["a"].hessian, expected["a"], rtol=1e-5, atol=1e-4)
+    assert stats["a"].n_calib == 4 * 15 * 2

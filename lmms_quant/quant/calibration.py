@@ -111,6 +111,34 @@ class UnitStats(dict):
 # sum, ~8x faster than float32 SIMT (the Hessians were most of LLaVA-7B's calibration time). A float32
 # model's activations are not exact in TF32 and keep full float32 products.
 TF32_EXACT = (torch.float16, torch.bfloat16)
+_HALF_GRAM: dict = {}  # CUDA device -> whether torch.mm takes fp16/bf16 with a float32 out_dtype there
+
+
+def _half_gram_supported(device: torch.device) -> bool:
+    key = str(device)
+    if key not in _HALF_GRAM:
+        try:
+            probe = torch.ones(2, 2, device=device, dtype=torch.float16)
+            _HALF_GRAM[key] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _HALF_GRAM[key] = False
+    return _HALF_GRAM[key]
+
+
+def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> None:
+    """hessian += xᵀx, in float32.
+
+    On CUDA, for fp16/bf16 rows, the product is taken on the half-precision rows themselves with a
+    float32 result (``torch.mm(..., out_dtype=float32)``): each product of two such values is exact in
+    float32 and the sums are float32, so it is the TF32 product of the widened rows (the same values)
+    at twice the tensor-core rate and without a float32 copy of the rows. Elsewhere: the widened rows,
+    in TF32 on CUDA where that is exact (`TF32_EXACT`), else full float32."""
+    if x.is_cuda and x.dtype in TF32_EXACT and _half_gram_supported(x.device):
+        hessian.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+        return
+    xf = x.float()
+    with tf32_products(x.is_cuda and x.dtype in TF32_EXACT):
+        hessian.addmm_(xf.T, xf)
 
 
 class LayerStats:
@@ -143,16 +171,12 @@ class LayerStats:
     def add(self, x: torch.Tensor, phase: str) -> None:
         """Add a batch's input rows. Held rows keep the model's dtype (half the memory of float32 for
         a half-precision model; their float32 values are the same): users convert them as they read."""
-        exact_in_tf32 = x.dtype in TF32_EXACT
         if phase == "calib":
             self.n_calib += x.shape[0]
             if self.want_hessian:
                 if self.hessian is None:
                     self.hessian = torch.zeros(self.in_features, self.in_features, device=x.device)
-                xf = x.float()
-                with tf32_products(x.is_cuda and exact_in_tf32):
-                    self.hessian.addmm_(xf.T, xf)
-                del xf
+                add_gram(self.hessian, x)
             if self.want_inputs:
                 self._inputs.append(self._subsample(x, self.rows_per_batch))
                 total = x.abs().sum(dim=0, dtype=torch.float32)
@@ -235,8 +259,25 @@ class Calibrator:
     @staticmethod
     def install_hooks(unit: Unit, stats: UnitStats, state: dict) -> list:
         """Hooks that feed ``stats`` while the unit runs (``state``: the phase and the batch being run),
-        and stop the forward (`_UnitDone`) once every Linear of the unit has seen its input."""
+        and stop the forward (`_UnitDone`) once every Linear of the unit has seen its input.
+
+        The first pass runs to the end of the unit's exit module. If no Linear of the unit was called
+        again after the last of them first saw its input (true of every block we know), later passes
+        stop right there, at that Linear's input: what is left of the unit (LLaVA's down_proj, OPT's
+        fc2, the residual after them) would only make an output nobody reads."""
         names = set(stats)
+        ends = {"early": None}  # None until the first pass has shown whether stopping early loses a call
+
+        def fired(name):
+            if state["complete"]:
+                state["called_again"] = True
+            state["fired"].add(name)
+
+        def maybe_stop():
+            if not state["complete"] and state["fired"] >= names:
+                state["complete"] = True
+                if ends["early"]:
+                    raise _UnitDone
 
         def call_hook(name):
             def hook(module, args, kwargs):
@@ -247,7 +288,7 @@ class Calibrator:
         def pre_hook(name, mask_key):
             def hook(module, args, kwargs):
                 x = args[0] if args else kwargs["input"]
-                state["fired"].add(name)
+                fired(name)
                 # Linears called on the same tensor (q/k/v, gate/up, cross-attention k/v) share one
                 # LayerStats: one Hessian, one input sample. Decided on their first call, checked after.
                 seen = state.setdefault("seen", [])
@@ -261,12 +302,16 @@ class Calibrator:
                     if leader != stats.shared_with[name]:
                         raise RuntimeError(f"{name}: its input was {stats.shared_with[name]}'s on the first batch but "
                                            f"not on a later one; the model's call graph changed between batches")
+                    maybe_stop()
                     return
                 seen.append((x, mask_key, name))
                 stats[name].add(_tokens(x.detach(), state["batch"].masks, mask_key, name), state["phase"])
+                maybe_stop()
             return hook
 
         def exit_hook(module, args, output):
+            if ends["early"] is None and state["complete"]:
+                ends["early"] = not state["called_again"]
             if state["fired"] >= names:
                 raise _UnitDone
 
@@ -312,7 +357,8 @@ class Calibrator:
         handles = self.install_hooks(unit, stats, state)
         try:
             for phase, batch, run in passes:
-                state.update(phase=phase, batch=batch, fired=set(), seen=[], batch_id=id(batch))
+                state.update(phase=phase, batch=batch, fired=set(), seen=[], batch_id=id(batch), complete=False,
+                             called_again=False)
                 try:
                     run()
                 except _UnitDone:
