@@ -108,7 +108,7 @@ def random_fp16(model_class, config, device):
     return model
 
 
-def build_blip2_opt_27b(device):
+def build_blip2_opt_27b(device, llm_layers: int | None = None):
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
     from transformers import Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
 
@@ -123,7 +123,7 @@ def build_blip2_opt_27b(device):
                                           num_attention_heads=12, cross_attention_frequency=2,
                                           encoder_hidden_size=1408).to_dict(),
         text_config=OPTConfig(vocab_size=50272, hidden_size=2560, word_embed_proj_dim=2560, ffn_dim=10240,
-                              num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
+                              num_hidden_layers=llm_layers or 32, num_attention_heads=32, max_position_embeddings=2048,
                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                               eos_token_id=tok.eos_token_id).to_dict(),
         num_query_tokens=32, image_token_index=image_token_id(tok),
@@ -142,7 +142,7 @@ LLAVA_TEXT = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_l
               "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)}
 
 
-def build_llava_15(device, size: str = "7b"):
+def build_llava_15(device, size: str = "7b", llm_layers: int | None = None):
     """LLaVA-1.5 at its published sizes: CLIP ViT-L/14 at 336 px (576 image tokens), MLP projector, Vicuna."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
@@ -150,7 +150,7 @@ def build_llava_15(device, size: str = "7b"):
     from lmms_quant.fixtures.models import CLIP_MEAN, CLIP_STD, LLAVA_CHAT_TEMPLATE, image_token_id, lm_tokenizer
 
     tok = lm_tokenizer()
-    text = LLAVA_TEXT[size]
+    text = dict(LLAVA_TEXT[size], **({"num_hidden_layers": llm_layers} if llm_layers else {}))
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                        num_attention_heads=16, image_size=336, patch_size=14,
@@ -186,8 +186,8 @@ def build_tiny(device, kind: str = "blip2_opt"):
 
 ARCHS = {
     "blip2-opt-2.7b": (build_blip2_opt_27b, "gptq:all,awq:all,rtn:all,gptq:llm,gptq:vit"),
-    "llava-1.5-7b": (lambda device: build_llava_15(device, "7b"), "gptq:all,awq:llm"),
-    "llava-1.5-13b": (lambda device: build_llava_15(device, "13b"), "gptq:all"),
+    "llava-1.5-7b": (lambda device, **kw: build_llava_15(device, "7b", **kw), "gptq:all,awq:llm"),
+    "llava-1.5-13b": (lambda device, **kw: build_llava_15(device, "13b", **kw), "gptq:all"),
     "tiny": (build_tiny, "gptq:all,awq:all,rtn:all"),
     "tiny-llava": (lambda device: build_tiny(device, "llava"), "gptq:all,awq:all,rtn:all"),
 }
@@ -388,9 +388,9 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
 
     device = args.device
     t0 = time.perf_counter()
-    model, processor = ARCHS[arch][0](device)
+    model, processor = ARCHS[arch][0](device, **({"llm_layers": args.llm_layers} if args.llm_layers else {}))
     _sync(device)
-    entry = {"arch": arch, "build_s": time.perf_counter() - t0, "runs": [],
+    entry = {"arch": arch, "build_s": time.perf_counter() - t0, "runs": [], "llm_layers": args.llm_layers,
              "fp16_weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / GIB}
     result["archs"].append(entry)
     runs = (args.runs or ARCHS[arch][1]).split(",")
@@ -547,6 +547,9 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-trace", action="store_true",
                         help="record CUDA allocations: what is alive at each run's peak, by source line (slow)")
     parser.add_argument("--check-reference", action="store_true", help="gptq_reference vs the fast path, real size")
+    parser.add_argument("--llm-layers", type=int, default=None,
+                        help="build the LLM with this many blocks (real width; for memory traces and profiles: the "
+                             "per-block peak and time of the full depth, in a fraction of the run) [the real depth]")
     parser.add_argument("--warmup", action="store_true",
                         help="run each arch's first method:component once, untimed, before the timed runs "
                              "(its wall time is reported as the cold run)")
@@ -559,6 +562,9 @@ def main(argv=None) -> int:
     for arch in archs:
         if arch not in ARCHS:
             parser.error(f"--arch: got {arch!r}; valid: {', '.join(ARCHS)}")
+        if args.llm_layers is not None and (arch.startswith("tiny") or args.llm_layers < 1):
+            parser.error(f"--llm-layers: got {args.llm_layers} for {arch}; valid: a positive depth, for the "
+                         f"real-size archs ({', '.join(a for a in ARCHS if not a.startswith('tiny'))})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     import transformers
@@ -580,7 +586,8 @@ def main(argv=None) -> int:
             result.setdefault("not_run", []).append(arch)
             continue
         run_arch(arch, args, result, out_path, started)
-        result["targets"] = evaluate_targets(result)
+        # a truncated LLM is not the model the targets are about
+        result["targets"] = evaluate_targets(result) if args.llm_layers is None else []
         _write(out_path, result)
         _write_text(args.out / "bench_gpu.md", markdown(result))
     result["total_s"] = time.perf_counter() - started
