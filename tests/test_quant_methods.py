@@ -419,3 +419,16 @@ def test_awq_scale_search_by_the_input_factor_picks_the_scale_the_input_picks(mo
     by_input = awq.search_scale(x, weights, [None, None], [grid, grid], 20)
     assert by_factor[1] == by_input[1] and by_factor[1] > 0
     assert by_factor[2] == pytest.approx(by_input[2], rel=1e-4)
+
+
+def test_awq_report_norms_are_the_direct_output_norms_chunk_by_chunk():
+    from lmms_quant.quant.awq import _output_sq_norms
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(150, 24, generator=g), torch.randn(10, 24, generator=g)
+    approxes = [w + 0.01 * torch.randn(10, 24, generator=g), w.round()]
+    norm, errors = _output_sq_norms(x, w, approxes, chunk_rows=64)  # three chunks, the last one short
+    X, W = x.double(), w.double()
+    assert norm == pytest.approx(float((X @ W.T).square().sum()), rel=1e-6)
+    for a, err in zip(approxes, errors):
+        assert err == pytest.approx(float((X @ (W - a.double()).T).square().sum()), rel=1e-5)

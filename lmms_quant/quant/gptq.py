@@ -277,17 +277,19 @@ def _quadratic_rows(M: torch.Tensor, H: torch.Tensor, chunk_rows: int = 4096) ->
     return out
 
 
-def _row_square_sums(W: torch.Tensor, Q: torch.Tensor, dead: torch.Tensor, chunk_rows: int = 1024):
-    """Per row: sum_j (W - Q)_j^2 and the same over the dead columns only, squares in fp32 summed in
-    float64, a chunk at a time (a copy of a whole stacked weight would be the unit's largest buffer)."""
+def _row_square_sums(W: torch.Tensor, Q: torch.Tensor, dead: torch.Tensor, chunk_elements: int = 2**24):
+    """Per row: sum_j (W - Q)_j^2 and the same over the dead columns only, squares in fp32, the
+    first summed in float64, a chunk of rows at a time (a copy of a whole stacked weight would be the
+    unit's largest buffer). The dead columns' share is a product with their 0/1 indicator: no device
+    wait to ask whether there are any."""
     total = torch.empty(W.shape[0], dtype=torch.float64, device=W.device)
-    on_dead = torch.zeros_like(total)
-    any_dead = bool(dead.any())  # one device wait, not one per chunk
+    on_dead = torch.empty_like(total)
+    indicator = dead.to(torch.float32)
+    chunk_rows = max(1, chunk_elements // max(1, W.shape[1]))
     for start in range(0, W.shape[0], chunk_rows):
-        squares = (W[start:start + chunk_rows] - Q[start:start + chunk_rows]).square_()  # summed in float64
+        squares = (W[start:start + chunk_rows] - Q[start:start + chunk_rows]).square_()
         total[start:start + chunk_rows] = squares.sum(dim=1, dtype=torch.float64)
-        if any_dead:
-            on_dead[start:start + chunk_rows] = squares[:, dead].sum(dim=1, dtype=torch.float64)
+        on_dead[start:start + chunk_rows] = squares @ indicator
     return total, on_dead
 
 
@@ -376,9 +378,8 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
     except HessianNotPositiveDefinite as err:
         raise HessianNotPositiveDefinite(f"{unit.name}: {err}") from None
 
-    results = {}
-    for group, weights, (den, rtn_num), done in zip(groups, stacked, quads, done_all):
-        names = [t.name for t in group]
+    per_group = []
+    for weights, (den, rtn_num), done in zip(stacked, quads, done_all):
         W = stacked_float(weights)  # the modules still hold their original weights
         after_run = _SpanClock(W.is_cuda)
         with after_run.span():
@@ -391,7 +392,13 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
                 start += w.shape[0]
             sums = torch.stack([torch.stack([den[a:b].sum(), num[a:b].sum(), rtn_num[a:b].sum()])
                                 for a, b in bounds])
-        sums = sums.tolist()  # one device wait for the group
+        per_group.append((bounds, sums, after_run))
+    every_sum = torch.cat([sums for _, sums, _ in per_group]).tolist()  # one device wait for the unit
+
+    results = {}
+    for group, done, (bounds, sums, after_run) in zip(groups, done_all, per_group):
+        names = [t.name for t in group]
+        sums, every_sum = every_sum[:len(bounds)], every_sum[len(bounds):]
         group_stats_s = before_run.seconds() / len(groups) + after_run.seconds()
         for t, (r0, r1), (d, err, rtn_err) in zip(group, bounds, sums):
             q = done.qweight
