@@ -310,18 +310,6 @@ def reference_check(device) -> dict:
         "relative_difference": float((h_tf32 - h_fp32).norm() / h_fp32.norm()),
         "codes_mismatch_fraction": float((codes_tf32 != codes_fp32).float().mean()),
         "accumulate_s": hessian_s, "fp32_s": fp32_s}
-    # The report's quadratic forms diag(W H Wᵀ): fp16 factors (the CUDA path) and TF32, against float64.
-    from lmms_quant.quant.gptq import _quadratic_rows
-
-    exact = ((w.double() @ h_fp32.double()) * w.double()).sum(dim=1)
-    forms = {}
-    for label, half in (("half", True), ("tf32", False)):
-        rows, seconds = timed(lambda half=half: _quadratic_rows(w, h_fp32, half=half))
-        forms[f"{label}_max_row_relative_error"] = float(((rows - exact) / exact).abs().max())
-        forms[f"{label}_total_relative_error"] = float(rows.sum() / exact.sum() - 1)
-        forms[f"{label}_s"] = seconds
-    out[f"report_quadratic_forms_{w.shape[0]}x{w.shape[1]}"] = {"codes_equal": "n/a", "codes_mismatch_fraction": float("nan"),
-                                                               **forms}
     # One OPT block's four groups (q/k/v stacked, out, fc1, fc2): interleaved on streams vs one by one.
     dm, df = (2560, 10240) if torch.device(device).type == "cuda" else (64, 256)
     xs = {c: torch.randn(8192, c, device=device, generator=g, dtype=torch.float16).float() for c in (dm, df)}

@@ -24,7 +24,7 @@ import torch
 from .archs import MatmulView, Unit
 from .calib_data import (CAPTION_INSTRUCTION, Batch, CalibSample, check_not_evaluated, load_samples,  # noqa: F401
                          make_batch, make_batches, sample_from_text)
-from .quantizer import half_products_into_float32, tf32_products
+from .quantizer import tf32_products
 
 # --------------------------------------------------------------------------- capture
 
@@ -111,6 +111,20 @@ class UnitStats(dict):
 # sum, ~8x faster than float32 SIMT (the Hessians were most of LLaVA-7B's calibration time). A float32
 # model's activations are not exact in TF32 and keep full float32 products.
 TF32_EXACT = (torch.float16, torch.bfloat16)
+_HALF_GRAM: dict = {}  # CUDA device -> whether torch.mm takes fp16/bf16 with a float32 out_dtype there
+
+
+def _half_gram_supported(device: torch.device) -> bool:
+    key = str(device)
+    if key not in _HALF_GRAM:
+        try:
+            probe = torch.ones(2, 2, device=device, dtype=torch.float16)
+            _HALF_GRAM[key] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _HALF_GRAM[key] = False
+    return _HALF_GRAM[key]
+
+
 def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> None:
     """hessian += xᵀx, in float32.
 
@@ -119,7 +133,7 @@ def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> None:
     float32 and the sums are float32, so it is the TF32 product of the widened rows (the same values)
     at twice the tensor-core rate and without a float32 copy of the rows. Elsewhere: the widened rows,
     in TF32 on CUDA where that is exact (`TF32_EXACT`), else full float32."""
-    if x.is_cuda and x.dtype in TF32_EXACT and half_products_into_float32(x.device):
+    if x.is_cuda and x.dtype in TF32_EXACT and _half_gram_supported(x.device):
         hessian.add_(torch.mm(x.T, x, out_dtype=torch.float32))
         return
     xf = x.float()

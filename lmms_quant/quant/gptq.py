@@ -33,8 +33,7 @@ from . import gptq_kernel
 from . import gptq_torch_loop as torch_loop
 from .gptq_reference import lower_inverse
 from .method import MethodConfig, RecipeError, option
-from .quantizer import (LayerResult, QuantGrid, QuantizedWeight, half_product, half_products_into_float32, rtn_weight,
-                        tf32_products)
+from .quantizer import LayerResult, QuantGrid, QuantizedWeight, rtn_weight, tf32_products
 
 NEEDS_HESSIAN = True
 NEEDS_INPUTS = False
@@ -267,28 +266,10 @@ class _Run:
         return RowsResult(qweight, self.err_sq, self.lam, self.dead)
 
 
-def _quadratic_rows(M: torch.Tensor, H: torch.Tensor, chunk_rows: int = 4096, half: bool | None = None) -> torch.Tensor:
-    """diag(M H M^T) in float64: each row's m H m^T, a chunk of rows at a time. A report statistic.
-
-    On CUDA (``half`` None: where torch has the product) the factors are scaled into fp16 (H by its
-    largest entry, each row of M by its own) and multiplied with a float32 result: the same 10-bit
-    mantissas as the TF32 product of the float32 factors (`tf32_products`), at twice its rate. Entries
-    below 2⁻¹⁴ of their scale lose relative precision (fp16 subnormals), where their share of the sum
-    is at most ~1e-3 of it (`bench_gpu --check-reference` compares both with float64). Elsewhere the
-    float32 product (TF32 on CUDA)."""
+def _quadratic_rows(M: torch.Tensor, H: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
+    """diag(M H M^T) in float64: each row's m H m^T, a chunk of rows at a time (products in TF32 on
+    CUDA: a report statistic, see `tf32_products`)."""
     out = torch.empty(M.shape[0], dtype=torch.float64, device=M.device)
-    if half is None:
-        half = M.is_cuda and half_products_into_float32(M.device)
-    if half:
-        h_scale = H.abs().amax().clamp(min=torch.finfo(torch.float32).tiny)
-        H16 = (H / h_scale).half()
-        for start in range(0, M.shape[0], chunk_rows):
-            m = M[start:start + chunk_rows]
-            r = m.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-            m16 = (m / r).half()
-            rows = half_product(m16, H16).mul_(m16).sum(dim=1, dtype=torch.float64)
-            out[start:start + chunk_rows] = rows * r.squeeze(1).double().square() * h_scale.double()
-        return out
     with tf32_products(M.is_cuda):
         for start in range(0, M.shape[0], chunk_rows):
             m = M[start:start + chunk_rows]

@@ -223,29 +223,6 @@ def max_levels_tensor(values: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     return (1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)).max()
 
 
-_HALF_GRAM: dict = {}  # CUDA device -> whether torch.mm takes fp16/bf16 with a float32 out_dtype there
-
-
-def half_products_into_float32(device: torch.device) -> bool:
-    key = str(device)
-    if key not in _HALF_GRAM:
-        try:
-            probe = torch.ones(2, 2, device=device, dtype=torch.float16)
-            _HALF_GRAM[key] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
-        except (RuntimeError, TypeError, NotImplementedError):
-            _HALF_GRAM[key] = False
-    return _HALF_GRAM[key]
-
-
-def half_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b of fp16/bf16 matrices, with a float32 result: on CUDA one product with a float32 out_dtype;
-    elsewhere the product of the widened values (each product exact in float32 either way)."""
-    if a.is_cuda and half_products_into_float32(a.device):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    with tf32_products(a.is_cuda):  # fp16/bf16 values are exact in TF32
-        return a.float() @ b.float()
-
-
 @contextlib.contextmanager
 def tf32_products(on_cuda: bool, allow: bool = True):
     """Float32 matrix products in TF32 on CUDA, where ~3 significant digits are plenty: AWQ's searches
