@@ -5,6 +5,7 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from lmms_quant.fixtures.models import build_tiny_blip2_opt
 from lmms_quant.quant import Recipe, calibration, quantize
+from lmms_quant.quant.output_cache import OutputCache
 
 
 def _gptq_codes(path, monkeypatch, cache_mb):
@@ -51,7 +52,7 @@ def test_a_reused_output_is_a_fresh_container_a_caller_may_rewrite():
             return BaseModelOutputWithPooling(last_hidden_state=self.proj(x), pooler_output=self.proj(x).sum(0))
 
     tower, x = Tower(), torch.ones(4, 2)
-    cache = calibration._OutputCache(budget_bytes=2**20)
+    cache = OutputCache(budget_bytes=2**20)
     cached = cache._cached_forward(tower, tower.forward, {"phase": "calib", "batch_id": 0})
     first = cached(x)
     pooled = first.pooler_output

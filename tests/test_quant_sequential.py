@@ -94,19 +94,19 @@ def test_stored_outputs_before_the_last_stack_are_dropped_once_it_is_captured_an
         tiny_checkpoints, monkeypatch):
     """LLaVA, everything quantized: the vision tower's stored outputs serve the projector's and the LM's
     capture passes, then nothing; they are let go when the LM stack is captured (not held to the end)."""
-    from lmms_quant.quant.calibration import _OutputCache
+    from lmms_quant.quant.output_cache import OutputCache
 
     cleared = []
-    clear = _OutputCache.clear
+    clear = OutputCache.clear
 
     def recording(self):
         cleared.append(self.used)
         clear(self)
 
-    monkeypatch.setattr(_OutputCache, "clear", recording)
+    monkeypatch.setattr(OutputCache, "clear", recording)
     quantized, report = _quantize(tiny_checkpoints["llava"], "llava", "gptq", "sequential", component="all")
     assert len(cleared) == 1 and cleared[0] > 0  # once, with something held
-    monkeypatch.setattr(_OutputCache, "clear", lambda self: None)
+    monkeypatch.setattr(OutputCache, "clear", lambda self: None)
     kept, kept_report = _quantize(tiny_checkpoints["llava"], "llava", "gptq", "sequential", component="all")
     a, b = quantized.state_dict(), kept.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

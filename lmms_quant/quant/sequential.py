@@ -25,7 +25,7 @@ dispatched by accelerate go through the model driver, which also moves from one 
 stored outputs of finished components.
 
 Memory: once a stack is captured and every later unit is one of its blocks, the stored outputs of the
-components before it (`calibration._OutputCache`) are dropped. Captured hidden states stay on the
+components before it (`output_cache.OutputCache`) are dropped. Captured hidden states stay on the
 model's device, in its dtype, up to
 ``LMMS_QUANT_SEQUENTIAL_DEVICE_MB`` (default 4096 MiB, for one block's inputs and the outputs being
 made); past it, further batches are held on the CPU and moved in when run.
