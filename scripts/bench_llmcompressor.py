@@ -213,6 +213,16 @@ def run_llmcompressor(model, processor, calib_batches, component, prefix, act_or
             "actorder_resolved": _resolved_actorder(target, prefix if component != "vit" else "")}
 
 
+def fresh_model(builder, pristine: dict, device):
+    """A newly built model holding the FP16 weights (after llm-compressor, whose state stays on the
+    modules of the one it ran on: the caller has dropped its reference to that one)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    model, processor = builder(device)
+    model.load_state_dict(pristine)
+    return model, processor
+
+
 def _resolved_actorder(model, prefix: str):
     """What llm-compressor's quantization scheme on a targeted Linear says about act-order."""
     for name, module in model.named_modules():
@@ -326,10 +336,7 @@ def main(argv=None) -> int:
                 print("warm-up", json.dumps(cold), flush=True)
                 recorder.write()
                 del model
-                if cuda:
-                    torch.cuda.empty_cache()
-                model, processor = builder(args.device)
-                model.load_state_dict(pristine)
+                model, processor = fresh_model(builder, pristine, args.device)
             for act_order in orders:
                 name = f"{arch} {component} act_order={'static' if act_order else 'off'}"
                 if time.perf_counter() - started > args.deadline_s:
@@ -358,10 +365,7 @@ def main(argv=None) -> int:
                 _write_text(out / "bench_llmcompressor.md", markdown(result))
                 # llm-compressor leaves its quantization state on the modules: the next run gets a fresh model.
                 del model
-                if cuda:
-                    torch.cuda.empty_cache()
-                model, processor = builder(args.device)
-                model.load_state_dict(pristine)
+                model, processor = fresh_model(builder, pristine, args.device)
         del model, pristine, fp_logits
         if cuda:
             torch.cuda.empty_cache()

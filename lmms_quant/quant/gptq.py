@@ -393,12 +393,12 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
             sums = torch.stack([torch.stack([den[a:b].sum(), num[a:b].sum(), rtn_num[a:b].sum()])
                                 for a, b in bounds])
         per_group.append((bounds, sums, after_run))
-    every_sum = torch.cat([sums for _, sums, _ in per_group]).tolist()  # one device wait for the unit
+    every_sum = iter(torch.cat([sums for _, sums, _ in per_group]).tolist())  # one device wait for the unit
 
     results = {}
-    for group, done, (bounds, sums, after_run) in zip(groups, done_all, per_group):
+    for group, done, (bounds, _, after_run) in zip(groups, done_all, per_group):
         names = [t.name for t in group]
-        sums, every_sum = every_sum[:len(bounds)], every_sum[len(bounds):]
+        sums = [next(every_sum) for _ in bounds]  # this group's rows of the unit's sums, in order
         group_stats_s = before_run.seconds() / len(groups) + after_run.seconds()
         for t, (r0, r1), (d, err, rtn_err) in zip(group, bounds, sums):
             q = done.qweight
