@@ -384,6 +384,12 @@ def profile_summary(prof, wall_s: float, top: int = 15) -> dict:
         "top_device": [{"name": e.key[:160], "calls": e.count, "ms": device_us(e) / 1e3} for e in kernels[:top]],
         "top_host_self": [{"name": e.key[:160], "calls": e.count, "ms": e.self_cpu_time_total / 1e3}
                           for e in host[:top]],
+        # the engine's named spans (`record_function("lmms_quant.…")`): host time inclusive of what they
+        # call, and the device time of the kernels launched inside them
+        "spans": [{"name": e.key, "calls": e.count, "host_ms": e.cpu_time_total / 1e3,
+                   "device_ms": (getattr(e, "device_time_total", 0) or 0) / 1e3}
+                  for e in sorted(averages, key=lambda e: e.cpu_time_total, reverse=True)
+                  if e.key.startswith("lmms_quant.")],
     }
 
 

@@ -14,6 +14,7 @@ import os
 import time
 
 import torch
+from torch.profiler import record_function
 
 from .archs import Family, Unit, resolve, select, stored_weight
 from .calib_data import check_not_evaluated, load_samples, make_batches
@@ -173,6 +174,10 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
                 return
         results, notes = method.quantize_unit(unit, stats, recipe.config)
         folds.extend(notes)
+        with record_function("lmms_quant.record"):
+            _record(unit, stats, results)
+
+    def _record(unit, stats, results) -> None:
         # Every record first, then every write: the modules still hold their original weights (methods
         # leave them as they found them), so no copy of a unit's weights is made to compare against,
         # and a weight tied between two targets is the original for both records.
@@ -236,12 +241,16 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
                 bar.set_postfix_str(unit.name, refresh=False)
                 calls = method.module_calls(unit) if hasattr(method, "module_calls") else ()
                 t0 = clock()
-                stats = calibrator.collect(unit, hessian=method.NEEDS_HESSIAN, inputs=method.NEEDS_INPUTS, calls=calls)
+                with record_function("lmms_quant.calibrate"):  # named spans for torch.profiler
+                    stats = calibrator.collect(unit, hessian=method.NEEDS_HESSIAN, inputs=method.NEEDS_INPUTS,
+                                               calls=calls)
                 t1 = clock()
-                quantize_unit(unit, stats)
+                with record_function("lmms_quant.method"):
+                    quantize_unit(unit, stats)
                 del stats
                 t2 = clock()
-                calibrator.finished(unit)
+                with record_function("lmms_quant.calibrate_next_inputs"):
+                    calibrator.finished(unit)
                 timing["calibration_s"] += t1 - t0 + clock() - t2
                 timing["method_s"] += t2 - t1
     finally:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.profiler import record_function
 
 from lmms_quant.values import parse_bool, parse_positive_int
 
@@ -359,14 +360,18 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         if calls.get(parent) and _self_contained(parent, applied):
             criterion = "parent_output"
             in_parent = {n: m for n, m in modules.items() if _inside(n, parent)}
-            s, alpha, loss, rtn_loss, losses = search_scale_block(
-                call_modules[parent], calls[parent], mean_abs, list(fold.linears), in_parent, current, grids,
-                cfg.grid, targets[fold.linears[0]].site.token_mask)
+            with record_function("lmms_quant.awq.parent_search"):  # named spans for torch.profiler
+                s, alpha, loss, rtn_loss, losses = search_scale_block(
+                    call_modules[parent], calls[parent], mean_abs, list(fold.linears), in_parent, current, grids,
+                    cfg.grid, targets[fold.linears[0]].site.token_mask)
         else:
             criterion = "linear_output"
-            s, alpha, loss, rtn_loss = search_scale(
-                x, [current[n] for n in fold.linears], [row_scale.get(n) for n in fold.linears], grids, cfg.grid,
-                mean_abs, scored=scored_of(x))
+            with record_function("lmms_quant.awq.scoring_rows"):
+                scored = scored_of(x)
+            with record_function("lmms_quant.awq.linear_search"):
+                s, alpha, loss, rtn_loss = search_scale(
+                    x, [current[n] for n in fold.linears], [row_scale.get(n) for n in fold.linears], grids,
+                    cfg.grid, mean_abs, scored=scored)
         apply_fold(fold, s, modules, current)
         applied.append(fold)
         if fold.prev_name in current:
@@ -388,15 +393,17 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         x = inputs[name]
         s = col_scale.get(name)
         r = row_scale.get(name)
-        scored = scored_of(x)  # R / s factors X / s as R factors X
+        with record_function("lmms_quant.awq.scoring_rows"):
+            scored = scored_of(x)  # R / s factors X / s as R factors X
         scored_now = scored if s is None else scored / s[None, :]
         clip_rows = spread_rows(x, CLIP_ROWS)
         clip_rows = clip_rows if s is None else clip_rows / s[None, :]
         leaf = t.site.role.split(".")[-1]
         # the working copy is let go as its result is made: the unit's fp32 copies and its fp32 results
         # are not all alive at once (0.75 GiB each for a LLaVA-7B block)
-        qweight = quantize_layer(current.pop(name), clip_rows, t.grid,
-                                 clip=cfg.clip and leaf not in _NO_CLIP_LEAVES, row_weight=r, scored=scored_now)
+        with record_function("lmms_quant.awq.round_and_clip"):
+            qweight = quantize_layer(current.pop(name), clip_rows, t.grid,
+                                     clip=cfg.clip and leaf not in _NO_CLIP_LEAVES, row_weight=r, scored=scored_now)
         del clip_rows, scored_now
         result = LayerResult(qweight, in_scale=s, out_scale=r,
                              info={"scaled": s is not None, "clip_searched": qweight.clip is not None,
@@ -404,7 +411,8 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         effective = result.effective_weight(qweight.weight)
         started = time.perf_counter()
         reference = t.module.weight.detach().float()
-        norm_sq, (awq_sq, rtn_sq) = _output_sq_norms(scored, reference, [effective, rtn_weight(reference, t.grid)])
+        with record_function("lmms_quant.awq.report"):
+            norm_sq, (awq_sq, rtn_sq) = _output_sq_norms(scored, reference, [effective, rtn_weight(reference, t.grid)])
         result.calib_error = (awq_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         result.rtn_calib_error = (rtn_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         # ||X W^T|| turns the relative errors back into the absolute ones the scale search sums.

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from lmms_quant.values import bad, parse_bool, parse_float, parse_positive_int
 
@@ -107,22 +108,25 @@ def quantize_rows_concurrently(jobs) -> list[RowsResult]:
     run takes its dict's weight and Hessian out of it, see `_Run`). On CUDA their column loops, which
     are launch-bound chains of tiny kernels, are interleaved block by block on one stream each, so
     the GPU runs them side by side; every kernel and operand is the one a lone call uses."""
-    runs = [_Run(job, slot=k) for k, job in enumerate(jobs)]  # every preparation first (queued, no device wait)
+    with record_function("lmms_quant.gptq.prepare"):  # named spans for torch.profiler
+        runs = [_Run(job, slot=k) for k, job in enumerate(jobs)]  # every preparation first (queued, no device wait)
     cuda = bool(runs) and runs[0].WT.is_cuda and len(runs) > 1
     if not cuda:
         return [_complete(run) for run in runs]
     main = torch.cuda.current_stream()
     streams = _side_streams(runs[0].WT.device, len(runs))
-    for stream in streams:
-        stream.wait_stream(main)
-    for step in range(max(len(run.starts) for run in runs)):
-        for run, stream in zip(runs, streams):
-            if step < len(run.starts):
-                with torch.cuda.stream(stream):
-                    run.block(run.starts[step])
-    for stream in streams:
-        main.wait_stream(stream)
-    return [run.finish() for run in runs]
+    with record_function("lmms_quant.gptq.loops"):
+        for stream in streams:
+            stream.wait_stream(main)
+        for step in range(max(len(run.starts) for run in runs)):
+            for run, stream in zip(runs, streams):
+                if step < len(run.starts):
+                    with torch.cuda.stream(stream):
+                        run.block(run.starts[step])
+        for stream in streams:
+            main.wait_stream(stream)
+    with record_function("lmms_quant.gptq.finish"):
+        return [run.finish() for run in runs]
 
 
 _STREAMS: dict = {}
@@ -362,7 +366,7 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
         W = stacked_float(weights)
         layer = stats[group[0].name]
         H = layer.hessian.to(W.device)
-        with before_run.span():
+        with before_run.span(), record_function("lmms_quant.gptq.report"):
             rtn_delta = rtn_weight(W, group[0].grid).neg_().add_(W)
             quads.append((_quadratic_rows(W, H), _quadratic_rows(rtn_delta, H)))  # undamped H
             del rtn_delta
@@ -382,7 +386,7 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
     for weights, (den, rtn_num), done in zip(stacked, quads, done_all):
         W = stacked_float(weights)  # the modules still hold their original weights
         after_run = _SpanClock(W.is_cuda)
-        with after_run.span():
+        with after_run.span(), record_function("lmms_quant.gptq.report"):
             squares, dead_squares = _row_square_sums(W, done.qweight.weight, done.dead)
             num = (done.err_sq - done.lam * squares - dead_squares).clamp(min=0)
             del W
