@@ -5,7 +5,7 @@
     report = quantize(model, processor, recipe, evaluated=[...], cache="~/.cache/lmms_quant/weights")
 """
 
-__version__ = "0.2.3"
+__version__ = "0.2.4"
 
 _LAZY = {"quantize": "lmms_quant.quant.api", "Recipe": "lmms_quant.quant.recipe",
          "RecipeError": "lmms_quant.quant.method", "QuantReport": "lmms_quant.quant.report"}

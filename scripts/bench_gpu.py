@@ -404,7 +404,7 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
              "fp16_weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / GIB}
     result["archs"].append(entry)
     runs = (args.runs or ARCHS[arch][1]).split(",")
-    keep = len(runs) > 1 or args.warmup
+    keep = len(runs) > 1 or args.warmup or args.compare_eager
     pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if keep else None
     _write(out_path, result)
 
@@ -461,12 +461,45 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
             run["memory_trace"] = trace  # recording slows the run: its times are not comparable
         if args.profile:
             run["profile"] = profile_summary(profiler, wall)  # so does profiling
+        if args.compare_eager and method == "awq":
+            run["eager"] = compare_eager(model, processor, recipe, pristine, report, device)
         entry["runs"].append(run)
         print(arch, json.dumps(run), flush=True)
         _write(out_path, result)
     del model, pristine
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+
+
+def compare_eager(model, processor, recipe, pristine, graphed, device) -> dict:
+    """The same AWQ run with its parent searches replayed eagerly (`awq_parent`, no CUDA graphs): its
+    time, and whether every fold chose the same scale with the same search losses."""
+    from lmms_quant.quant import quantize
+    from lmms_quant.quant.awq_parent import GRAPHS_ENV
+
+    model.load_state_dict(pristine)
+    previous = os.environ.get(GRAPHS_ENV)
+    os.environ[GRAPHS_ENV] = "0"
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        eager = quantize(model, processor, recipe, device=device, progress=False)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    finally:
+        if previous is None:
+            os.environ.pop(GRAPHS_ENV)
+        else:
+            os.environ[GRAPHS_ENV] = previous
+    pairs = list(zip(graphed.folds, eager.folds))
+    searched = [(g, e) for g, e in pairs if "losses" in g and "losses" in e]
+    loss_gap = max((abs(a - b) / max(abs(b), 1e-30) for g, e in searched for a, b in zip(g["losses"], e["losses"])),
+                   default=0.0)
+    return {"wall_s": wall, "method_s": eager.timing.get("method_s"), "folds": len(pairs),
+            "parent_searches": len(searched),
+            "same_alpha": sum(g["alpha"] == e["alpha"] for g, e in pairs),
+            "max_relative_loss_difference": loss_gap,
+            "mean_output_error": sum(t.output_error or 0 for t in eager.tensors) / max(1, len(eager.tensors))}
 
 
 def evaluate_targets(result: dict) -> list[dict]:
@@ -563,6 +596,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", action="store_true",
                         help="run each arch's first method:component once, untimed, before the timed runs "
                              "(its wall time is reported as the cold run)")
+    parser.add_argument("--compare-eager", action="store_true",
+                        help="after each AWQ run, the same run with its parent searches replayed eagerly (no CUDA "
+                             "graphs): its time, and whether every fold chose the same scale with the same losses")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler over each run: top device kernels and host ops, runtime waits "
                              "(slows the run)")

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lmms_quant.quant import awq, gptq, rtn
+from lmms_quant.quant import awq, awq_scoring, gptq, rtn
+from lmms_quant.quant.awq_scoring import OutputScoring
 from lmms_quant.quant.archs import FoldSite
 from lmms_quant.quant.quantizer import (QuantGrid, max_levels_per_cell, quantize_rtn, relative_hessian_error,
                                         relative_output_error)
@@ -395,19 +396,54 @@ def test_rounding_whole_groups_on_the_group_view_gives_the_bits_of_the_expanded_
     assert torch.equal(quantize_rtn(w, grid).codes, codes.to(torch.uint8))
 
 
+def _direct_sq_error(x, delta, r=None):
+    y = x.double() @ delta.double().T
+    return float((y if r is None else y * r.double()[None, :]).square().sum())
+
+
 def test_awq_scores_through_the_input_factor_as_through_the_input_itself():
     # ||X Dᵀ|| = ||R Dᵀ|| for RᵀR = XᵀX: the Linear-output search may multiply by the small R. A dead
     # input channel (a zero column: XᵀX singular) is covered by the diagonal shift.
     x = correlated_inputs(n_tokens=1024, outliers=3)
     x[:, 5] = 0.0
-    R = awq.input_factor(x)
-    assert R is not None and R.shape == (128, 128) and torch.equal(R, R.triu())
+    scoring = OutputScoring.of(x)
+    R = scoring.rows
+    assert R.shape == (128, 128) and torch.equal(R, R.triu())
     delta = weight(48, 128, seed=8) * 0.01
     row_weight = torch.linspace(0.5, 2.0, 48)
+    s = torch.linspace(0.5, 3.0, 128)
     for r in (None, row_weight):
-        direct = awq._weighted_sq_error(x.double(), delta.double(), None if r is None else r.double())
-        assert torch.allclose(awq._weighted_sq_error(R, delta, r).double(), direct, rtol=1e-5)
-    assert awq.input_factor(x[:200]) is None  # not twice as tall as wide: X itself is cheaper
+        assert float(scoring.sq_error(delta, r)) == pytest.approx(_direct_sq_error(x, delta, r), rel=1e-5)
+        # R / s scores X / s (the clip and final errors of a scaled Linear)
+        assert float(scoring.scaled(s).sq_error(delta, r)) == pytest.approx(_direct_sq_error(x / s, delta, r), rel=1e-5)
+    assert awq_scoring.input_factor(x[:200]) is None  # not twice as tall as wide: X itself is cheaper
+    assert OutputScoring.of(x[:200]).rows is not None and OutputScoring.of(x[:200]).shift is None
+
+
+@pytest.mark.parametrize("inputs", ["layer_norm_without_bias", "near_duplicate_columns"])
+def test_awq_scores_a_nearly_singular_input_through_its_factor_exactly(inputs):
+    # A LayerNorm's output without bias sums to ~0 over the features of every token: XᵀX is singular
+    # but for rounding, and in float32 the smallest shift may not make it factorisable (near-duplicate
+    # columns: it never does). A larger shift does, and its share is taken back out: the errors are
+    # X's own, not a ridge's.
+    g = torch.Generator().manual_seed(0)
+    if inputs == "layer_norm_without_bias":
+        x = torch.nn.functional.layer_norm(torch.randn(4096, 128, generator=g) * 3 + 1, (128,))
+    else:
+        a, b = torch.randn(2048, 64, generator=g), torch.randn(2048, 64, generator=g)
+        x = torch.cat([a, a + 1e-5 * b], dim=1)
+    scoring = OutputScoring.of(x)
+    top = float((x.double().T @ x.double()).diagonal().max())
+    assert scoring.rows.shape == (128, 128)  # the factor, not the 2048+ rows of X
+    if inputs == "near_duplicate_columns":
+        assert float(scoring.shift[0]) > 10 * awq_scoring.SHIFTS[0] * top  # the first shift was not enough
+    delta = torch.randn(32, 128, generator=g) * 0.01
+    row_weight = torch.linspace(0.5, 2.0, 32)
+    for r in (None, row_weight):
+        assert float(scoring.sq_error(delta, r)) == pytest.approx(_direct_sq_error(x, delta, r), rel=1e-4)
+    norm, (err,) = scoring.sq_norms(delta * 100, [delta * 99])
+    assert norm == pytest.approx(_direct_sq_error(x, delta * 100), rel=1e-4)
+    assert err == pytest.approx(_direct_sq_error(x, delta), rel=1e-4)
 
 
 def test_awq_scale_search_by_the_input_factor_picks_the_scale_the_input_picks(monkeypatch):
@@ -415,19 +451,17 @@ def test_awq_scale_search_by_the_input_factor_picks_the_scale_the_input_picks(mo
     weights = [weight(64, 128, seed=s) for s in (2, 3)]
     grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=32)
     by_factor = awq.search_scale(x, weights, [None, None], [grid, grid], 20)
-    monkeypatch.setattr(awq, "input_factor", lambda x: None)
+    monkeypatch.setattr(awq_scoring, "input_factor", lambda x: None)
     by_input = awq.search_scale(x, weights, [None, None], [grid, grid], 20)
     assert by_factor[1] == by_input[1] and by_factor[1] > 0
     assert by_factor[2] == pytest.approx(by_input[2], rel=1e-4)
 
 
 def test_awq_report_norms_are_the_direct_output_norms_chunk_by_chunk():
-    from lmms_quant.quant.awq import _output_sq_norms
-
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(150, 24, generator=g), torch.randn(10, 24, generator=g)
     approxes = [w + 0.01 * torch.randn(10, 24, generator=g), w.round()]
-    norm, errors = _output_sq_norms(x, w, approxes, chunk_rows=64)  # three chunks, the last one short
+    norm, errors = OutputScoring(x).sq_norms(w, approxes, chunk_rows=64)  # three chunks, the last one short
     X, W = x.double(), w.double()
     assert norm == pytest.approx(float((X @ W.T).square().sum()), rel=1e-6)
     for a, err in zip(approxes, errors):

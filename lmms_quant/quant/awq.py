@@ -10,8 +10,9 @@ For Linears that share one input X and follow a foldable op (architecture table,
   llm-compressor's lowest common ancestor). It is re-run on its recorded calibration calls (the
   arguments and keyword arguments of every calibration batch, `calibration.ModuleCall`) and compared
   with its floating-point output on the real tokens. A fold of one Linear is its own parent: its
-  loss is ||X W^T - (X/s) Q(W diag(s))^T||^2 on a row subsample of its inputs (output rows weighted
-  back to original units when a later fold already divided them). alpha = 0 is s = 1, plain RTN,
+  loss is ||X W^T - (X/s) Q(W diag(s))^T||^2 on its calibration inputs (output rows weighted back to
+  original units when a later fold already divided them), scored through X's triangular factor
+  where X is tall (`awq_scoring`). alpha = 0 is s = 1, plain RTN,
   so the chosen scale is never worse than RTN on the parent's calibration output.
 - The scale is folded: the Linears' input columns are multiplied by s and the previous op divided by
   s — a LayerNorm's weight and bias, an RMSNorm's weight (Gemma's (1 + w) as a whole), or a Linear's
@@ -39,6 +40,8 @@ from torch.profiler import record_function
 from lmms_quant.values import parse_bool, parse_positive_int
 
 from .archs import FoldSite
+from .awq_parent import candidate_scale, scaled_rtn_weight, search_scale_block
+from .awq_scoring import OutputScoring
 from .method import MethodConfig, RecipeError, option
 from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, rtn_weight, tf32_products
 
@@ -62,64 +65,19 @@ class AWQConfig(MethodConfig):
 Config = AWQConfig
 
 
-def _weighted_sq_error(x: torch.Tensor, delta: torch.Tensor, row_weight: torch.Tensor | None,
-                       chunk_rows: int = 4096) -> torch.Tensor:
-    total = torch.zeros((), device=delta.device, dtype=delta.dtype)
-    for start in range(0, x.shape[0], chunk_rows):
-        y = x[start:start + chunk_rows].to(delta.dtype) @ delta.T  # inputs are held in the model's dtype
-        y = (y if row_weight is None else y.mul_(row_weight[None, :])).reshape(-1)
-        total = total + torch.dot(y, y)  # one reduction, no squared copy
-    return total
-
-
-def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
-    """Q(W diag(s)) diag(1/s): the weight AWQ's scale s yields, in the original input coordinates."""
-    return rtn_weight(weight * s[None, :], grid).div_(s[None, :])
-
-
-def input_factor(x: torch.Tensor) -> torch.Tensor | None:
-    """R (columns x columns, upper triangular) with RᵀR = XᵀX, so that ||X Dᵀ|| = ||R Dᵀ|| for every D:
-    a search that scores many weight errors D on an input of many more rows than columns multiplies
-    by R instead of X (LLaVA's o_proj: 4096 rows of R, not 16384 of X). None when X is not at least
-    twice as tall as wide, or its Gram matrix is too singular for a Cholesky.
-
-    XᵀX is summed in fp32 from products exact for fp16/bf16 inputs (TF32 on CUDA, full fp32 for
-    fp32 inputs) and factored in float64 after a 1e-10 relative diagonal shift (dead input channels
-    make it singular; the shift adds 1e-10·max H_jj·||D||² to a loss)."""
-    rows, columns = x.shape
-    if 2 * columns > rows:
-        return None
-    xf = x.float()
-    with tf32_products(x.is_cuda, allow=x.dtype in (torch.float16, torch.bfloat16)):
-        gram = (xf.T @ xf).double()
-    del xf
-    gram.diagonal().add_(1e-10 * gram.diagonal().max())
-    factor, info = torch.linalg.cholesky_ex(gram)
-    if int(info) != 0:
-        return None
-    return factor.T.float()
-
-
-def scoring_rows(x: torch.Tensor) -> torch.Tensor:
-    """What output errors on ``x`` are scored through: its `input_factor` where there is one, else x."""
-    factor = input_factor(x)
-    return x if factor is None else factor
-
-
 def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list[torch.Tensor | None],
                  grids: list[QuantGrid], n_grid: int, mean_abs: torch.Tensor | None = None,
-                 scored: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
+                 scored: OutputScoring | None = None) -> tuple[torch.Tensor, float, float, float]:
     """(best s, its alpha, its loss, the alpha=0 / RTN loss) for Linears sharing input ``x``, by their
-    own output error on ``x`` (scored through `input_factor` where X is tall); ``mean_abs`` (default:
-    that of ``x``) is a = mean |X_j|; ``scored``: `scoring_rows(x)` when the caller has it."""
+    own output error on ``x`` (scored through its factor where X is tall, `awq_scoring`); ``mean_abs``
+    (default: that of ``x``) is a = mean |X_j|; ``scored``: `OutputScoring.of(x)` when the caller has it."""
     mean_abs = x.float().abs().mean(dim=0) if mean_abs is None else mean_abs.to(x.device)
-    scored = scoring_rows(x) if scored is None else scored
+    scored = OutputScoring.of(x) if scored is None else scored
     scales, totals = [], []
     for k in range(n_grid):
-        s = mean_abs.pow(k / n_grid).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
+        s = candidate_scale(mean_abs, k, n_grid)
         scales.append(s)
-        totals.append(sum(_weighted_sq_error(scored, w - scaled_rtn_weight(w, s, g), r)
+        totals.append(sum(scored.sq_error(w - scaled_rtn_weight(w, s, g), r)
                           for w, r, g in zip(weights, row_weights, grids)))
     losses = torch.stack(totals).tolist()  # one device wait for the grid, not one per candidate
     k = min(range(n_grid), key=losses.__getitem__)  # the first of equal losses
@@ -154,62 +112,6 @@ def _self_contained(parent: str, applied: list[FoldSite]) -> bool:
         if any(inside) and not all(inside):
             return False
     return True
-
-
-def _real_tokens(y: torch.Tensor, masks, mask_key: str | None) -> torch.Tensor:
-    """``masks``: the call's batch masks (`calib_data.TokenMasks`: rows by a cached index, no device wait)."""
-    mask = masks.get(mask_key)
-    if mask is not None and tuple(y.shape[:-1]) == tuple(mask.shape):
-        return masks.real_rows(y, mask_key)
-    return y.reshape(-1, y.shape[-1])
-
-
-def search_scale_block(parent: nn.Module, calls: list, mean_abs: torch.Tensor, linears: list[str],
-                       in_parent: dict[str, nn.Module], current: dict[str, torch.Tensor], grids: list[QuantGrid],
-                       n_grid: int, mask_key: str | None) -> tuple[torch.Tensor, float, float, float, list[float]]:
-    """(best s, its alpha, its loss, the alpha=0 / RTN loss, every alpha's loss) by the parent's output.
-
-    ``in_parent``: the quantized Linears inside the parent; during the search they hold their current
-    (fold-adjusted, floating-point) weights, the fold's ``linears`` the candidate Q(W s)/s; their
-    weights are put back afterwards. The loss is the mean squared error of the parent's output on the
-    real tokens of every recorded calibration call."""
-    # The modules' own weight tensors, put back as they are at the end: no copy of them is made. A
-    # candidate is installed by pointing the parameter at a new tensor, one Linear at a time.
-    originals = {n: m.weight.data for n, m in in_parent.items()}
-
-    def install(name: str, w: torch.Tensor) -> None:
-        in_parent[name].weight.data = w.to(originals[name].dtype, copy=True)
-
-    def run():
-        """The parent's real-token outputs, one call at a time (a candidate's outputs are compared as
-        they come: only the reference's are all held, 0.6 GiB for a LLaVA-7B MLP on 128 samples)."""
-        for call in calls:
-            yield _real_tokens(call.replay(parent), call.masks, mask_key)
-
-    scales, totals = [], []
-    try:
-        for n in in_parent:
-            install(n, current[n])
-        reference = list(run())
-        n_elements = sum(r.numel() for r in reference)
-        for k in range(n_grid):
-            s = mean_abs.pow(k / n_grid).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            for n, g in zip(linears, grids):
-                install(n, scaled_rtn_weight(current[n], s, g))
-            parts = []
-            for out, ref in zip(run(), reference):
-                diff = (out.float() - ref).reshape(-1)  # ref promoted inside the subtraction
-                parts.append(torch.dot(diff, diff).to(mean_abs.device))
-            scales.append(s)
-            totals.append(torch.stack(parts).sum())
-    finally:
-        for name, module in in_parent.items():
-            module.weight.data = originals[name]
-    # Read once, after the grid: a read per candidate would stall the device queue n_grid times.
-    losses = [t / max(1, n_elements) for t in torch.stack(totals).tolist()]
-    k = min(range(n_grid), key=losses.__getitem__)  # the first of equal losses, as the search always took
-    return scales[k], k / n_grid, losses[k], losses[0], losses
 
 
 def apply_fold(fold: FoldSite, s: torch.Tensor, modules: dict[str, nn.Module],
@@ -266,7 +168,7 @@ def _cell_sq_errors(x: torch.Tensor, delta: torch.Tensor, grid: QuantGrid,
     rows, columns = delta.shape
     weight2 = None if row_weight is None else row_weight.square()
     if grid.granularity == "tensor":
-        return _weighted_sq_error(x, delta, row_weight).reshape(1, 1)
+        return OutputScoring(x).sq_error(delta, row_weight).reshape(1, 1)
     if grid.granularity == "channel":
         err = (x.float() @ delta.T).square().sum(dim=0)
         err = err if weight2 is None else err * weight2
@@ -311,16 +213,16 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid,
 
 
 def quantize_layer(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, *, clip: bool,
-                   row_weight: torch.Tensor | None = None, scored: torch.Tensor | None = None) -> QuantizedWeight:
+                   row_weight: torch.Tensor | None = None, scored: OutputScoring | None = None) -> QuantizedWeight:
     """Round an (already scaled) weight, with the clip search when asked and when it helps (by the
-    output error on ``scored``: x, or its `input_factor`)."""
+    output error on ``scored``, default: on x itself)."""
     plain = quantize_rtn(weight, grid)
     if not clip:
         return plain
-    scored = x if scored is None else scored
+    scored = OutputScoring(x) if scored is None else scored
     clipped = quantize_rtn(weight, grid, clip_search(weight, x, grid, row_weight))
-    err_plain = _weighted_sq_error(scored, weight - plain.weight, row_weight)
-    err_clipped = _weighted_sq_error(scored, weight - clipped.weight, row_weight)
+    err_plain = scored.sq_error(weight - plain.weight, row_weight)
+    err_clipped = scored.sq_error(weight - clipped.weight, row_weight)
     return clipped if bool(err_clipped < err_plain) else plain  # one device read
 
 
@@ -341,12 +243,12 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
     fold_info: dict[str, dict] = {}
     notes = []
 
-    rows_of: dict[int, torch.Tensor] = {}  # `scoring_rows` per input (Linears sharing one share its object)
+    scoring: dict[int, OutputScoring] = {}  # per input (Linears sharing one share its object)
 
-    def scored_of(x: torch.Tensor) -> torch.Tensor:
-        if id(x) not in rows_of:
-            rows_of[id(x)] = scoring_rows(x)
-        return rows_of[id(x)]
+    def scored_of(x: torch.Tensor) -> OutputScoring:
+        if id(x) not in scoring:
+            scoring[id(x)] = OutputScoring.of(x)
+        return scoring[id(x)]
 
     calls = getattr(stats, "calls", {})
     call_modules = getattr(stats, "call_modules", {})
@@ -366,7 +268,7 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
                     cfg.grid, targets[fold.linears[0]].site.token_mask)
         else:
             criterion = "linear_output"
-            with record_function("lmms_quant.awq.scoring_rows"):
+            with record_function("lmms_quant.awq.input_factor"):
                 scored = scored_of(x)
             with record_function("lmms_quant.awq.linear_search"):
                 s, alpha, loss, rtn_loss = search_scale(
@@ -393,9 +295,9 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         x = inputs[name]
         s = col_scale.get(name)
         r = row_scale.get(name)
-        with record_function("lmms_quant.awq.scoring_rows"):
+        with record_function("lmms_quant.awq.input_factor"):
             scored = scored_of(x)  # R / s factors X / s as R factors X
-        scored_now = scored if s is None else scored / s[None, :]
+        scored_now = scored if s is None else scored.scaled(s)
         clip_rows = spread_rows(x, CLIP_ROWS)
         clip_rows = clip_rows if s is None else clip_rows / s[None, :]
         leaf = t.site.role.split(".")[-1]
@@ -412,7 +314,7 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         started = time.perf_counter()
         reference = t.module.weight.detach().float()
         with record_function("lmms_quant.awq.report"):
-            norm_sq, (awq_sq, rtn_sq) = _output_sq_norms(scored, reference, [effective, rtn_weight(reference, t.grid)])
+            norm_sq, (awq_sq, rtn_sq) = scored.sq_norms(reference, [effective, rtn_weight(reference, t.grid)])
         result.calib_error = (awq_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         result.rtn_calib_error = (rtn_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         # ||X W^T|| turns the relative errors back into the absolute ones the scale search sums.
@@ -420,22 +322,3 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         result.info["report_stats_s"] = time.perf_counter() - started
         results[name] = result
     return results, notes
-
-
-def _output_sq_norms(x: torch.Tensor, reference: torch.Tensor, approxes: list[torch.Tensor],
-                     chunk_rows: int = 2048) -> tuple[float, list[float]]:
-    """||X W^T||^2 and each ||X (W - A)^T||^2, one matrix at a time and a chunk of X's rows at a time:
-    per row the squares are summed in float32 (at most a few thousand terms), the row sums in float64.
-    No stack of the matrices and no float64 copy of a product: on a LLaVA-7B down_proj those made
-    2 GiB, the unit's largest buffers."""
-    totals = []
-    for k in range(1 + len(approxes)):
-        matrix = reference if k == 0 else reference - approxes[k - 1]
-        total = torch.zeros((), dtype=torch.float64, device=reference.device)
-        for start in range(0, x.shape[0], chunk_rows):
-            y = x[start:start + chunk_rows].float() @ matrix.T
-            total += y.square_().sum(dim=1).sum(dtype=torch.float64)
-        totals.append(total)
-        del matrix
-    values = torch.stack(totals).tolist()  # one device read
-    return values[0], values[1:]

@@ -1,0 +1,168 @@
+"""AWQ's scale search by the output of a fold's parent module (attention, MLP), replayed on its calls.
+
+The parent (`awq.fold_parent`) is re-run on every recorded calibration call (`calibration.ModuleCall`)
+once for its reference output, then once per candidate scale; the loss is the mean squared error of
+its output on the real tokens.
+
+On CUDA the candidate runs are one CUDA graph: every call's forward and its squared error are
+captured once per search, and replayed per candidate. The forwards are launch-bound chains of small
+kernels (an OPT-2.7B attention on 8 captions is ~30 kernels and ~0.4 ms of host time), and a search
+runs 16 calls x 20 candidates. A replay runs the kernels the capture recorded, on the buffers it
+recorded: a candidate is installed by copying it into the weight tensors the parent reads, which are
+the same tensors for the whole search. The whole search runs on one side stream (the capture's),
+so the reference, the capture and the replays are ordered on it.
+
+A module whose forward cannot be captured (it waits on the device, or copies from the host) is run
+eagerly, with a warning, and so is every later module of its class. ``LMMS_QUANT_AWQ_GRAPHS=0``
+turns the graphs off. The eager run is the same computation: ``scripts/bench_gpu.py --compare-eager``
+checks that both pick the same scales with the same losses on the GPU benchmark's models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from .quantizer import QuantGrid, rtn_weight
+
+log = logging.getLogger(__name__)
+
+GRAPHS_ENV = "LMMS_QUANT_AWQ_GRAPHS"
+_UNGRAPHABLE: set[str] = set()  # classes of parents whose capture failed in this process
+_STREAMS: dict[str, "torch.cuda.Stream"] = {}
+_POOLS: dict = {}
+
+
+def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+    """Q(W diag(s)) diag(1/s): the weight AWQ's scale s yields, in the original input coordinates."""
+    return rtn_weight(weight * s[None, :], grid).div_(s[None, :])
+
+
+def candidate_scale(mean_abs: torch.Tensor, k: int, n_grid: int) -> torch.Tensor:
+    """s = a^alpha for alpha = k / n_grid, normalised by sqrt(max s * min s)."""
+    s = mean_abs.pow(k / n_grid).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def real_tokens(y: torch.Tensor, masks, mask_key: str | None) -> torch.Tensor:
+    """``masks``: the call's batch masks (`calib_data.TokenMasks`: rows by a cached index, no device wait)."""
+    mask = masks.get(mask_key)
+    if mask is not None and tuple(y.shape[:-1]) == tuple(mask.shape):
+        return masks.real_rows(y, mask_key)
+    return y.reshape(-1, y.shape[-1])
+
+
+def _squared_error(parent: nn.Module, calls: list, reference: list, mask_key: str | None, device) -> torch.Tensor:
+    """Sum over the calls of ||parent output - reference||² on the real tokens (0-dim, float32). A
+    call's outputs are compared as they come: only the reference's are all held (0.6 GiB for a
+    LLaVA-7B MLP on 128 samples)."""
+    parts = []
+    for call, ref in zip(calls, reference):
+        diff = (real_tokens(call.replay(parent), call.masks, mask_key).float() - ref).reshape(-1)
+        parts.append(torch.dot(diff, diff).to(device))  # ref promoted inside the subtraction
+    return torch.stack(parts).sum()
+
+
+def _graphs_wanted(parent: nn.Module, device) -> bool:
+    return (torch.device(device).type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
+            and type(parent).__qualname__ not in _UNGRAPHABLE)
+
+
+def _pool(device):
+    """One memory pool per device for every search's graph, kept for the process: a graph's memory is
+    reused by the next search's capture. (A pool id whose graphs are all gone cannot be captured into
+    again, so the pool object holds it; torch without `MemPool` gets a fresh pool per capture.)"""
+    key = str(torch.device(device))
+    if key not in _POOLS:
+        if not hasattr(torch.cuda, "MemPool"):
+            return torch.cuda.graph_pool_handle()
+        _POOLS[key] = torch.cuda.MemPool()
+    return _POOLS[key].id
+
+
+def _capture(parent: nn.Module, calls: list, reference: list, mask_key: str | None,
+             device) -> Callable[[], torch.Tensor] | None:
+    """A function giving the calls' squared error for the weights installed now, by one graph replay
+    (a new 0-dim tensor each time); None when the parent cannot be captured. Called on the search's
+    side stream. Not `torch.cuda.graph`, which synchronises and empties the allocator's cache at
+    every capture."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        graph.capture_begin(pool=_pool(device), capture_error_mode="thread_local")
+        try:
+            total = _squared_error(parent, calls, reference, mask_key, device)
+        finally:
+            graph.capture_end()
+    except Exception as err:  # e.g. a forward that reads a value back from the device
+        kind = type(parent).__qualname__
+        _UNGRAPHABLE.add(kind)
+        log.warning("lmms-quant: AWQ runs %s eagerly: its forward could not be captured as a CUDA graph (%s: %s)",
+                    kind, type(err).__name__, err)
+        return None
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return total.clone()
+
+    replay.graph = graph  # kept alive with the function
+    return replay
+
+
+def search_scale_block(parent: nn.Module, calls: list, mean_abs: torch.Tensor, linears: list[str],
+                       in_parent: dict[str, nn.Module], current: dict[str, torch.Tensor], grids: list[QuantGrid],
+                       n_grid: int, mask_key: str | None) -> tuple[torch.Tensor, float, float, float, list[float]]:
+    """(best s, its alpha, its loss, the alpha=0 / RTN loss, every alpha's loss) by the parent's output.
+
+    ``in_parent``: the quantized Linears inside the parent; during the search they hold their current
+    (fold-adjusted, floating-point) weights, the fold's ``linears`` the candidate Q(W s)/s; their
+    weights are put back afterwards. The loss is the mean squared error of the parent's output on the
+    real tokens of every recorded calibration call."""
+    device = mean_abs.device
+    graphs = _graphs_wanted(parent, device) and all(m.weight.device == device for m in in_parent.values())
+    stream = None
+    if graphs:
+        stream = _STREAMS.setdefault(str(device), torch.cuda.Stream(device=device))
+        stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        result = _search(parent, calls, mean_abs, linears, in_parent, current, grids, n_grid, mask_key, stream)
+    if stream is not None:
+        torch.cuda.current_stream(device).wait_stream(stream)  # what the search made is used there next
+    return result
+
+
+def _search(parent, calls, mean_abs, linears, in_parent, current, grids, n_grid, mask_key, stream):
+    device = mean_abs.device
+    # The modules' own weight tensors are put back at the end. During the search each module reads one
+    # buffer of its dtype, holding its current weight or a candidate copied in (the same tensor
+    # throughout: what a captured graph reads).
+    originals = {n: m.weight.data for n, m in in_parent.items()}
+    buffers = {n: current[n].to(originals[n].dtype, copy=True) for n in in_parent}
+    scales, totals = [], []
+    try:
+        for n, module in in_parent.items():
+            module.weight.data = buffers[n]
+        reference = [real_tokens(call.replay(parent), call.masks, mask_key) for call in calls]
+        n_elements = sum(r.numel() for r in reference)
+        loss_now = _capture(parent, calls, reference, mask_key, device) if stream is not None else None
+        if loss_now is None:
+            def loss_now():
+                return _squared_error(parent, calls, reference, mask_key, device)
+        for k in range(n_grid):
+            s = candidate_scale(mean_abs, k, n_grid)
+            for n, g in zip(linears, grids):
+                buffers[n].copy_(scaled_rtn_weight(current[n], s, g))
+            scales.append(s)
+            totals.append(loss_now())
+        del loss_now  # the graph, and its memory, go with it
+    finally:
+        for name, module in in_parent.items():
+            module.weight.data = originals[name]
+    # Read once, after the grid: a read per candidate would stall the device queue n_grid times.
+    losses = [t / max(1, n_elements) for t in torch.stack(totals).tolist()]
+    k = min(range(n_grid), key=losses.__getitem__)  # the first of equal losses, as the search always took
+    return scales[k], k / n_grid, losses[k], losses[0], losses

@@ -1,0 +1,110 @@
+"""How AWQ scores a weight error D on a Linear's calibration input X: ||X Dᵀ||², the output error.
+
+The searches score dozens of candidate errors per Linear on the same X. Where X is at least twice as
+tall as wide they multiply by R (columns x columns, upper triangular) with RᵀR = XᵀX + diag(shift)
+instead of X, and take the shift's share back out exactly:
+
+    ||X Dᵀ||² = ||R Dᵀ||² - sum_(o,j) shift_j D_oj²
+
+LLaVA's o_proj scores through 4096 rows of R, not 16384 of X; the BLIP-2 ViT's Linears through 1408
+rows, not 33k. The shift is what lets the Cholesky succeed when XᵀX is singular or nearly so, as the
+Gram matrix of a LayerNorm's output is when its bias is small (each token's features sum to ~0) and
+its float32 rounding then makes it indefinite: without the correction, a failed factorisation meant
+scoring through all of X. It starts at 1e-10 · max H_jj and grows only if the Cholesky fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .quantizer import tf32_products
+
+# Relative diagonal shifts tried in turn; the largest still leaves ~4 significant digits after the
+# exact correction, far finer than the loss differences between candidate scales.
+SHIFTS = (1e-10, 1e-7, 1e-5, 1e-3)
+
+
+def _weighted_sq_error(x: torch.Tensor, delta: torch.Tensor, row_weight: torch.Tensor | None,
+                       chunk_rows: int = 4096) -> torch.Tensor:
+    """||x deltaᵀ diag(row_weight)||², a chunk of x's rows at a time, in delta's dtype."""
+    total = torch.zeros((), device=delta.device, dtype=delta.dtype)
+    for start in range(0, x.shape[0], chunk_rows):
+        y = x[start:start + chunk_rows].to(delta.dtype) @ delta.T  # inputs are held in the model's dtype
+        y = (y if row_weight is None else y.mul_(row_weight[None, :])).reshape(-1)
+        total = total + torch.dot(y, y)  # one reduction, no squared copy
+    return total
+
+
+def input_factor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(R, shift): R upper triangular (columns x columns, float32) with RᵀR = XᵀX + diag(shift). None
+    when X is not at least twice as tall as wide (X itself is then the cheaper product), or when no
+    shift of `SHIFTS` makes the Gram matrix factorisable (a NaN in X).
+
+    XᵀX is summed in fp32 from products exact for fp16/bf16 inputs (TF32 on CUDA, full fp32 for fp32
+    inputs) and factored in float64."""
+    rows, columns = x.shape
+    if 2 * columns > rows:
+        return None
+    xf = x.float()
+    with tf32_products(x.is_cuda, allow=x.dtype in (torch.float16, torch.bfloat16)):
+        gram = (xf.T @ xf).double()
+    del xf
+    top = gram.diagonal().max()
+    for relative in SHIFTS:
+        shifted = gram.clone()
+        shifted.diagonal().add_(relative * top)
+        factor, info = torch.linalg.cholesky_ex(shifted)
+        del shifted
+        if int(info) == 0:
+            shift = (relative * top).float().expand(columns)
+            return factor.T.float(), shift
+    return None
+
+
+@dataclass(frozen=True)
+class OutputScoring:
+    """Scores ||X Dᵀ||² through ``rows``: X itself (``shift`` None) or its `input_factor` R."""
+
+    rows: torch.Tensor
+    shift: torch.Tensor | None = None  # (columns,) what RᵀR adds to XᵀX's diagonal
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "OutputScoring":
+        factor = input_factor(x)
+        return cls(x) if factor is None else cls(*factor)
+
+    def scaled(self, s: torch.Tensor) -> "OutputScoring":
+        """The scoring of X diag(1/s): R diag(1/s) factors it, with shift / s²."""
+        return OutputScoring(self.rows / s[None, :], None if self.shift is None else self.shift / s.square())
+
+    def _shift_share(self, delta: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
+        per_row = delta.square() @ self.shift.to(delta.dtype)
+        return (per_row if row_weight is None else per_row * row_weight.square()).sum()
+
+    def sq_error(self, delta: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """||X deltaᵀ diag(row_weight)||² (0-dim, delta's dtype, on the device)."""
+        total = _weighted_sq_error(self.rows, delta, row_weight)
+        return total if self.shift is None else total - self._shift_share(delta, row_weight)
+
+    def sq_norms(self, reference: torch.Tensor, approxes: list[torch.Tensor],
+                 chunk_rows: int = 2048) -> tuple[float, list[float]]:
+        """||X Wᵀ||² and each ||X (W - A)ᵀ||², one matrix at a time and a chunk of rows at a time: per
+        row the squares are summed in float32 (at most a few thousand terms), the row sums in float64.
+        No stack of the matrices and no float64 copy of a product: on a LLaVA-7B down_proj those made
+        2 GiB, the unit's largest buffers."""
+        totals = []
+        for k in range(1 + len(approxes)):
+            matrix = reference if k == 0 else reference - approxes[k - 1]
+            total = torch.zeros((), dtype=torch.float64, device=reference.device)
+            for start in range(0, self.rows.shape[0], chunk_rows):
+                y = self.rows[start:start + chunk_rows].float() @ matrix.T
+                total += y.square_().sum(dim=1).sum(dtype=torch.float64)
+            if self.shift is not None:  # by chunks of rows too: no weight-sized square
+                for start in range(0, matrix.shape[0], chunk_rows):
+                    total -= (matrix[start:start + chunk_rows].square() @ self.shift).sum(dtype=torch.float64)
+            totals.append(total)
+            del matrix
+        values = torch.stack(totals).tolist()  # one device read
+        return values[0], values[1:]
