@@ -420,12 +420,16 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
                              "calib_n": args.calib_n, "calib_batch_size": args.calib_batch_size})
 
     if args.warmup:  # the process's first quantization pays one-time costs (kernel compiles, library set-up)
-        _sync(device)
-        t0 = time.perf_counter()
-        quantize(model, processor, recipe_of(runs[0]), device=device, progress=False)
-        _sync(device)
-        entry["warmup"] = {"spec": runs[0], "wall_s": time.perf_counter() - t0}
-        print(arch, "warm-up", json.dumps(entry["warmup"]), flush=True)
+        entry["warmups"] = []
+        for spec in (args.warmup_runs or runs[0]).split(","):
+            model.load_state_dict(pristine)
+            _sync(device)
+            t0 = time.perf_counter()
+            quantize(model, processor, recipe_of(spec), device=device, progress=False)
+            _sync(device)
+            entry["warmups"].append({"spec": spec, "wall_s": time.perf_counter() - t0})
+            print(arch, "warm-up", json.dumps(entry["warmups"][-1]), flush=True)
+        entry["warmup"] = entry["warmups"][0]
     for index, spec in enumerate(runs):
         if time.perf_counter() - started > args.deadline_s:
             entry.setdefault("not_run", []).append(spec)
@@ -453,7 +457,8 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
         timing = report.timing
         run = {"method": method, "component": component, "wall_s": wall,
                "calibration_s": timing.get("calibration_s"), "method_s": timing.get("method_s"),
-               "report_stats_s": timing.get("report_stats_s"), "driver": timing.get("driver"),
+               "report_stats_s": timing.get("report_stats_s"), "method_phases_s": timing.get("method_phases_s"),
+               "driver": timing.get("driver"),
                "block_forwards": timing.get("block_forwards"), "capture_passes": timing.get("capture_passes"),
                "model_driver_stacks": timing.get("model_driver_stacks"), "units": timing.get("units"),
                "linears": len(report.tensors), "holdout_samples": report.calibration["holdout_samples"],
@@ -467,6 +472,10 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
             run["memory_trace"] = trace  # recording slows the run: its times are not comparable
         if args.profile:
             run["profile"] = profile_summary(profiler, wall)  # so does profiling
+        if method == "awq":
+            from lmms_quant.quant.awq_parent import CAPTURE_FAILURES
+
+            run["awq_capture_failures"] = dict(CAPTURE_FAILURES)
         if args.compare_eager and method == "awq":
             run["eager"] = compare_eager(model, processor, recipe, pristine, report, device)
         entry["runs"].append(run)
@@ -602,6 +611,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", action="store_true",
                         help="run each arch's first method:component once, untimed, before the timed runs "
                              "(its wall time is reported as the cold run)")
+    parser.add_argument("--warmup-runs", default=None,
+                        help="with --warmup: the specs quantized once, untimed, first (default: the first of --runs); "
+                             "e.g. gptq:all,awq:all, so that neither method's timed run pays one-time set-up")
     parser.add_argument("--compare-eager", action="store_true",
                         help="after each AWQ run, the same run with its parent searches replayed eagerly (no CUDA "
                              "graphs): its time, and whether every fold chose the same scale with the same losses")

@@ -207,6 +207,9 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
             # give identical tensor records.
             details = dict(result.info or {})
             timing["report_stats_s"] += details.pop("report_stats_s", 0.0)
+            for phase, seconds in details.pop("phase_s", {}).items():  # a method's own phases (AWQ)
+                phases = timing.setdefault("method_phases_s", {})
+                phases[phase] = phases.get(phase, 0.0) + seconds
             records.append(TensorRecord(
                 name=t.name, component=t.site.component, stack=t.site.stack, block=t.site.block,
                 role=t.site.role, method=recipe.method, bits=t.grid.bits, granularity=t.grid.granularity,

@@ -29,8 +29,8 @@ float32 products run in TF32 (`quantizer.tf32_products`).
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,7 @@ from .awq_parent import candidate_scale, scaled_rtn_weight, search_scale_block
 from .awq_scoring import OutputScoring
 from .method import MethodConfig, RecipeError, option
 from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, rtn_weight, tf32_products
+from .span_clock import SpanClock
 
 NEEDS_HESSIAN = False
 NEEDS_INPUTS = True
@@ -243,6 +244,14 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
     fold_info: dict[str, dict] = {}
     notes = []
 
+    clock = SpanClock(any(t.module.weight.is_cuda for t in unit.targets))
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        """A named span for torch.profiler and the report's method phases (no device wait)."""
+        with record_function(f"lmms_quant.awq.{name}"), clock.span(name):
+            yield
+
     scoring: dict[int, OutputScoring] = {}  # per input (Linears sharing one share its object)
 
     def scored_of(x: torch.Tensor) -> OutputScoring:
@@ -262,15 +271,15 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         if calls.get(parent) and _self_contained(parent, applied):
             criterion = "parent_output"
             in_parent = {n: m for n, m in modules.items() if _inside(n, parent)}
-            with record_function("lmms_quant.awq.parent_search"):  # named spans for torch.profiler
+            with phase("parent_search"):
                 s, alpha, loss, rtn_loss, losses = search_scale_block(
                     call_modules[parent], calls[parent], mean_abs, list(fold.linears), in_parent, current, grids,
                     cfg.grid, targets[fold.linears[0]].site.token_mask)
         else:
             criterion = "linear_output"
-            with record_function("lmms_quant.awq.input_factor"):
+            with phase("input_factor"):
                 scored = scored_of(x)
-            with record_function("lmms_quant.awq.linear_search"):
+            with phase("linear_search"):
                 s, alpha, loss, rtn_loss = search_scale(
                     x, [current[n] for n in fold.linears], [row_scale.get(n) for n in fold.linears], grids,
                     cfg.grid, mean_abs, scored=scored)
@@ -295,7 +304,7 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         x = inputs[name]
         s = col_scale.get(name)
         r = row_scale.get(name)
-        with record_function("lmms_quant.awq.input_factor"):
+        with phase("input_factor"):
             scored = scored_of(x)  # R / s factors X / s as R factors X
         scored_now = scored if s is None else scored.scaled(s)
         clip_rows = spread_rows(x, CLIP_ROWS)
@@ -303,7 +312,7 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         leaf = t.site.role.split(".")[-1]
         # the working copy is let go as its result is made: the unit's fp32 copies and its fp32 results
         # are not all alive at once (0.75 GiB each for a LLaVA-7B block)
-        with record_function("lmms_quant.awq.round_and_clip"):
+        with phase("round_and_clip"):
             qweight = quantize_layer(current.pop(name), clip_rows, t.grid,
                                      clip=cfg.clip and leaf not in _NO_CLIP_LEAVES, row_weight=r, scored=scored_now)
         del clip_rows, scored_now
@@ -311,14 +320,16 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
                              info={"scaled": s is not None, "clip_searched": qweight.clip is not None,
                                    **fold_info.get(name, {}), "calib_tokens": stats[name].n_calib})
         effective = result.effective_weight(qweight.weight)
-        started = time.perf_counter()
         reference = t.module.weight.detach().float()
-        with record_function("lmms_quant.awq.report"):
+        with phase("report"):
             norm_sq, (awq_sq, rtn_sq) = scored.sq_norms(reference, [effective, rtn_weight(reference, t.grid)])
         result.calib_error = (awq_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         result.rtn_calib_error = (rtn_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         # ||X W^T|| turns the relative errors back into the absolute ones the scale search sums.
         result.info["calib_output_norm"] = norm_sq ** 0.5
-        result.info["report_stats_s"] = time.perf_counter() - started
         results[name] = result
+    phases = clock.by_name()  # the unit's, shared out over its Linears (the report sums them)
+    for result in results.values():
+        result.info["phase_s"] = {k: v / len(results) for k, v in phases.items()}
+        result.info["report_stats_s"] = phases.get("report", 0.0) / len(results)
     return results, notes

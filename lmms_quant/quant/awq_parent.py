@@ -12,8 +12,9 @@ recorded: a candidate is installed by copying it into the weight tensors the par
 the same tensors for the whole search. The whole search runs on one side stream (the capture's),
 so the reference, the capture and the replays are ordered on it.
 
-A module whose forward cannot be captured (it waits on the device, or copies from the host) is run
-eagerly, with a warning, and so is every later module of its class. ``LMMS_QUANT_AWQ_GRAPHS=0``
+A module whose forward cannot be captured (it waits on the device, or copies from the host) is tried
+again with SDPA's attention kernels other than cuDNN's, then run eagerly, with a warning; each
+failure is remembered for its class (`CAPTURE_FAILURES`, with the reason). ``LMMS_QUANT_AWQ_GRAPHS=0``
 turns the graphs off. The eager run is the same computation: ``scripts/bench_gpu.py --compare-eager``
 checks that both pick the same scales with the same losses on the GPU benchmark's models.
 """
@@ -33,7 +34,6 @@ from .quantizer import QuantGrid, rtn_weight
 log = logging.getLogger(__name__)
 
 GRAPHS_ENV = "LMMS_QUANT_AWQ_GRAPHS"
-_UNGRAPHABLE: set[str] = set()  # classes of parents whose capture failed in this process
 _STREAMS: dict[str, "torch.cuda.Stream"] = {}
 _POOLS: dict = {}
 
@@ -69,8 +69,34 @@ def _squared_error(parent: nn.Module, calls: list, reference: list, mask_key: st
 
 
 def _graphs_wanted(parent: nn.Module, device) -> bool:
-    return (torch.device(device).type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
-            and type(parent).__qualname__ not in _UNGRAPHABLE)
+    return torch.device(device).type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
+
+
+# Attention kernels a search may run under, tried in turn until its capture succeeds: first the ones
+# the model picks; then SDPA without cuDNN's kernel (a suspect when a capture fails, as the reason
+# recorded in `CAPTURE_FAILURES` says). The reference and the candidates always share one choice.
+_KERNELS = ("model's", "sdpa_without_cudnn")
+CAPTURE_FAILURES: dict[str, str] = {}  # "class / kernels" -> why its capture failed (this process)
+
+
+def _kernels(choice: str):
+    if choice == "model's":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def _end_failed_capture() -> None:
+    """After a failed capture torch may leave the CUDA generator marked as capturing (its epilogue
+    runs only when the capture ends cleanly); a later random draw would then fail. An empty capture
+    runs the prologue and epilogue and leaves it as it was."""
+    try:
+        empty = torch.cuda.CUDAGraph()
+        empty.capture_begin()
+        empty.capture_end()
+    except Exception as err:  # nothing more to restore
+        log.debug("lmms-quant: empty capture after a failed one: %s", err)
 
 
 def _pool(device):
@@ -86,7 +112,7 @@ def _pool(device):
 
 
 def _capture(parent: nn.Module, calls: list, reference: list, mask_key: str | None,
-             device) -> Callable[[], torch.Tensor] | None:
+             device, key: str) -> Callable[[], torch.Tensor] | None:
     """A function giving the calls' squared error for the weights installed now, by one graph replay
     (a new 0-dim tensor each time); None when the parent cannot be captured. Called on the search's
     side stream. Not `torch.cuda.graph`, which synchronises and empties the allocator's cache at
@@ -99,10 +125,9 @@ def _capture(parent: nn.Module, calls: list, reference: list, mask_key: str | No
         finally:
             graph.capture_end()
     except Exception as err:  # e.g. a forward that reads a value back from the device
-        kind = type(parent).__qualname__
-        _UNGRAPHABLE.add(kind)
-        log.warning("lmms-quant: AWQ runs %s eagerly: its forward could not be captured as a CUDA graph (%s: %s)",
-                    kind, type(err).__name__, err)
+        _end_failed_capture()
+        CAPTURE_FAILURES[key] = f"{type(err).__name__}: {err}"[:500]
+        log.warning("lmms-quant: AWQ could not capture %s as a CUDA graph (%s)", key, CAPTURE_FAILURES[key])
         return None
 
     def replay() -> torch.Tensor:
@@ -142,23 +167,32 @@ def _search(parent, calls, mean_abs, linears, in_parent, current, grids, n_grid,
     # throughout: what a captured graph reads).
     originals = {n: m.weight.data for n, m in in_parent.items()}
     buffers = {n: current[n].to(originals[n].dtype, copy=True) for n in in_parent}
+    kind = type(parent).__qualname__
+    choices = [c for c in _KERNELS if f"{kind} / {c}" not in CAPTURE_FAILURES] if stream is not None else []
+    choices = choices or ["model's"]  # eager, on the kernels the model picks
     scales, totals = [], []
     try:
         for n, module in in_parent.items():
             module.weight.data = buffers[n]
-        reference = [real_tokens(call.replay(parent), call.masks, mask_key) for call in calls]
-        n_elements = sum(r.numel() for r in reference)
-        loss_now = _capture(parent, calls, reference, mask_key, device) if stream is not None else None
-        if loss_now is None:
-            def loss_now():
-                return _squared_error(parent, calls, reference, mask_key, device)
-        for k in range(n_grid):
-            s = candidate_scale(mean_abs, k, n_grid)
-            for n, g in zip(linears, grids):
-                buffers[n].copy_(scaled_rtn_weight(current[n], s, g))
-            scales.append(s)
-            totals.append(loss_now())
-        del loss_now  # the graph, and its memory, go with it
+        for attempt, choice in enumerate(choices):
+            with _kernels(choice):
+                reference = [real_tokens(call.replay(parent), call.masks, mask_key) for call in calls]
+                n_elements = sum(r.numel() for r in reference)
+                loss_now = (_capture(parent, calls, reference, mask_key, device, f"{kind} / {choice}")
+                            if stream is not None else None)
+                if loss_now is None and attempt + 1 < len(choices):
+                    continue  # the next kernels, with their own reference
+                if loss_now is None:
+                    def loss_now():
+                        return _squared_error(parent, calls, reference, mask_key, device)
+                for k in range(n_grid):
+                    s = candidate_scale(mean_abs, k, n_grid)
+                    for n, g in zip(linears, grids):
+                        buffers[n].copy_(scaled_rtn_weight(current[n], s, g))
+                    scales.append(s)
+                    totals.append(loss_now())
+                del loss_now  # the graph, and its memory, go with it
+            break
     finally:
         for name, module in in_parent.items():
             module.weight.data = originals[name]

@@ -21,8 +21,6 @@ columns once per block.
 
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +33,7 @@ from . import gptq_torch_loop as torch_loop
 from .gptq_reference import lower_inverse
 from .method import MethodConfig, RecipeError, option
 from .quantizer import LayerResult, QuantGrid, QuantizedWeight, rtn_weight, tf32_products
+from .span_clock import SpanClock
 
 NEEDS_HESSIAN = True
 NEEDS_INPUTS = False
@@ -323,34 +322,6 @@ def _row_square_sums(W: torch.Tensor, Q: torch.Tensor, dead: torch.Tensor, chunk
     return total, on_dead
 
 
-class _SpanClock:
-    """The summed duration of marked spans of work, without making the host wait for the device: on
-    CUDA a span is a pair of timing events on the current stream, read only after the caller has
-    waited anyway (a device wait per span would stall the queue that GPTQ's groups keep full)."""
-
-    def __init__(self, cuda: bool):
-        self.cuda, self.events, self.host_s = cuda, [], 0.0
-
-    @contextlib.contextmanager
-    def span(self):
-        if not self.cuda:
-            started = time.perf_counter()
-            yield
-            self.host_s += time.perf_counter() - started
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        yield
-        end.record()
-        self.events.append((start, end))
-
-    def seconds(self) -> float:
-        """All spans so far (on CUDA: waits for the last one)."""
-        if self.events:
-            self.events[-1][1].synchronize()
-        return self.host_s + sum(start.elapsed_time(end) for start, end in self.events) / 1e3
-
-
 def _stackable(targets, stats) -> list[list]:
     """Targets in groups that share an input (one Hessian) and a grid: GPTQ runs once per group on the
     stacked rows. A per-tensor grid has one scale per Linear, so those are never stacked."""
@@ -383,11 +354,22 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
         users[id(stats[group[0].name])] = users.get(id(stats[group[0].name]), 0) + 1
     shared = {key for key, n in users.items() if n > 1}
     stacked = [[t.module.weight.detach() for t in group] for group in groups]
-    quads = []
-    before_run = _SpanClock(any(t.module.weight.is_cuda for t in unit.targets))  # the RTN reference, tr(W H Wᵀ)
+    before_run = SpanClock(any(t.module.weight.is_cuda for t in unit.targets))  # the RTN reference, tr(W H Wᵀ)
 
     def stacked_float(weights):
         return (torch.cat(weights) if len(weights) > 1 else weights[0]).float()
+
+    # The report's quadratic forms in the undamped H, every group's before any run is prepared: on the
+    # current stream, alone on the device, so their span is their cost (on the runs' streams it would
+    # also count the other groups' work beside them).
+    quads = []
+    for group, weights in zip(groups, stacked):
+        W = stacked_float(weights)
+        H = stats[group[0].name].hessian.to(W.device)
+        with before_run.span(), record_function("lmms_quant.gptq.report"):
+            rtn_delta = rtn_weight(W, group[0].grid).neg_().add_(W)
+            quads.append((_quadratic_rows(W, H), _quadratic_rows(rtn_delta, H)))
+        del W, H, rtn_delta
 
     def make_job(group, weights) -> dict:
         """A group's job, made as the runs are prepared; its run takes the weight and Hessian (`_Run`),
@@ -395,10 +377,6 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
         W = stacked_float(weights)
         layer = stats[group[0].name]
         H = layer.hessian.to(W.device)
-        with before_run.span(), record_function("lmms_quant.gptq.report"):
-            rtn_delta = rtn_weight(W, group[0].grid).neg_().add_(W)
-            quads.append((_quadratic_rows(W, H), _quadratic_rows(rtn_delta, H)))  # undamped H
-            del rtn_delta
         users[id(layer)] -= 1
         if users[id(layer)] == 0:
             layer.hessian = None  # no longer read here; an unshared one is damped in place by its run
@@ -415,7 +393,7 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
     per_group = []
     for weights, (den, rtn_num), done in zip(stacked, quads, done_all):
         W = stacked_float(weights)  # the modules still hold their original weights
-        after_run = _SpanClock(W.is_cuda)
+        after_run = SpanClock(W.is_cuda)
         with after_run.span(), record_function("lmms_quant.gptq.report"):
             squares, dead_squares = _row_square_sums(W, done.qweight.weight, done.dead)
             num = (done.err_sq - done.lam * squares - dead_squares).clamp(min=0)
