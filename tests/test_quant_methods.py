@@ -466,3 +466,57 @@ def test_awq_report_norms_are_the_direct_output_norms_chunk_by_chunk():
     assert norm == pytest.approx(float((X @ W.T).square().sum()), rel=1e-6)
     for a, err in zip(approxes, errors):
         assert err == pytest.approx(float((X @ (W - a.double()).T).square().sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["group", "channel", "tensor"])
+def test_awq_candidates_rounded_in_batches_are_the_one_at_a_time_weights_bit_for_bit(granularity, monkeypatch):
+    w = weight(24, 96, seed=11)
+    grid = QuantGrid(bits=3, sym=False, granularity=granularity, group_size=32 if granularity == "group" else -1)
+    mean_abs = correlated_inputs(n_tokens=256, outliers=2)[:, :96].abs().mean(dim=0)
+    scales = [awq.candidate_scale(mean_abs, k, 20) for k in range(20)]
+    monkeypatch.setattr(awq, "CANDIDATE_ELEMENTS", 7 * w.numel())  # batches of 7: 7, 7 and a last one of 6
+    batches = list(awq.candidate_weights(w, scales, grid))
+    assert [len(ks) for ks, _ in batches] == ([7, 7, 6] if granularity != "tensor" else [1] * 20)
+    for ks, rounded in batches:
+        for k, q in zip(ks, rounded):
+            assert torch.equal(q, awq.scaled_rtn_weight(w, scales[k], grid))
+
+
+def test_awq_parent_search_retries_a_failed_capture_then_remembers_which_kernels_captured(monkeypatch):
+    # The CUDA-graph path cannot run here; its control flow can: a failed capture is retried with the
+    # other attention kernels (and its own reference), the scores are those of the eager search, the
+    # weights are put back, and the next search of that class starts from the kernels that captured.
+    from lmms_quant.quant import awq_parent
+    from lmms_quant.quant.calib_data import TokenMasks
+    from lmms_quant.quant.calibration import ModuleCall
+
+    torch.manual_seed(0)
+    parent = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    calls = [ModuleCall.record((torch.randn(4, 5, 16),), {}, TokenMasks()) for _ in range(3)]
+    original = parent[0].weight.detach().clone()
+    grid = QuantGrid(bits=3, sym=False, granularity="group", group_size=8)
+    mean_abs = torch.cat([c.args[0] for c in calls]).reshape(-1, 16).abs().mean(dim=0)
+
+    def search(stream):
+        current = {"0": parent[0].weight.detach().float().clone()}
+        return awq_parent._search(parent, calls, mean_abs, ["0"], {"0": parent[0]}, current, [grid], 20, None, stream)
+
+    eager = search(None)
+    attempts = []
+
+    def fake_capture(parent_, calls_, reference, mask_key, device, key):
+        attempts.append(key)
+        if key.endswith("model's"):
+            awq_parent.CAPTURE_FAILURES[key] = "RuntimeError: cannot capture"
+            return None
+        return lambda: awq_parent._squared_error(parent_, calls_, reference, mask_key, device)
+
+    monkeypatch.setattr(awq_parent, "_capture", fake_capture)
+    monkeypatch.setattr(awq_parent, "CAPTURE_FAILURES", {})
+    graphed = search("a side stream")
+    assert attempts == ["Sequential / model's", "Sequential / sdpa_without_cudnn"]
+    assert graphed[1] == eager[1] and graphed[4] == pytest.approx(eager[4], rel=1e-6)
+    assert torch.equal(parent[0].weight, original)
+    attempts.clear()
+    search("a side stream")
+    assert attempts == ["Sequential / sdpa_without_cudnn"]

@@ -74,15 +74,34 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list
     (default: that of ``x``) is a = mean |X_j|; ``scored``: `OutputScoring.of(x)` when the caller has it."""
     mean_abs = x.float().abs().mean(dim=0) if mean_abs is None else mean_abs.to(x.device)
     scored = OutputScoring.of(x) if scored is None else scored
-    scales, totals = [], []
-    for k in range(n_grid):
-        s = candidate_scale(mean_abs, k, n_grid)
-        scales.append(s)
-        totals.append(sum(scored.sq_error(w - scaled_rtn_weight(w, s, g), r)
-                          for w, r, g in zip(weights, row_weights, grids)))
+    scales = [candidate_scale(mean_abs, k, n_grid) for k in range(n_grid)]
+    totals = [0.0] * n_grid
+    for w, r, g in zip(weights, row_weights, grids):
+        for ks, rounded in candidate_weights(w, scales, g):
+            for k, q in zip(ks, rounded):
+                totals[k] = totals[k] + scored.sq_error(w - q, r)
     losses = torch.stack(totals).tolist()  # one device wait for the grid, not one per candidate
     k = min(range(n_grid), key=losses.__getitem__)  # the first of equal losses
     return scales[k], k / n_grid, losses[k], losses[0]
+
+
+CANDIDATE_ELEMENTS = 1 << 25  # a batch of candidate weights: 128 MiB of float32
+
+
+def candidate_weights(weight: torch.Tensor, scales: list[torch.Tensor], grid: QuantGrid):
+    """(indices, [Q(W diag(s)) diag(1/s) for their s]) for batches of the candidate ``scales``: one
+    rounding of K stacked scaled copies instead of K roundings (a search is launch-bound on the
+    ViT's Linears), the same values bit for bit, as every cell lies in one row. A per-tensor grid
+    (one range over the whole weight) is rounded one candidate at a time."""
+    per_batch = 1 if grid.granularity == "tensor" else max(1, CANDIDATE_ELEMENTS // max(1, weight.numel()))
+    for start in range(0, len(scales), per_batch):
+        ks = range(start, min(start + per_batch, len(scales)))
+        if len(ks) == 1:
+            yield ks, [scaled_rtn_weight(weight, scales[start], grid)]
+            continue
+        s = torch.stack([scales[k] for k in ks])[:, None, :]  # (K, 1, columns)
+        rounded = rtn_weight((weight[None] * s).reshape(-1, weight.shape[1]), grid).reshape(len(ks), *weight.shape)
+        yield ks, list(rounded.div_(s).unbind(0))
 
 
 def fold_parent(fold: FoldSite) -> str:

@@ -4,8 +4,8 @@ The parent (`awq.fold_parent`) is re-run on every recorded calibration call (`ca
 once for its reference output, then once per candidate scale; the loss is the mean squared error of
 its output on the real tokens.
 
-On CUDA the candidate runs are one CUDA graph: every call's forward and its squared error are
-captured once per search, and replayed per candidate. The forwards are launch-bound chains of small
+On CUDA the candidate runs are one CUDA graph where the outputs are small (`GRAPH_MAX_ELEMENTS`):
+every call's forward and its squared error are captured once per search, and replayed per candidate. The forwards are launch-bound chains of small
 kernels (an OPT-2.7B attention on 8 captions is ~30 kernels and ~0.4 ms of host time), and a search
 runs 16 calls x 20 candidates. A replay runs the kernels the capture recorded, on the buffers it
 recorded: a candidate is installed by copying it into the weight tensors the parent reads, which are
@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 
 GRAPHS_ENV = "LMMS_QUANT_AWQ_GRAPHS"
 _STREAMS: dict[str, "torch.cuda.Stream"] = {}
-_POOLS: dict = {}
+# Searches whose reference outputs hold more elements than this run eagerly: their kernels are long
+# (LLaVA-7B's MLP on 128 image+caption samples: 3e8 output elements a candidate), launches cost
+# nothing beside them, and a graph would only add its pool's memory.
+GRAPH_MAX_ELEMENTS = 1 << 25
 
 
 def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
@@ -99,18 +102,6 @@ def _end_failed_capture() -> None:
         log.debug("lmms-quant: empty capture after a failed one: %s", err)
 
 
-def _pool(device):
-    """One memory pool per device for every search's graph, kept for the process: a graph's memory is
-    reused by the next search's capture. (A pool id whose graphs are all gone cannot be captured into
-    again, so the pool object holds it; torch without `MemPool` gets a fresh pool per capture.)"""
-    key = str(torch.device(device))
-    if key not in _POOLS:
-        if not hasattr(torch.cuda, "MemPool"):
-            return torch.cuda.graph_pool_handle()
-        _POOLS[key] = torch.cuda.MemPool()
-    return _POOLS[key].id
-
-
 def _capture(parent: nn.Module, calls: list, reference: list, mask_key: str | None,
              device, key: str) -> Callable[[], torch.Tensor] | None:
     """A function giving the calls' squared error for the weights installed now, by one graph replay
@@ -119,7 +110,10 @@ def _capture(parent: nn.Module, calls: list, reference: list, mask_key: str | No
     every capture."""
     graph = torch.cuda.CUDAGraph()
     try:
-        graph.capture_begin(pool=_pool(device), capture_error_mode="thread_local")
+        # A pool of its own (torch's default), freed with the graph: a pool id shared between searches
+        # cannot be captured into once its graphs are gone, and torch 2.11's host allocator asserts on a
+        # user `MemPool`'s id.
+        graph.capture_begin(capture_error_mode="thread_local")
         try:
             total = _squared_error(parent, calls, reference, mask_key, device)
         finally:
@@ -178,10 +172,10 @@ def _search(parent, calls, mean_abs, linears, in_parent, current, grids, n_grid,
             with _kernels(choice):
                 reference = [real_tokens(call.replay(parent), call.masks, mask_key) for call in calls]
                 n_elements = sum(r.numel() for r in reference)
-                loss_now = (_capture(parent, calls, reference, mask_key, device, f"{kind} / {choice}")
-                            if stream is not None else None)
-                if loss_now is None and attempt + 1 < len(choices):
-                    continue  # the next kernels, with their own reference
+                capturable = stream is not None and n_elements <= GRAPH_MAX_ELEMENTS
+                loss_now = _capture(parent, calls, reference, mask_key, device, f"{kind} / {choice}") if capturable else None
+                if loss_now is None and capturable and attempt + 1 < len(choices):
+                    continue  # the capture failed: the next kernels, with their own reference
                 if loss_now is None:
                     def loss_now():
                         return _squared_error(parent, calls, reference, mask_key, device)

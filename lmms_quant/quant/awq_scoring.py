@@ -10,7 +10,8 @@ LLaVA's o_proj scores through 4096 rows of R, not 16384 of X; the BLIP-2 ViT's L
 rows, not 33k. The shift is what lets the Cholesky succeed when XᵀX is singular or nearly so, as the
 Gram matrix of a LayerNorm's output is when its bias is small (each token's features sum to ~0) and
 its float32 rounding then makes it indefinite: without the correction, a failed factorisation meant
-scoring through all of X. It starts at 1e-10 · max H_jj and grows only if the Cholesky fails.
+scoring through all of X. It starts at 1e-7 · max H_jj (above float32's rounding of XᵀX, so one
+Cholesky is enough for those inputs too) and grows only if the Cholesky fails.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .quantizer import tf32_products
 
 # Relative diagonal shifts tried in turn; the largest still leaves ~4 significant digits after the
 # exact correction, far finer than the loss differences between candidate scales.
-SHIFTS = (1e-10, 1e-7, 1e-5, 1e-3)
+SHIFTS = (1e-7, 1e-5, 1e-3)
 
 
 def _weighted_sq_error(x: torch.Tensor, delta: torch.Tensor, row_weight: torch.Tensor | None,
@@ -52,14 +53,14 @@ def input_factor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         gram = (xf.T @ xf).double()
     del xf
     top = gram.diagonal().max()
+    added = 0.0
     for relative in SHIFTS:
-        shifted = gram.clone()
-        shifted.diagonal().add_(relative * top)
-        factor, info = torch.linalg.cholesky_ex(shifted)
-        del shifted
+        gram.diagonal().add_((relative - added) * top)  # in place: the shift grows to `relative`
+        added = relative
+        factor, info = torch.linalg.cholesky_ex(gram)
         if int(info) == 0:
-            shift = (relative * top).float().expand(columns)
-            return factor.T.float(), shift
+            # what RᵀR adds: the factored matrix's diagonal less XᵀX's, as it was rounded in float64
+            return factor.T.float(), (relative * top).float().expand(columns)
     return None
 
 
