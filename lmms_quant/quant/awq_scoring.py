@@ -80,8 +80,12 @@ class OutputScoring:
         """The scoring of X diag(1/s): R diag(1/s) factors it, with shift / s²."""
         return OutputScoring(self.rows / s[None, :], None if self.shift is None else self.shift / s.square())
 
-    def _shift_share(self, delta: torch.Tensor, row_weight: torch.Tensor | None) -> torch.Tensor:
-        per_row = delta.square() @ self.shift.to(delta.dtype)
+    def _shift_share(self, delta: torch.Tensor, row_weight: torch.Tensor | None,
+                     chunk_rows: int = 2048) -> torch.Tensor:
+        """sum_(o,j) row_weight_o² shift_j delta_oj², a chunk of rows at a time (no weight-sized square)."""
+        shift = self.shift.to(delta.dtype)
+        per_row = torch.cat([delta[start:start + chunk_rows].square() @ shift
+                             for start in range(0, delta.shape[0], chunk_rows)])
         return (per_row if row_weight is None else per_row * row_weight.square()).sum()
 
     def sq_error(self, delta: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
