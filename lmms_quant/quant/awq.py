@@ -9,7 +9,8 @@ For Linears that share one input X and follow a foldable op (architecture table,
   attention module for q/k/v, the MLP module for gate/up (llm-awq's ``module2inspect``,
   llm-compressor's lowest common ancestor). It is re-run on its recorded calibration calls (the
   arguments and keyword arguments of every calibration batch, `calibration.ModuleCall`) and compared
-  with its floating-point output on the real tokens. A fold of one Linear is its own parent: its
+  with its floating-point output on the real tokens (`awq_parent`; on CUDA one graph replay per
+  candidate where the outputs are small). A fold of one Linear is its own parent: its
   loss is ||X W^T - (X/s) Q(W diag(s))^T||^2 on its calibration inputs (output rows weighted back to
   original units when a later fold already divided them), scored through X's triangular factor
   where X is tall (`awq_scoring`). alpha = 0 is s = 1, plain RTN,

@@ -71,7 +71,7 @@ def _squared_error(parent: nn.Module, calls: list, reference: list, mask_key: st
     return torch.stack(parts).sum()
 
 
-def _graphs_wanted(parent: nn.Module, device) -> bool:
+def _graphs_wanted(device) -> bool:
     return torch.device(device).type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
 
 
@@ -142,7 +142,7 @@ def search_scale_block(parent: nn.Module, calls: list, mean_abs: torch.Tensor, l
     weights are put back afterwards. The loss is the mean squared error of the parent's output on the
     real tokens of every recorded calibration call."""
     device = mean_abs.device
-    graphs = _graphs_wanted(parent, device) and all(m.weight.device == device for m in in_parent.values())
+    graphs = _graphs_wanted(device) and all(m.weight.device == device for m in in_parent.values())
     stream = None
     if graphs:
         stream = _STREAMS.setdefault(str(device), torch.cuda.Stream(device=device))
