@@ -318,17 +318,15 @@ def reference_check(device) -> dict:
     jobs = [dict(weight=torch.randn(r, c, device=device, generator=g) * 0.02, hessian=hs[c], grid=grid, act_order=True)
             for r, c in shapes]
     serial, serial_s = timed(lambda: [gptq.quantize_rows(**job) for job in jobs])
-    # jobs are taken by the runs: each call gets copies of the dicts (the Hessians are not overwritten)
-    together, together_s = timed(lambda: gptq.quantize_rows_concurrently([dict(job) for job in jobs]))
-    # each group prepared on its own stream, the widest first, as `gptq.quantize_unit` does
+    # each group prepared on its own stream, the widest first, as `gptq.quantize_unit` does; the jobs
+    # are taken by the runs, so the call gets copies of the dicts (the Hessians are not overwritten)
     widest = sorted(range(len(jobs)), key=lambda k: -shapes[k][1])
-    each, each_s = timed(lambda: gptq.quantize_rows_concurrently([dict(jobs[k]) for k in widest], device=device))
-    each = [each[widest.index(k)] for k in range(len(jobs))]
-    for name, runs, seconds in (("prepared_on_main", together, together_s), ("prepared_on_own_streams", each, each_s)):
-        mismatch = [float((a.qweight.codes != b.qweight.codes).float().mean()) for a, b in zip(serial, runs)]
-        out[f"opt_block_groups_concurrent_vs_serial_{name}"] = {
-            "codes_equal": all(m == 0 for m in mismatch), "codes_mismatch_fraction": max(mismatch),
-            "serial_s": serial_s, "concurrent_s": seconds}
+    together, together_s = timed(lambda: gptq.quantize_rows_concurrently([dict(jobs[k]) for k in widest], device))
+    together = [together[widest.index(k)] for k in range(len(jobs))]
+    mismatch = [float((a.qweight.codes != b.qweight.codes).float().mean()) for a, b in zip(serial, together)]
+    out["opt_block_groups_concurrent_vs_serial"] = {
+        "codes_equal": all(m == 0 for m in mismatch), "codes_mismatch_fraction": max(mismatch),
+        "serial_s": serial_s, "concurrent_s": together_s}
     return out
 
 
@@ -423,11 +421,7 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
         entry["warmups"] = []
         for spec in (args.warmup_runs or runs[0]).split(","):
             model.load_state_dict(pristine)
-            _sync(device)
-            t0 = time.perf_counter()
-            quantize(model, processor, recipe_of(spec), device=device, progress=False)
-            _sync(device)
-            entry["warmups"].append({"spec": spec, "wall_s": time.perf_counter() - t0})
+            entry["warmups"].append({"spec": spec, "wall_s": timed_quantize(model, processor, recipe_of(spec), device)[1]})
             print(arch, "warm-up", json.dumps(entry["warmups"][-1]), flush=True)
         entry["warmup"] = entry["warmups"][0]
     for index, spec in enumerate(runs):
@@ -486,21 +480,27 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
         torch.cuda.empty_cache()
 
 
+def timed_quantize(model, processor, recipe, device):
+    """(report, wall seconds) of one quantization, the device idle before and after."""
+    from lmms_quant.quant import quantize
+
+    _sync(device)
+    t0 = time.perf_counter()
+    report = quantize(model, processor, recipe, device=device, progress=False)
+    _sync(device)
+    return report, time.perf_counter() - t0
+
+
 def compare_eager(model, processor, recipe, pristine, graphed, device) -> dict:
     """The same AWQ run with its parent searches replayed eagerly (`awq_parent`, no CUDA graphs): its
     time, and whether every fold chose the same scale with the same search losses."""
-    from lmms_quant.quant import quantize
     from lmms_quant.quant.awq_parent import GRAPHS_ENV
 
     model.load_state_dict(pristine)
     previous = os.environ.get(GRAPHS_ENV)
     os.environ[GRAPHS_ENV] = "0"
     try:
-        _sync(device)
-        t0 = time.perf_counter()
-        eager = quantize(model, processor, recipe, device=device, progress=False)
-        _sync(device)
-        wall = time.perf_counter() - t0
+        eager, wall = timed_quantize(model, processor, recipe, device)
     finally:
         if previous is None:
             os.environ.pop(GRAPHS_ENV)

@@ -41,7 +41,7 @@ from torch.profiler import record_function
 from lmms_quant.values import parse_bool, parse_positive_int
 
 from .archs import FoldSite
-from .awq_parent import candidate_scale, scaled_rtn_weight, search_scale_block
+from .awq_parent import candidate_scale, scaled_rtn_weight, search_scale_block  # noqa: F401 (the one-at-a-time form)
 from .awq_scoring import OutputScoring
 from .method import MethodConfig, RecipeError, option
 from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, rtn_weight, tf32_products
@@ -97,9 +97,6 @@ def candidate_weights(weight: torch.Tensor, scales: list[torch.Tensor], grid: Qu
     per_batch = 1 if grid.granularity == "tensor" else max(1, CANDIDATE_ELEMENTS // max(1, weight.numel()))
     for start in range(0, len(scales), per_batch):
         ks = range(start, min(start + per_batch, len(scales)))
-        if len(ks) == 1:
-            yield ks, [scaled_rtn_weight(weight, scales[start], grid)]
-            continue
         s = torch.stack([scales[k] for k in ks])[:, None, :]  # (K, 1, columns)
         rounded = rtn_weight((weight[None] * s).reshape(-1, weight.shape[1]), grid).reshape(len(ks), *weight.shape)
         yield ks, list(rounded.div_(s).unbind(0))

@@ -145,7 +145,9 @@ def search_scale_block(parent: nn.Module, calls: list, mean_abs: torch.Tensor, l
     graphs = _graphs_wanted(device) and all(m.weight.device == device for m in in_parent.values())
     stream = None
     if graphs:
-        stream = _STREAMS.setdefault(str(device), torch.cuda.Stream(device=device))
+        if str(device) not in _STREAMS:  # one per device, the same every search
+            _STREAMS[str(device)] = torch.cuda.Stream(device=device)
+        stream = _STREAMS[str(device)]
         stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         result = _search(parent, calls, mean_abs, linears, in_parent, current, grids, n_grid, mask_key, stream)

@@ -102,23 +102,21 @@ def _complete(run: "_Run") -> RowsResult:
     return run.finish()
 
 
-def quantize_rows_concurrently(jobs, device=None) -> list[RowsResult]:
+def quantize_rows_concurrently(jobs, device) -> list[RowsResult]:
     """Several independent `quantize_rows` calls (keyword dicts, an iterable consumed one at a time; each
-    run takes its dict's weight and Hessian out of it, see `_Run`).
+    run takes its dict's weight and Hessian out of it, see `_Run`), for weights on ``device``.
 
-    On CUDA (``device``, or found from the first job) each run has a stream of its own, from its
-    preparation (making the job, the damped factorisation) to its column loop: a run's loop starts
-    as soon as its own factor is ready, while a wider Hessian is still being factored on its stream
-    (OPT's fc2: 10240 columns, against 2560 for the unit's other groups). The loops, launch-bound
-    chains of tiny kernels, are interleaved block by block, so the GPU runs them side by side. Every
-    kernel and operand is the one a lone call uses: the codes are a lone call's."""
+    On CUDA each run has a stream of its own, from its preparation (making the job, the damped
+    factorisation) to its column loop: a run's loop starts as soon as its own factor is ready, while
+    a wider Hessian is still being factored on its stream (OPT's fc2: 10240 columns, against 2560
+    for the unit's other groups). The loops, launch-bound chains of tiny kernels, are interleaved
+    block by block, so the GPU runs them side by side. Every kernel and operand is the one a lone
+    call uses: the codes are a lone call's. Elsewhere the runs go one after the other."""
     jobs = iter(jobs)
-    if device is None or torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda":
         with record_function("lmms_quant.gptq.prepare"):  # named spans for torch.profiler
             runs = [_Run(job, slot=k) for k, job in enumerate(jobs)]
-        if not runs or not runs[0].WT.is_cuda or len(runs) == 1:
-            return [_complete(run) for run in runs]
-        return _interleave(runs, _side_streams(runs[0].WT.device, len(runs)), prepared_on_side=False)
+        return [_complete(run) for run in runs]
     main = torch.cuda.current_stream(device)
     runs, streams = [], []
     with record_function("lmms_quant.gptq.prepare"):
@@ -131,15 +129,7 @@ def quantize_rows_concurrently(jobs, device=None) -> list[RowsResult]:
                     break
                 runs.append(_Run(job, slot=len(runs), stream=stream))
                 streams.append(stream)
-    return _interleave(runs, streams, prepared_on_side=True)
-
-
-def _interleave(runs: list["_Run"], streams: list, *, prepared_on_side: bool) -> list[RowsResult]:
-    main = torch.cuda.current_stream(streams[0].device) if streams else None
     with record_function("lmms_quant.gptq.loops"):
-        if not prepared_on_side:
-            for stream in streams:
-                stream.wait_stream(main)
         for step in range(max((len(run.starts) for run in runs), default=0)):
             for run, stream in zip(runs, streams):
                 if step < len(run.starts):
@@ -387,7 +377,7 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
         return dict(weight=W, hessian=H, grid=group[0].grid, damp=cfg.damp, block_size=cfg.block_size,
                     act_order=cfg.act_order, overwrite_hessian=id(layer) not in shared)
 
-    device = unit.targets[0].module.weight.device if unit.targets else None
+    device = unit.targets[0].module.weight.device if unit.targets else "cpu"
     try:
         done_all = quantize_rows_concurrently((make_job(g, w) for g, w in zip(groups, stacked)), device=device)
     except HessianNotPositiveDefinite as err:
@@ -411,10 +401,11 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
     every_sum = iter(torch.cat([sums for _, sums, _ in per_group]).tolist())  # one device wait for the unit
 
     results = {}
+    before_s = before_run.seconds() / max(1, len(groups))  # shared out over the groups
     for group, done, (bounds, _, after_run) in zip(groups, done_all, per_group):
         names = [t.name for t in group]
         sums = [next(every_sum) for _ in bounds]  # this group's rows of the unit's sums, in order
-        group_stats_s = before_run.seconds() / len(groups) + after_run.seconds()
+        group_stats_s = before_s + after_run.seconds()
         for t, (r0, r1), (d, err, rtn_err) in zip(group, bounds, sums):
             q = done.qweight
             qweight = q if len(group) == 1 else QuantizedWeight(
