@@ -134,6 +134,7 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
 
     calib = recipe.calib
     n_holdout = calib.report_holdout
+    batches_started = time.perf_counter()
     samples = load_samples(calib.source, calib.n + n_holdout, calib.seed)
     text_only = calib.text_only or any(s.image is None for s in samples)
     if text_only and not calib.text_only:  # a hub split is known to be text only once loaded
@@ -143,6 +144,7 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
     calib_batches = (make_batches(processor, style, samples[:calib.n], calib.batch_size, calib.style)
                      if needs_calibration else [])
     holdout_batches = make_batches(processor, style, samples[calib.n:], calib.batch_size, calib.style)
+    batches_s = time.perf_counter() - batches_started  # samples loaded and encoded, on the host
 
     from tqdm.auto import tqdm
 
@@ -164,7 +166,8 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
     codes = {}
     grids = {}
     # method_s includes report_stats_s: the report's calibration errors (RTN reference included)
-    timing = {"calibration_s": 0.0, "method_s": 0.0, "report_stats_s": 0.0}
+    # calibration_s = the forwards up to the units (capture) + the units' own passes + next inputs
+    timing = {"calibration_s": 0.0, "calibration_next_inputs_s": 0.0, "method_s": 0.0, "report_stats_s": 0.0}
 
     def quantize_unit(unit, stats) -> None:
         """The method on one unit; its weights written back and recorded."""
@@ -254,7 +257,9 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
                 t2 = clock()
                 with record_function("lmms_quant.calibrate_next_inputs"):
                     calibrator.finished(unit)
-                timing["calibration_s"] += t1 - t0 + clock() - t2
+                t3 = clock()
+                timing["calibration_s"] += t1 - t0 + t3 - t2
+                timing["calibration_next_inputs_s"] += t3 - t2
                 timing["method_s"] += t2 - t1
     finally:
         bar.close()
@@ -271,7 +276,8 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
     report = QuantReport(plan=recipe.to_model_args(), digest=recipe.digest(), model=_model_info(model, arch),
                          calibration=calibration, tensors=records, sizes=sizes, skipped=skipped, folds=folds,
                          notes=notes, timing={"total_s": time.perf_counter() - started, "units": len(units),
-                                              **timing, "driver": driver, **_driver_counts(calibrator)},
+                                              "batches_s": batches_s, **timing, "driver": driver,
+                                              **_driver_counts(calibrator)},
                          environment=environment, codes=codes)
     log.info("%s", report.summary())
     return report
@@ -279,6 +285,8 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
 
 def _driver_counts(calibrator) -> dict:
     counts = {name: getattr(calibrator, name) for name in ("block_forwards", "capture_passes") if hasattr(calibrator, name)}
+    if hasattr(calibrator, "capture_s"):
+        counts["calibration_capture_s"] = calibrator.capture_s
     if getattr(calibrator, "not_replayable", None):
         counts["model_driver_stacks"] = dict(calibrator.not_replayable)
     return counts

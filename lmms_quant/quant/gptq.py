@@ -378,8 +378,10 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
                     act_order=cfg.act_order, overwrite_hessian=id(layer) not in shared)
 
     device = unit.targets[0].module.weight.device if unit.targets else "cpu"
+    runs_clock = SpanClock(torch.device(device).type == "cuda")  # preparation and loops, on the main stream
     try:
-        done_all = quantize_rows_concurrently((make_job(g, w) for g, w in zip(groups, stacked)), device=device)
+        with runs_clock.span("runs"):
+            done_all = quantize_rows_concurrently((make_job(g, w) for g, w in zip(groups, stacked)), device=device)
     except HessianNotPositiveDefinite as err:
         raise HessianNotPositiveDefinite(f"{unit.name}: {err}") from None
 
@@ -402,6 +404,12 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
 
     results = {}
     before_s = before_run.seconds() / max(1, len(groups))  # shared out over the groups
+    # the unit's phases, shared out over its Linears (the report sums them): the report's quadratic
+    # forms before the runs, the runs (each group's preparation and column loop, to the last one's
+    # end), and the report's sums after them
+    phases = {"report_before": before_run.seconds(), **runs_clock.by_name(),
+              "report_after": sum(clock.seconds() for _, _, clock in per_group)}
+    n_linears = sum(len(g) for g in groups)
     for group, done, (bounds, _, after_run) in zip(groups, done_all, per_group):
         names = [t.name for t in group]
         sums = [next(every_sum) for _ in bounds]  # this group's rows of the unit's sums, in order
@@ -412,7 +420,8 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
                 weight=q.weight[r0:r1].contiguous(), codes=q.codes[r0:r1].contiguous(),
                 scale=q.scale[r0:r1].contiguous(), zero=q.zero[r0:r1].contiguous(), grid=q.grid)
             info = {"damp": cfg.damp, "act_order": cfg.act_order, "calib_tokens": stats[t.name].n_calib,
-                    "report_stats_s": group_stats_s / len(group)}
+                    "report_stats_s": group_stats_s / len(group),
+                    "phase_s": {k: v / n_linears for k, v in phases.items()}}
             if len(group) > 1:
                 info["quantized_with"] = [n for n in names if n != t.name]
             results[t.name] = LayerResult(

@@ -34,6 +34,7 @@ made); past it, further batches are held on the CPU and moved in when run.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,6 +72,13 @@ class _StackState:
         self.calls: dict[str, list[dict[int, _BlockCall]]] = {}  # phase -> per batch, block index -> its call
 
 
+def _device_clock(device) -> float:
+    """The host's clock once the device is idle (a wait per stack capture: its time is its own)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class SequentialCalibrator(Calibrator):
     """`Calibrator` whose stack units are calibrated block by block on captured inputs (see module doc)."""
 
@@ -92,6 +100,7 @@ class SequentialCalibrator(Calibrator):
         self.not_replayable: dict[str, str] = {}  # stack -> why it went through the model driver
         self.block_forwards = 0
         self.capture_passes = 0
+        self.capture_s = 0.0  # wall seconds in `_capture` (the forwards up to a stack's first needed block)
 
     # ------------------------------------------------------------------ the driver's steps
 
@@ -103,7 +112,9 @@ class SequentialCalibrator(Calibrator):
             return super().collect(unit, hessian=hessian, inputs=inputs, calls=calls)
         if self.state is None or self.state.name != stack or self.state.index > index:
             self._drop_state()
+            started = _device_clock(self.device)
             why = self._capture(unit)
+            self.capture_s += _device_clock(self.device) - started
             if why:
                 self.not_replayable[stack] = why
                 return super().collect(unit, hessian=hessian, inputs=inputs, calls=calls)
