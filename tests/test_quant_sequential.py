@@ -56,14 +56,17 @@ def _block_calls(path, driver):
     return calls, report
 
 
-def test_sequential_driver_runs_each_block_at_most_three_times_per_batch(blip2_five_layers):
+def test_sequential_driver_runs_each_block_at_most_three_times_per_batch_and_captures_repeated_calls_once(blip2_five_layers):
     batches = 2 + 1  # 8 calibration samples and 4 held out, in batches of 4
     sequential, report = _block_calls(blip2_five_layers, "sequential")
     by_model, _ = _block_calls(blip2_five_layers, "model")
-    # Begun once in the capture pass (which stops at the last needed block's input), once for its
-    # statistics, once quantized to make the next block's inputs (not the last block): 3n - 1 per batch.
-    assert sequential == [3 * batches] * 4 + [2 * batches]
-    assert sum(sequential) == (3 * 5 - 1) * batches == report.timing["block_forwards"] + 5 * batches
+    # The capture: the first forward begins every block up to the last needed one; OPT passes every
+    # block the same mask, so later forwards stop at block 1's input (blocks 0 and 1 are always
+    # recorded, `sequential._templates`). Then once for its statistics, and once quantized to make
+    # the next block's inputs (not the last block).
+    capture = [batches, batches, 1, 1, 1]
+    assert sequential == [c + 2 * batches for c in capture[:4]] + [capture[4] + batches]
+    assert sum(sequential) - sum(capture) == report.timing["block_forwards"] == (2 * 5 - 1) * batches
     # The model driver re-runs the stack up to each block: n (n + 1) / 2 per batch.
     assert by_model == [(5 - i) * batches for i in range(5)] and sum(by_model) == 15 * batches
 
@@ -184,3 +187,25 @@ def test_a_linear_called_again_after_the_last_ones_input_keeps_every_call():
     assert b_ran == 4
     torch.testing.assert_close(stats["a"].hessian, expected["a"], rtol=1e-5, atol=1e-4)
     assert stats["a"].n_calib == 4 * 15 * 2
+
+
+def test_capture_templates_repeat_only_calls_with_the_very_same_tensors():
+    # Later forwards of the capture stop at the last block whose call is its own; a block repeats an
+    # earlier one only for the same tensor objects (an equal copy is not the same argument).
+    from lmms_quant.quant.sequential import _BlockCall, _templates
+
+    mask, sliding, bias = torch.ones(2, 3), torch.zeros(2, 3), torch.randn(2, 3)
+
+    def call(**kwargs):
+        return _BlockCall((), kwargs, {}, False)
+
+    # T5: block 0 gets no position bias and makes it; every later block gets block 0's
+    t5 = {0: call(mask=mask, bias=None)} | {j: call(mask=mask, bias=bias) for j in range(1, 6)}
+    assert _templates(t5, 0, 5) == {0: 0, 1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
+    # Gemma 3: sliding-window layers and full layers, two masks
+    gemma = {j: call(mask=mask if j % 3 == 2 else sliding, pos=(bias, mask)) for j in range(6)}
+    assert _templates(gemma, 0, 5) == {0: 0, 1: 1, 2: 2, 3: 0, 4: 0, 5: 2}
+    # equal but not the same tensor: its own call; a different plain value too
+    copies = {0: call(mask=mask), 1: call(mask=mask), 2: call(mask=mask.clone()), 3: call(mask=mask, idx=3)}
+    assert _templates(copies, 0, 3) == {0: 0, 1: 1, 2: 2, 3: 3}
+    assert _templates({4: call(mask=mask), 5: call(mask=mask)}, 4, 5) == {4: 4, 5: 5}

@@ -1,9 +1,13 @@
 """The sequential calibration driver: a stack's block inputs captured once, then each block run alone.
 
 For a stack of blocks (the nn.ModuleList an architecture table names), one forward of the model per
-batch, stopped at the last block this run needs, records every block's call: the hidden-state input
-of the first needed block and, for each block, its other arguments and keyword arguments (attention
-masks, position embeddings, encoder hidden states, T5's position bias). Then, block by block:
+batch records every block's call: the hidden-state input of the first needed block and, for each
+block, its other arguments and keyword arguments (attention masks, position embeddings, encoder
+hidden states, T5's position bias). The first batch's forward runs to the last block this run needs;
+a block that got the very same tensors and values as an earlier one (every OPT or Llama layer gets
+one mask and one pair of position embeddings) repeats that block's call, so later forwards stop at
+the last block whose call is its own (block 1 of an OPT stack: 2 of its 32 blocks run per batch,
+not 31). Then, block by block:
 
 1. the block alone runs on the held inputs of every batch, with the unit's hooks (Hessians, inputs,
    AWQ's parent calls, held-out rows);
@@ -54,6 +58,43 @@ class _BlockCall:
     kwargs: dict
     versions: dict  # keyword tensor -> version counter when recorded
     by_keyword: bool  # the hidden state came as ``hidden_states=``
+
+
+def _same_value(a, b) -> bool:
+    """The same argument: the very tensor (not an equal one), and equal containers or plain values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return type(b) is dict and a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    try:
+        return a is b or (type(a) is type(b) and bool(a == b))
+    except Exception:  # a value whose comparison is not a bool: not known to be the same
+        return False
+
+
+def _same_call(a: _BlockCall, b: _BlockCall) -> bool:
+    return (a.by_keyword == b.by_keyword and _same_value(a.rest, b.rest) and a.kwargs.keys() == b.kwargs.keys()
+            and all(_same_value(a.kwargs[k], b.kwargs[k]) for k in a.kwargs))
+
+
+def _templates(calls: dict[int, _BlockCall], first: int, last: int) -> dict[int, int]:
+    """Block -> the block whose recorded call it repeats (itself if none), from one forward's calls.
+
+    Blocks ``first`` and ``first + 1`` are always their own: a first block may get what it makes for
+    the others (T5's position bias: None into block 0, its output into every later block). A later
+    block is another's repeat when it got the very same tensors and values (one mask, one pair of
+    position embeddings passed to every layer), checked against the blocks kept so far; Gemma 3's
+    sliding and full attention layers make two such templates."""
+    out: dict[int, int] = {}
+    kept: list[int] = []
+    for j in range(first, last + 1):
+        like = None if j <= first + 1 else next((k for k in kept if _same_call(calls[k], calls[j])), None)
+        out[j] = j if like is None else like
+        if like is None:
+            kept.append(j)
+    return out
 
 
 def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, _BlockCall]:
@@ -153,6 +194,9 @@ class SequentialCalibrator(Calibrator):
         record: dict = {}
         outputs: dict[int, torch.Tensor] = {}
         check = {"on": True, "broken": None}
+        # After the first forward (which runs to the last block): where later forwards may stop, and
+        # which block's call each later block repeats (`_templates`).
+        plan = {"stop": last, "templates": None}
 
         def pre_hook(j):
             def hook(module, args, kwargs):
@@ -166,7 +210,7 @@ class SequentialCalibrator(Calibrator):
                 if j == first:
                     record["hidden"] = hidden.detach().clone()
                 record[j] = call
-                if j == last:
+                if j == plan["stop"]:
                     raise _UnitDone
             return hook
 
@@ -194,12 +238,19 @@ class SequentialCalibrator(Calibrator):
                 self.capture_passes += 1
                 if check["broken"]:
                     return check["broken"]
-                if "hidden" not in record or any(j not in record for j in range(first, last + 1)):
+                if "hidden" not in record or any(j not in record for j in range(first, plan["stop"] + 1)):
                     return f"blocks {first}..{last} of {name} are not all called in one forward"
+                if plan["templates"] is None:
+                    # The blocks that repeat an earlier block's call need not be reached again: later
+                    # forwards stop at the last block whose call is its own (all of them, for a stack
+                    # whose blocks get different arguments).
+                    plan["templates"] = _templates(record, first, last)
+                    plan["stop"] = max(plan["templates"].values())
                 check["on"] = False
                 outputs.clear()
                 state.hidden.setdefault(phase, []).append(self._hold(record["hidden"]))
-                state.calls.setdefault(phase, []).append({j: record[j] for j in range(first, last + 1)})
+                state.calls.setdefault(phase, []).append(
+                    {j: record[plan["templates"][j] if j > plan["stop"] else j] for j in range(first, last + 1)})
             captured = True
             if self._only_this_stack_after(unit):
                 # Every later unit is a block of this stack, served from the captured inputs: the stored
