@@ -327,6 +327,23 @@ def reference_check(device) -> dict:
     out["opt_block_groups_concurrent_vs_serial"] = {
         "codes_equal": all(m == 0 for m in mismatch), "codes_mismatch_fraction": max(mismatch),
         "serial_s": serial_s, "concurrent_s": together_s}
+    # The one-pass RTN error (`rtn_kernel`) against its torch reference: 20 AWQ candidates of an fc1,
+    # the clip search's shrunk ranges, plain (GPTQ's report), symmetric and asymmetric.
+    from lmms_quant.quant import rtn_kernel
+
+    w = torch.randn(df, dm, device=device, generator=g) * 0.02
+    scales = torch.rand(20, dm, device=device, generator=g) + 0.25
+    clip = 0.55 + 0.45 * torch.rand(df, -(-dm // 128), device=device, generator=g)
+    for sym in (False, True):
+        grid_s = QuantGrid(bits=4, sym=sym, granularity="group", group_size=128)
+        for name, kwargs in (("plain", {}), ("candidates_20", {"col_scale": scales}), ("clip", {"clip": clip})):
+            rtn_kernel.rtn_delta(w, grid_s, **kwargs)  # compiles
+            fast, fast_s = timed(lambda: rtn_kernel.rtn_delta(w, grid_s, **kwargs))
+            ref, ref_s = timed(lambda: rtn_kernel.rtn_delta_reference(w, grid_s, **kwargs))
+            out[f"rtn_delta_{df}x{dm}_{name}_sym_{sym}"] = {
+                "codes_equal": bool(torch.equal(fast, ref)), "codes_mismatch_fraction": float((fast != ref).float().mean()),
+                "kernel_used": rtn_kernel.serves(w, grid_s), "kernel_s": fast_s, "torch_s": ref_s}
+            del fast, ref
     return out
 
 

@@ -441,7 +441,7 @@ def test_awq_scores_a_nearly_singular_input_through_its_factor_exactly(inputs):
     row_weight = torch.linspace(0.5, 2.0, 32)
     for r in (None, row_weight):
         assert float(scoring.sq_error(delta, r)) == pytest.approx(_direct_sq_error(x, delta, r), rel=1e-4)
-    norm, (err,) = scoring.sq_norms(delta * 100, [delta * 99])
+    norm, (err,) = scoring.sq_norms(delta * 100, [delta])
     assert norm == pytest.approx(_direct_sq_error(x, delta * 100), rel=1e-4)
     assert err == pytest.approx(_direct_sq_error(x, delta), rel=1e-4)
 
@@ -461,7 +461,7 @@ def test_awq_report_norms_are_the_direct_output_norms_chunk_by_chunk():
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(150, 24, generator=g), torch.randn(10, 24, generator=g)
     approxes = [w + 0.01 * torch.randn(10, 24, generator=g), w.round()]
-    norm, errors = OutputScoring(x).sq_norms(w, approxes, chunk_rows=64)  # three chunks, the last one short
+    norm, errors = OutputScoring(x).sq_norms(w, [w - a for a in approxes], chunk_rows=64)  # 3 chunks, a short one
     X, W = x.double(), w.double()
     assert norm == pytest.approx(float((X @ W.T).square().sum()), rel=1e-6)
     for a, err in zip(approxes, errors):
@@ -475,11 +475,11 @@ def test_awq_candidates_rounded_in_batches_are_the_one_at_a_time_weights_bit_for
     mean_abs = correlated_inputs(n_tokens=256, outliers=2)[:, :96].abs().mean(dim=0)
     scales = [awq.candidate_scale(mean_abs, k, 20) for k in range(20)]
     monkeypatch.setattr(awq, "CANDIDATE_ELEMENTS", 7 * w.numel())  # batches of 7: 7, 7 and a last one of 6
-    batches = list(awq.candidate_weights(w, scales, grid))
+    batches = list(awq.candidate_deltas(w, scales, grid))
     assert [len(ks) for ks, _ in batches] == ([7, 7, 6] if granularity != "tensor" else [1] * 20)
-    for ks, rounded in batches:
-        for k, q in zip(ks, rounded):
-            assert torch.equal(q, awq.scaled_rtn_weight(w, scales[k], grid))
+    for ks, deltas in batches:
+        for k, delta in zip(ks, deltas):
+            assert torch.equal(delta, w - awq.scaled_rtn_weight(w, scales[k], grid))
 
 
 def test_awq_parent_search_retries_a_failed_capture_then_remembers_which_kernels_captured(monkeypatch):

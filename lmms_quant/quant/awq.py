@@ -44,7 +44,8 @@ from .archs import FoldSite
 from .awq_parent import candidate_scale, scaled_rtn_weight, search_scale_block  # noqa: F401 (the one-at-a-time form)
 from .awq_scoring import OutputScoring
 from .method import MethodConfig, RecipeError, option
-from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, rtn_weight, tf32_products
+from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, tf32_products
+from .rtn_kernel import rtn_delta
 from .span_clock import SpanClock
 
 NEEDS_HESSIAN = False
@@ -78,28 +79,27 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list
     scales = [candidate_scale(mean_abs, k, n_grid) for k in range(n_grid)]
     totals = [0.0] * n_grid
     for w, r, g in zip(weights, row_weights, grids):
-        for ks, rounded in candidate_weights(w, scales, g):
-            for k, q in zip(ks, rounded):
-                totals[k] = totals[k] + scored.sq_error(w - q, r)
+        for ks, deltas in candidate_deltas(w, scales, g):
+            for k, delta in zip(ks, deltas):
+                totals[k] = totals[k] + scored.sq_error(delta, r)
     losses = torch.stack(totals).tolist()  # one device wait for the grid, not one per candidate
     k = min(range(n_grid), key=losses.__getitem__)  # the first of equal losses
     return scales[k], k / n_grid, losses[k], losses[0]
 
 
-CANDIDATE_ELEMENTS = 1 << 25  # a batch of candidate weights: 128 MiB of float32
+CANDIDATE_ELEMENTS = 1 << 25  # a batch of candidate errors: 128 MiB of float32
 
 
-def candidate_weights(weight: torch.Tensor, scales: list[torch.Tensor], grid: QuantGrid):
-    """(indices, [Q(W diag(s)) diag(1/s) for their s]) for batches of the candidate ``scales``: one
-    rounding of K stacked scaled copies instead of K roundings (a search is launch-bound on the
-    ViT's Linears), the same values bit for bit, as every cell lies in one row. A per-tensor grid
-    (one range over the whole weight) is rounded one candidate at a time."""
+def candidate_deltas(weight: torch.Tensor, scales: list[torch.Tensor], grid: QuantGrid):
+    """(indices, [W - Q(W diag(s)) diag(1/s) for their s]) for batches of the candidate ``scales``:
+    K stacked candidates rounded at once, on CUDA in one pass of `rtn_kernel` (the torch form, ~14
+    passes over K weight-sized tensors, was most of a linear search), the same values bit for bit
+    as one candidate at a time, as every cell lies in one row. A per-tensor grid (one range over the
+    whole weight) is rounded one candidate at a time."""
     per_batch = 1 if grid.granularity == "tensor" else max(1, CANDIDATE_ELEMENTS // max(1, weight.numel()))
     for start in range(0, len(scales), per_batch):
         ks = range(start, min(start + per_batch, len(scales)))
-        s = torch.stack([scales[k] for k in ks])[:, None, :]  # (K, 1, columns)
-        rounded = rtn_weight((weight[None] * s).reshape(-1, weight.shape[1]), grid).reshape(len(ks), *weight.shape)
-        yield ks, list(rounded.div_(s).unbind(0))
+        yield ks, list(rtn_delta(weight, grid, torch.stack([scales[k] for k in ks])).unbind(0))
 
 
 def fold_parent(fold: FoldSite) -> str:
@@ -220,7 +220,7 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid,
     for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS)):
         ratio = 1 - step / CLIP_STEPS
         clip = torch.full(grid.param_shape(*weight.shape), ratio, device=weight.device)
-        err = _cell_sq_errors(x, weight - rtn_weight(weight, grid, clip), grid, row_weight, grams)
+        err = _cell_sq_errors(x, rtn_delta(weight, grid, clip=clip), grid, row_weight, grams)
         if best_err is None:
             best_err, best_ratio = err, clip
         else:
@@ -339,7 +339,9 @@ def _quantize_unit(unit, stats, cfg: AWQConfig) -> tuple[dict[str, LayerResult],
         effective = result.effective_weight(qweight.weight)
         reference = t.module.weight.detach().float()
         with phase("report"):
-            norm_sq, (awq_sq, rtn_sq) = scored.sq_norms(reference, [effective, rtn_weight(reference, t.grid)])
+            errors = [reference - effective, rtn_delta(reference, t.grid)]
+            norm_sq, (awq_sq, rtn_sq) = scored.sq_norms(reference, errors)
+            del errors
         result.calib_error = (awq_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         result.rtn_calib_error = (rtn_sq / norm_sq) ** 0.5 if norm_sq > 0 else float("nan")
         # ||X W^T|| turns the relative errors back into the absolute ones the scale search sums.

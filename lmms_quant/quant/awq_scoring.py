@@ -93,15 +93,14 @@ class OutputScoring:
         total = _weighted_sq_error(self.rows, delta, row_weight)
         return total if self.shift is None else total - self._shift_share(delta, row_weight)
 
-    def sq_norms(self, reference: torch.Tensor, approxes: list[torch.Tensor],
+    def sq_norms(self, reference: torch.Tensor, errors: list[torch.Tensor],
                  chunk_rows: int = 2048) -> tuple[float, list[float]]:
-        """||X Wᵀ||² and each ||X (W - A)ᵀ||², one matrix at a time and a chunk of rows at a time: per
-        row the squares are summed in float32 (at most a few thousand terms), the row sums in float64.
+        """||X Wᵀ||² and each ||X Eᵀ||² (E: an error W - A), one matrix at a time and a chunk of rows at
+        a time: per row the squares are summed in float32 (at most a few thousand terms), the row sums in float64.
         No stack of the matrices and no float64 copy of a product: on a LLaVA-7B down_proj those made
         2 GiB, the unit's largest buffers."""
         totals = []
-        for k in range(1 + len(approxes)):
-            matrix = reference if k == 0 else reference - approxes[k - 1]
+        for matrix in [reference, *errors]:
             total = torch.zeros((), dtype=torch.float64, device=reference.device)
             for start in range(0, self.rows.shape[0], chunk_rows):
                 y = self.rows[start:start + chunk_rows].float() @ matrix.T
@@ -110,6 +109,5 @@ class OutputScoring:
                 for start in range(0, matrix.shape[0], chunk_rows):
                     total -= (matrix[start:start + chunk_rows].square() @ self.shift).sum(dtype=torch.float64)
             totals.append(total)
-            del matrix
         values = torch.stack(totals).tolist()  # one device read
         return values[0], values[1:]

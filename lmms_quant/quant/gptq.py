@@ -32,7 +32,8 @@ from . import gptq_kernel
 from . import gptq_torch_loop as torch_loop
 from .gptq_reference import lower_inverse
 from .method import MethodConfig, RecipeError, option
-from .quantizer import LayerResult, QuantGrid, QuantizedWeight, rtn_weight, tf32_products
+from .quantizer import LayerResult, QuantGrid, QuantizedWeight, tf32_products
+from .rtn_kernel import rtn_delta
 from .span_clock import SpanClock
 
 NEEDS_HESSIAN = True
@@ -359,7 +360,7 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
         with before_run.span(), record_function("lmms_quant.gptq.report"):
             # W and its RTN error stacked: one product with H for both (half the launches on the
             # ViT's and Q-Former's small matrices, where the report's time is its kernel count)
-            both = torch.cat([W, rtn_weight(W, group[0].grid).neg_().add_(W)])
+            both = torch.cat([W, rtn_delta(W, group[0].grid)])  # (one pass for the error on CUDA, `rtn_kernel`)
             rows = _quadratic_rows(both, H, chunk_rows=8192)
             quads.append((rows[:W.shape[0]], rows[W.shape[0]:]))
         del W, H, both
