@@ -520,3 +520,19 @@ def test_awq_parent_search_retries_a_failed_capture_then_remembers_which_kernels
     attempts.clear()
     search("a side stream")
     assert attempts == ["Sequential / sdpa_without_cudnn"]
+
+
+@pytest.mark.parametrize("granularity,group_size", [("group", 32), ("group", 24), ("channel", -1), ("tensor", -1)])
+def test_levels_of_uint8_codes_by_scatter_are_the_sorted_count(granularity, group_size):
+    # The report counts each cell's distinct codes (the ≤ 2^b property) by one scatter for uint8 codes;
+    # the same count as sorting the cell, narrow last group (24 not dividing 100) included.
+    from lmms_quant.quant.quantizer import max_levels_tensor
+
+    grid = QuantGrid(bits=8, sym=False, granularity=granularity, group_size=group_size)
+    g = torch.Generator().manual_seed(5)
+    for high in (3, 17, 256):
+        codes = torch.randint(0, high, (40, 100), generator=g, dtype=torch.uint8)
+        codes[3, :] = 0  # a row of one code
+        by_scatter = int(max_levels_tensor(codes, grid))
+        by_sort = int(max_levels_tensor(codes.float(), grid))
+        assert by_scatter == by_sort and 1 <= by_scatter <= high

@@ -219,7 +219,10 @@ def max_levels_tensor(values: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     """`max_levels_per_cell` as a 0-dim tensor on the values' device, for a caller that reads several
     statistics at once."""
     cells = cells_view(values, grid)
-    ordered = torch.sort(cells, dim=1).values
+    if values.dtype == torch.uint8:  # codes: which of the 256 values each cell holds, one scatter
+        present = torch.zeros(cells.shape[0], 256, dtype=torch.bool, device=cells.device)
+        return present.scatter_(1, cells.long(), True).sum(dim=1).max()
+    ordered = torch.sort(cells, dim=1).values  # any values (a weight): distinct neighbours once sorted
     return (1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)).max()
 
 
