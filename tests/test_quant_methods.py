@@ -536,3 +536,32 @@ def test_levels_of_uint8_codes_by_scatter_are_the_sorted_count(granularity, grou
         by_scatter = int(max_levels_tensor(codes, grid))
         by_sort = int(max_levels_tensor(codes.float(), grid))
         assert by_scatter == by_sort and 1 <= by_scatter <= high
+
+
+@pytest.mark.parametrize("granularity", ["group", "channel"])
+def test_awq_clip_search_in_batches_picks_the_one_at_a_time_shrinks(granularity, monkeypatch):
+    x = correlated_inputs(n_tokens=512, outliers=3)[:, :96]
+    w = weight(20, 96, seed=4)
+    grid = QuantGrid(bits=3, sym=False, granularity=granularity, group_size=32 if granularity == "group" else -1)
+    row_weight = torch.linspace(0.5, 2.0, 20)
+    picked = {}
+    for per_batch in (1, 4, 10):  # 10 shrinks: one at a time, batches of 4, 4 and 2, all at once
+        monkeypatch.setattr(awq, "CANDIDATE_ELEMENTS", per_batch * w.numel())
+        picked[per_batch] = awq.clip_search(w, x, grid, row_weight)
+    assert torch.equal(picked[1], picked[4]) and torch.equal(picked[1], picked[10])
+    assert picked[1].unique().numel() > 1  # the search chose different shrinks for different cells
+
+
+def test_awq_batched_candidate_errors_are_the_single_errors():
+    from lmms_quant.quant.awq_scoring import OutputScoring
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(600, 48, generator=g)
+    deltas = 0.01 * torch.randn(5, 16, 48, generator=g)
+    row_weight = torch.linspace(0.5, 2.0, 16)
+    for scoring in (OutputScoring(x), OutputScoring.of(x)):  # through X, and through its factor (with a shift)
+        for r in (None, row_weight):
+            batched = scoring.sq_errors(deltas, r, chunk_rows=32)
+            single = torch.stack([scoring.sq_error(d, r) for d in deltas])
+            assert torch.allclose(batched, single, rtol=1e-5, atol=0)
+    assert OutputScoring.of(x).shift is not None

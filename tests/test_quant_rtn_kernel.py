@@ -31,13 +31,13 @@ SCRIPT = textwrap.dedent("""
         w[1, : grid.group_size] = 0.0
         scales = torch.rand(5, cols, generator=g) + 0.25
         clip = 0.55 + 0.45 * torch.rand(rows, grid.n_groups(cols), generator=g)
-        for col_scale in (None, scales):
-            for shrink in (None, clip):
-                assert rtn_kernel.serves(w, grid)
-                fast = rtn_kernel.rtn_delta(w, grid, col_scale, shrink)
-                ref = rtn_kernel.rtn_delta_reference(w, grid, col_scale, shrink)
-                assert fast.shape == ref.shape and torch.equal(fast, ref), (rows, cols, bits, sym, group)
-                cases += 1
+        clips = 0.55 + 0.45 * torch.rand(3, rows, grid.n_groups(cols), generator=g)  # 3 candidate clips
+        for col_scale, shrink in [(None, None), (None, clip), (scales, None), (scales, clip), (None, clips)]:
+            assert rtn_kernel.serves(w, grid)
+            fast = rtn_kernel.rtn_delta(w, grid, col_scale, shrink)
+            ref = rtn_kernel.rtn_delta_reference(w, grid, col_scale, shrink)
+            assert fast.shape == ref.shape and torch.equal(fast, ref), (rows, cols, bits, sym, group)
+            cases += 1
     print("cases", cases)
 """)
 
@@ -47,7 +47,7 @@ def test_the_rtn_kernel_gives_the_torch_references_bits_with_and_without_scales_
     env = {**os.environ, "TRITON_INTERPRET": "1", "LMMS_QUANT_RTN_KERNEL": "1"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split() == ["cases", "20"]
+    assert proc.stdout.split() == ["cases", "25"]
 
 
 def test_the_reference_is_the_weight_less_its_rounding_candidate_by_candidate():
@@ -61,6 +61,10 @@ def test_the_reference_is_the_weight_less_its_rounding_candidate_by_candidate():
     clip = torch.full((12, grid.n_groups(40)), 0.8)
     assert torch.equal(rtn_delta_reference(w, grid, clip=clip), w - rtn_weight(w, grid, clip))
     assert not torch.equal(rtn_delta_reference(w, grid, clip=clip), rtn_delta_reference(w, grid))
+    clips = torch.stack([clip, clip * 0.7])
+    assert torch.equal(rtn_delta_reference(w, grid, clip=clips)[1], w - rtn_weight(w, grid, clip * 0.7))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        rtn_delta_reference(w, grid, scales[:2], clips)
 
 
 @pytest.mark.parametrize("clip,scaled", [(False, False), (True, True)])

@@ -77,12 +77,11 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list
     mean_abs = x.float().abs().mean(dim=0) if mean_abs is None else mean_abs.to(x.device)
     scored = OutputScoring.of(x) if scored is None else scored
     scales = [candidate_scale(mean_abs, k, n_grid) for k in range(n_grid)]
-    totals = [0.0] * n_grid
+    totals = torch.zeros(n_grid, device=mean_abs.device)
     for w, r, g in zip(weights, row_weights, grids):
         for ks, deltas in candidate_deltas(w, scales, g):
-            for k, delta in zip(ks, deltas):
-                totals[k] = totals[k] + scored.sq_error(delta, r)
-    losses = torch.stack(totals).tolist()  # one device wait for the grid, not one per candidate
+            totals[ks.start:ks.stop] += scored.sq_errors(deltas, r)  # a batch of candidates at once
+    losses = totals.tolist()  # one device wait for the grid, not one per candidate
     k = min(range(n_grid), key=losses.__getitem__)  # the first of equal losses
     return scales[k], k / n_grid, losses[k], losses[0]
 
@@ -91,7 +90,7 @@ CANDIDATE_ELEMENTS = 1 << 25  # a batch of candidate errors: 128 MiB of float32
 
 
 def candidate_deltas(weight: torch.Tensor, scales: list[torch.Tensor], grid: QuantGrid):
-    """(indices, [W - Q(W diag(s)) diag(1/s) for their s]) for batches of the candidate ``scales``:
+    """(indices, W - Q(W diag(s)) diag(1/s) stacked for their s) for batches of the candidate ``scales``:
     K stacked candidates rounded at once, on CUDA in one pass of `rtn_kernel` (the torch form, ~14
     passes over K weight-sized tensors, was most of a linear search), the same values bit for bit
     as one candidate at a time, as every cell lies in one row. A per-tensor grid (one range over the
@@ -99,7 +98,7 @@ def candidate_deltas(weight: torch.Tensor, scales: list[torch.Tensor], grid: Qua
     per_batch = 1 if grid.granularity == "tensor" else max(1, CANDIDATE_ELEMENTS // max(1, weight.numel()))
     for start in range(0, len(scales), per_batch):
         ks = range(start, min(start + per_batch, len(scales)))
-        yield ks, list(rtn_delta(weight, grid, torch.stack([scales[k] for k in ks])).unbind(0))
+        yield ks, rtn_delta(weight, grid, torch.stack([scales[k] for k in ks]))  # (K, out, in)
 
 
 def fold_parent(fold: FoldSite) -> str:
@@ -213,20 +212,32 @@ def spread_rows(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def clip_search(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid,
                 row_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-cell range shrink factor in {1, 0.95, ..., 0.55} minimising that cell's output error."""
+    """Per-cell range shrink factor in {1, 0.95, ..., 0.55} minimising that cell's output error (the
+    first of equal errors). The shrinks are tried in batches (one rounding and one product with the
+    Gram matrices for K of them, `CANDIDATE_ELEMENTS`); a per-tensor grid, whose one cell is the
+    whole weight, one at a time."""
     x = spread_rows(x, CLIP_ROWS).float()
     grams = group_grams(x, grid.group_size) if grid.granularity == "group" else None
+    ratios = [1 - step / CLIP_STEPS for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS))]
+    shape = grid.param_shape(*weight.shape)
+    per_batch = 1 if grid.granularity == "tensor" else max(1, CANDIDATE_ELEMENTS // max(1, weight.numel()))
+    rows_weight = None if row_weight is None else row_weight.repeat(per_batch)
     best_err = best_ratio = None
-    for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS)):
-        ratio = 1 - step / CLIP_STEPS
-        clip = torch.full(grid.param_shape(*weight.shape), ratio, device=weight.device)
-        err = _cell_sq_errors(x, rtn_delta(weight, grid, clip=clip), grid, row_weight, grams)
-        if best_err is None:
-            best_err, best_ratio = err, clip
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_ratio = torch.where(better, clip, best_ratio)
+    for start in range(0, len(ratios), per_batch):
+        batch = ratios[start:start + per_batch]
+        clips = torch.tensor(batch, device=weight.device)[:, None, None].expand(len(batch), *shape).contiguous()
+        deltas = rtn_delta(weight, grid, clip=clips)  # (K, out, in)
+        errs = _cell_sq_errors(x, deltas.reshape(-1, weight.shape[1]), grid,
+                               None if row_weight is None else rows_weight[:deltas.shape[0] * deltas.shape[1]],
+                               grams).view(len(batch), *shape)
+        del deltas
+        for err, clip in zip(errs.unbind(0), clips.unbind(0)):
+            if best_err is None:
+                best_err, best_ratio = err, clip
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_ratio = torch.where(better, clip, best_ratio)
     return best_ratio
 
 

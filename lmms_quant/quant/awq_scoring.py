@@ -93,6 +93,28 @@ class OutputScoring:
         total = _weighted_sq_error(self.rows, delta, row_weight)
         return total if self.shift is None else total - self._shift_share(delta, row_weight)
 
+    def sq_errors(self, deltas: torch.Tensor, row_weight: torch.Tensor | None = None,
+                  chunk_rows: int = 4096) -> torch.Tensor:
+        """`sq_error` of each of K stacked errors (K, out, in) at once (K,): one product per chunk of
+        scoring rows for all K, not K products, so a search's candidates cost a few launches (the
+        searches are launch-bound on the ViT's and Q-Former's Linears). The sums run in another order
+        than K single calls, so the values agree to float32 rounding, not bit for bit."""
+        k, rows, columns = deltas.shape
+        flat = deltas.reshape(k * rows, columns)
+        weight2 = None if row_weight is None else row_weight.square().to(deltas.dtype)
+        total = torch.zeros(k, device=deltas.device, dtype=deltas.dtype)
+        for start in range(0, self.rows.shape[0], chunk_rows):
+            y = (self.rows[start:start + chunk_rows].to(deltas.dtype) @ flat.T).square_().view(-1, k, rows)
+            total += (y.sum(dim=0) if weight2 is None else y.sum(dim=0) * weight2).sum(dim=1)
+        if self.shift is not None:  # the shift's share, a chunk of rows at a time (no weight-sized square)
+            shift, per_row = self.shift.to(deltas.dtype), []
+            step = max(1, chunk_rows // 2)
+            for start in range(0, k * rows, step):
+                per_row.append(flat[start:start + step].square() @ shift)
+            share = torch.cat(per_row).view(k, rows)
+            total -= (share if weight2 is None else share * weight2).sum(dim=1)
+        return total
+
     def sq_norms(self, reference: torch.Tensor, errors: list[torch.Tensor],
                  chunk_rows: int = 2048) -> tuple[float, list[float]]:
         """||X Wᵀ||² and each ||X Eᵀ||² (E: an error W - A), one matrix at a time and a chunk of rows at

@@ -41,8 +41,13 @@ _state = {"disabled": False}
 def rtn_delta_reference(w: torch.Tensor, grid: QuantGrid, col_scale: torch.Tensor | None = None,
                         clip: torch.Tensor | None = None) -> torch.Tensor:
     """W - Q(W diag(s), clip) diag(1/s) in torch: ``col_scale`` (K, in) gives K candidates, shaped
-    (K, out, in); without it the result is (out, in). ``clip``: per cell, as `QuantGrid.fit` takes it."""
+    (K, out, in); without it the result is (out, in). ``clip``: per cell, as `QuantGrid.fit` takes it,
+    or (K, cells...) for K candidate clips of W itself (K results; not with ``col_scale``)."""
     w = w.float()
+    if clip is not None and clip.dim() == 3:
+        if col_scale is not None:
+            raise ValueError("rtn_delta: candidate clips (a 3-d clip) and candidate scales cannot be combined")
+        return torch.stack([w - rtn_weight(w, grid, c) for c in clip])
     if col_scale is None:
         return w - rtn_weight(w, grid, clip)
     s = col_scale.float()[:, None, :]
@@ -63,6 +68,8 @@ def serves(w: torch.Tensor, grid: QuantGrid) -> bool:
 def rtn_delta(w: torch.Tensor, grid: QuantGrid, col_scale: torch.Tensor | None = None,
               clip: torch.Tensor | None = None) -> torch.Tensor:
     """`rtn_delta_reference`'s values, by the kernel where it serves."""
+    if clip is not None and clip.dim() == 3 and col_scale is not None:
+        raise ValueError("rtn_delta: candidate clips (a 3-d clip) and candidate scales cannot be combined")
     if not serves(w, grid):
         return rtn_delta_reference(w, grid, col_scale, clip)
     return _launch(w, grid, col_scale, clip)
@@ -71,7 +78,7 @@ def rtn_delta(w: torch.Tensor, grid: QuantGrid, col_scale: torch.Tensor | None =
 if triton is not None:
     _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 
-    def _rtn_delta(W, S, C, D, rows, cols, sw, ss, sc, sdk, sd, maxq, inv_maxq,
+    def _rtn_delta(W, S, C, D, rows, cols, sw, ss, sck, sc, sdk, sd, maxq, inv_maxq,
                    R: tl.constexpr, GB: tl.constexpr, GROUP: tl.constexpr, HAS_S: tl.constexpr,
                    HAS_CLIP: tl.constexpr, SYM: tl.constexpr, HALF: tl.constexpr, RECIPROCAL: tl.constexpr):
         """Program (row tile, group, candidate): D = W - Q(W s, clip) / s on R rows x one group."""
@@ -91,7 +98,7 @@ if triton is not None:
         xmin = tl.min(tl.where(mask, x, float("inf")), axis=1)
         xmax = tl.max(tl.where(mask, x, float("-inf")), axis=1)
         if HAS_CLIP:
-            shrink = tl.load(C + r * sc + pg, mask=rmask, other=1.0)
+            shrink = tl.load(C + pk * sck + r * sc + pg, mask=rmask, other=1.0)
             xmin = xmin * shrink
             xmax = xmax * shrink
         # QuantGrid.params_from_range, step for step
@@ -123,14 +130,17 @@ if triton is not None:
 def _launch(w: torch.Tensor, grid: QuantGrid, col_scale: torch.Tensor | None, clip: torch.Tensor | None):
     w = w.float().contiguous()
     rows, cols = w.shape
-    k = 1 if col_scale is None else col_scale.shape[0]
-    out = torch.empty((k, rows, cols) if col_scale is not None else (rows, cols), device=w.device)
+    clip_k = clip is not None and clip.dim() == 3  # candidate clips: one per slice of the launch
+    k = col_scale.shape[0] if col_scale is not None else clip.shape[0] if clip_k else 1
+    stacked = col_scale is not None or clip_k
+    out = torch.empty((k, rows, cols) if stacked else (rows, cols), device=w.device)
     s = w if col_scale is None else col_scale.float().contiguous()  # (unused when absent)
     shrink = w if clip is None else clip.float().contiguous()
     n_groups = grid.n_groups(cols)
     inv_maxq = float(np.float32(1.0) / np.float32(grid.maxq))
     args = (w, s, shrink, out, rows, cols, w.stride(0), s.stride(0) if col_scale is not None else 0,
-            shrink.stride(0) if clip is not None else 0, rows * cols, cols, grid.maxq, inv_maxq)
+            shrink.stride(0) if clip_k else 0, shrink.stride(-2) if clip is not None else 0, rows * cols, cols,
+            grid.maxq, inv_maxq)
     meta = dict(R=_ROWS_PER_PROGRAM, GB=triton.next_power_of_2(grid.group_size), GROUP=grid.group_size,
                 HAS_S=col_scale is not None, HAS_CLIP=clip is not None, SYM=grid.sym,
                 HALF=float(2 ** (grid.bits - 1)), RECIPROCAL=w.is_cuda)
