@@ -487,8 +487,10 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
             run["profile"] = profile_summary(profiler, wall)  # so does profiling
         if method == "awq":
             from lmms_quant.quant.awq_parent import CAPTURE_FAILURES
+            from lmms_quant.quant.awq_scoring import FACTOR_SHIFTS
 
             run["awq_capture_failures"] = dict(CAPTURE_FAILURES)
+            run["awq_factor_shifts"] = {str(k): v for k, v in FACTOR_SHIFTS.items()}  # since the process began
         if args.compare_eager and method == "awq":
             run["eager"] = compare_eager(model, processor, recipe, pristine, report, device)
         entry["runs"].append(run)

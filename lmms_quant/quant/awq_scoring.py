@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .calibration import TF32_EXACT, add_gram
 from .quantizer import tf32_products
 
 # Relative diagonal shifts tried in turn; the largest still leaves ~4 significant digits after the
 # exact correction, far finer than the loss differences between candidate scales.
 SHIFTS = (1e-7, 1e-5, 1e-3)
+FACTOR_SHIFTS: dict = {}  # the shift each factorisation of this process needed (None: none did), for benchmarks
 
 
 def _weighted_sq_error(x: torch.Tensor, delta: torch.Tensor, row_weight: torch.Tensor | None,
@@ -43,15 +45,15 @@ def input_factor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     when X is not at least twice as tall as wide (X itself is then the cheaper product), or when no
     shift of `SHIFTS` makes the Gram matrix factorisable (a NaN in X).
 
-    XᵀX is summed in fp32 from products exact for fp16/bf16 inputs (TF32 on CUDA, full fp32 for fp32
-    inputs) and factored in float64."""
+    XᵀX is summed in fp32 from products exact for fp16/bf16 inputs (`calibration.add_gram`: the
+    half-precision rows themselves on CUDA, full fp32 for fp32 inputs) and factored in float64."""
     rows, columns = x.shape
     if 2 * columns > rows:
         return None
-    xf = x.float()
-    with tf32_products(x.is_cuda, allow=x.dtype in (torch.float16, torch.bfloat16)):
-        gram = (xf.T @ xf).double()
-    del xf
+    gram = torch.zeros(columns, columns, device=x.device)
+    with tf32_products(x.is_cuda, allow=x.dtype in TF32_EXACT):  # a float32 X: full float32 products
+        add_gram(gram, x)  # fp16/bf16 rows multiplied as they are on CUDA (no float32 copy of X)
+    gram = gram.double()
     top = gram.diagonal().max()
     added = 0.0
     for relative in SHIFTS:
@@ -59,8 +61,10 @@ def input_factor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         added = relative
         factor, info = torch.linalg.cholesky_ex(gram)
         if int(info) == 0:
+            FACTOR_SHIFTS[relative] = FACTOR_SHIFTS.get(relative, 0) + 1
             # what RᵀR adds: the factored matrix's diagonal less XᵀX's, as it was rounded in float64
             return factor.T.float(), (relative * top).float().expand(columns)
+    FACTOR_SHIFTS[None] = FACTOR_SHIFTS.get(None, 0) + 1
     return None
 
 
