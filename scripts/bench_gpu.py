@@ -336,7 +336,9 @@ def reference_check(device) -> dict:
     clip = 0.55 + 0.45 * torch.rand(df, -(-dm // 128), device=device, generator=g)
     for sym in (False, True):
         grid_s = QuantGrid(bits=4, sym=sym, granularity="group", group_size=128)
-        for name, kwargs in (("plain", {}), ("candidates_20", {"col_scale": scales}), ("clip", {"clip": clip})):
+        for name, kwargs in (("plain", {}), ("candidates_20", {"col_scale": scales}), ("clip", {"clip": clip}),
+                             ("candidates_20_rounded", {"col_scale": scales, "rounded": True}),
+                             ("clips_10", {"clip": torch.stack([clip * (1 - k / 20) for k in range(10)])})):
             rtn_kernel.rtn_delta(w, grid_s, **kwargs)  # compiles
             fast, fast_s = timed(lambda: rtn_kernel.rtn_delta(w, grid_s, **kwargs))
             ref, ref_s = timed(lambda: rtn_kernel.rtn_delta_reference(w, grid_s, **kwargs))

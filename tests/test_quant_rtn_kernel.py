@@ -37,6 +37,9 @@ SCRIPT = textwrap.dedent("""
             fast = rtn_kernel.rtn_delta(w, grid, col_scale, shrink)
             ref = rtn_kernel.rtn_delta_reference(w, grid, col_scale, shrink)
             assert fast.shape == ref.shape and torch.equal(fast, ref), (rows, cols, bits, sym, group)
+            fast = rtn_kernel.rtn_delta(w, grid, col_scale, shrink, rounded=True)
+            ref = rtn_kernel.rtn_delta_reference(w, grid, col_scale, shrink, rounded=True)
+            assert torch.equal(fast, ref), ("rounded", rows, cols, bits, sym, group)
             cases += 1
     print("cases", cases)
 """)
@@ -55,9 +58,10 @@ def test_the_reference_is_the_weight_less_its_rounding_candidate_by_candidate():
     w = torch.randn(12, 40)
     scales = torch.rand(3, 40) + 0.5
     deltas = rtn_delta_reference(w, grid, scales)
+    weights = rtn_delta_reference(w, grid, scales, rounded=True)
     for k in range(3):
-        expected = w - rtn_weight(w * scales[k], grid) / scales[k]
-        assert torch.equal(deltas[k], expected)
+        assert torch.equal(weights[k], rtn_weight(w * scales[k], grid) / scales[k])
+        assert torch.equal(deltas[k], w - weights[k])
     clip = torch.full((12, grid.n_groups(40)), 0.8)
     assert torch.equal(rtn_delta_reference(w, grid, clip=clip), w - rtn_weight(w, grid, clip))
     assert not torch.equal(rtn_delta_reference(w, grid, clip=clip), rtn_delta_reference(w, grid))
@@ -79,7 +83,8 @@ def test_the_rtn_kernel_compiles_for_hopper_with_exactly_rounded_steps_and_no_fu
 
     names = list(inspect.signature(rtn_kernel._rtn_delta).parameters)
     pointers = {"W": "*fp32", "S": "*fp32", "C": "*fp32", "D": "*fp32"}
-    const = dict(R=16, GB=128, GROUP=128, HAS_S=scaled, HAS_CLIP=clip, SYM=False, HALF=8.0, RECIPROCAL=True)
+    const = dict(R=16, GB=128, GROUP=128, HAS_S=scaled, HAS_CLIP=clip, SYM=False, HALF=8.0, RECIPROCAL=True,
+                 ROUNDED=False)
     signature = {n: "constexpr" if n in const else pointers.get(n, "fp32" if n == "inv_maxq" else "i32") for n in names}
     source = ASTSource(fn=rtn_kernel._kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in const.items()})

@@ -41,7 +41,8 @@ from torch.profiler import record_function
 from lmms_quant.values import parse_bool, parse_positive_int
 
 from .archs import FoldSite
-from .awq_parent import candidate_scale, scaled_rtn_weight, search_scale_block  # noqa: F401 (the one-at-a-time form)
+from .awq_parent import (candidate_scale, candidate_scales, scaled_rtn_weight,  # noqa: F401 (one-at-a-time forms)
+                         search_scale_block)
 from .awq_scoring import OutputScoring
 from .method import MethodConfig, RecipeError, option
 from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, tf32_products
@@ -76,7 +77,7 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list
     (default: that of ``x``) is a = mean |X_j|; ``scored``: `OutputScoring.of(x)` when the caller has it."""
     mean_abs = x.float().abs().mean(dim=0) if mean_abs is None else mean_abs.to(x.device)
     scored = OutputScoring.of(x) if scored is None else scored
-    scales = [candidate_scale(mean_abs, k, n_grid) for k in range(n_grid)]
+    scales = list(candidate_scales(mean_abs, n_grid).unbind(0))
     totals = torch.zeros(n_grid, device=mean_abs.device)
     for w, r, g in zip(weights, row_weights, grids):
         for ks, deltas in candidate_deltas(w, scales, g):

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .quantizer import QuantGrid, rtn_weight
+from .rtn_kernel import rtn_delta
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ _STREAMS: dict[str, "torch.cuda.Stream"] = {}
 # (LLaVA-7B's MLP on 128 image+caption samples: 3e8 output elements a candidate), launches cost
 # nothing beside them, and a graph would only add its pool's memory.
 GRAPH_MAX_ELEMENTS = 1 << 25
+CANDIDATE_ELEMENTS = 1 << 25  # candidate weights made at once per Linear: 128 MiB of float32
 
 
 def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
@@ -47,9 +49,17 @@ def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) ->
 
 
 def candidate_scale(mean_abs: torch.Tensor, k: int, n_grid: int) -> torch.Tensor:
-    """s = a^alpha for alpha = k / n_grid, normalised by sqrt(max s * min s)."""
-    s = mean_abs.pow(k / n_grid).clamp(min=1e-4)
-    return s / (s.max() * s.min()).sqrt()
+    """s = a^alpha for alpha = k / n_grid, normalised by sqrt(max s * min s): row k of
+    `candidate_scales`, which the searches use (one set of kernels for the whole grid)."""
+    return candidate_scales(mean_abs, n_grid)[k]
+
+
+def candidate_scales(mean_abs: torch.Tensor, n_grid: int) -> torch.Tensor:
+    """Every candidate scale of the grid, (n_grid, in): s_k = a^(k / n_grid), clamped at 1e-4 and
+    normalised by sqrt(max s_k * min s_k)."""
+    alphas = torch.arange(n_grid, device=mean_abs.device, dtype=torch.float32) / n_grid
+    s = mean_abs.float()[None, :].pow(alphas[:, None]).clamp(min=1e-4)
+    return s / (s.amax(dim=1, keepdim=True) * s.amin(dim=1, keepdim=True)).sqrt()
 
 
 def real_tokens(y: torch.Tensor, masks, mask_key: str | None) -> torch.Tensor:
@@ -181,12 +191,21 @@ def _search(parent, calls, mean_abs, linears, in_parent, current, grids, n_grid,
                 if loss_now is None:
                     def loss_now():
                         return _squared_error(parent, calls, reference, mask_key, device)
-                for k in range(n_grid):
-                    s = candidate_scale(mean_abs, k, n_grid)
-                    for n, g in zip(linears, grids):
-                        buffers[n].copy_(scaled_rtn_weight(current[n], s, g))
-                    scales.append(s)
-                    totals.append(loss_now())
+                every = candidate_scales(mean_abs, n_grid)
+                # the Linears' candidate weights a batch of candidates at a time (the smallest batch
+                # of the Linears', so that every Linear has its candidate k ready at once)
+                per_batch = min(max(1, 1 if g.granularity == "tensor" else CANDIDATE_ELEMENTS // current[n].numel())
+                                for n, g in zip(linears, grids))
+                for start in range(0, n_grid, per_batch):
+                    # (K, out, in) each: `scaled_rtn_weight` of the K scales, bit for bit (`rtn_kernel`)
+                    batch = {n: rtn_delta(current[n], g, every[start:start + per_batch], rounded=True)
+                             for n, g in zip(linears, grids)}
+                    for j in range(batch[linears[0]].shape[0]):
+                        for n in linears:
+                            buffers[n].copy_(batch[n][j])
+                        scales.append(every[start + j])
+                        totals.append(loss_now())
+                    del batch
                 del loss_now  # the graph, and its memory, go with it
             break
     finally:

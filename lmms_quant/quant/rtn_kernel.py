@@ -7,7 +7,8 @@ report). In torch that is ~14 passes over a weight-sized tensor (scaled copy, mi
 round, add, clamp, subtract, multiply, unscale, subtract). Here one program holds R rows x one group
 of W in registers and writes D once; K candidate scales are K slices of the launch.
 
-`rtn_delta` is the entry point: the kernel where it serves (CUDA, triton, a group grid), else the
+`rtn_delta` is the entry point (``rounded=True``: the rounded weights themselves, for the parent
+search's candidate weights): the kernel where it serves (CUDA, triton, a group grid), else the
 torch reference, `rtn_delta_reference`, written with `quantizer.rtn_weight` itself. The same bits
 either way, as in `gptq_kernel`: every step is the IEEE-rounded fp32 operation torch does, in its
 order — divisions by tensors through ``div_rn``, a division by the python scalar 2^b - 1 as torch
@@ -39,22 +40,23 @@ _state = {"disabled": False}
 
 
 def rtn_delta_reference(w: torch.Tensor, grid: QuantGrid, col_scale: torch.Tensor | None = None,
-                        clip: torch.Tensor | None = None) -> torch.Tensor:
-    """W - Q(W diag(s), clip) diag(1/s) in torch: ``col_scale`` (K, in) gives K candidates, shaped
-    (K, out, in); without it the result is (out, in). ``clip``: per cell, as `QuantGrid.fit` takes it,
-    or (K, cells...) for K candidate clips of W itself (K results; not with ``col_scale``)."""
+                        clip: torch.Tensor | None = None, *, rounded: bool = False) -> torch.Tensor:
+    """W - Q(W diag(s), clip) diag(1/s) in torch (``rounded``: Q(W diag(s), clip) diag(1/s) itself):
+    ``col_scale`` (K, in) gives K candidates, shaped (K, out, in); without it the result is (out, in).
+    ``clip``: per cell, as `QuantGrid.fit` takes it, or (K, cells...) for K candidate clips of W itself
+    (K results; not with ``col_scale``)."""
     w = w.float()
     if clip is not None and clip.dim() == 3:
         if col_scale is not None:
             raise ValueError("rtn_delta: candidate clips (a 3-d clip) and candidate scales cannot be combined")
-        return torch.stack([w - rtn_weight(w, grid, c) for c in clip])
+        return torch.stack([rtn_weight(w, grid, c) if rounded else w - rtn_weight(w, grid, c) for c in clip])
     if col_scale is None:
-        return w - rtn_weight(w, grid, clip)
+        return rtn_weight(w, grid, clip) if rounded else w - rtn_weight(w, grid, clip)
     s = col_scale.float()[:, None, :]
     scaled = (w[None] * s).reshape(-1, w.shape[1])
     cell_clip = None if clip is None else clip.repeat(col_scale.shape[0], 1)
-    rounded = rtn_weight(scaled, grid, cell_clip).reshape(col_scale.shape[0], *w.shape)
-    return w[None] - rounded.div_(s)
+    weights = rtn_weight(scaled, grid, cell_clip).reshape(col_scale.shape[0], *w.shape).div_(s)
+    return weights if rounded else w[None] - weights
 
 
 def serves(w: torch.Tensor, grid: QuantGrid) -> bool:
@@ -66,13 +68,13 @@ def serves(w: torch.Tensor, grid: QuantGrid) -> bool:
 
 
 def rtn_delta(w: torch.Tensor, grid: QuantGrid, col_scale: torch.Tensor | None = None,
-              clip: torch.Tensor | None = None) -> torch.Tensor:
+              clip: torch.Tensor | None = None, *, rounded: bool = False) -> torch.Tensor:
     """`rtn_delta_reference`'s values, by the kernel where it serves."""
     if clip is not None and clip.dim() == 3 and col_scale is not None:
         raise ValueError("rtn_delta: candidate clips (a 3-d clip) and candidate scales cannot be combined")
     if not serves(w, grid):
-        return rtn_delta_reference(w, grid, col_scale, clip)
-    return _launch(w, grid, col_scale, clip)
+        return rtn_delta_reference(w, grid, col_scale, clip, rounded=rounded)
+    return _launch(w, grid, col_scale, clip, rounded)
 
 
 if triton is not None:
@@ -80,8 +82,10 @@ if triton is not None:
 
     def _rtn_delta(W, S, C, D, rows, cols, sw, ss, sck, sc, sdk, sd, maxq, inv_maxq,
                    R: tl.constexpr, GB: tl.constexpr, GROUP: tl.constexpr, HAS_S: tl.constexpr,
-                   HAS_CLIP: tl.constexpr, SYM: tl.constexpr, HALF: tl.constexpr, RECIPROCAL: tl.constexpr):
-        """Program (row tile, group, candidate): D = W - Q(W s, clip) / s on R rows x one group."""
+                   HAS_CLIP: tl.constexpr, SYM: tl.constexpr, HALF: tl.constexpr, RECIPROCAL: tl.constexpr,
+                   ROUNDED: tl.constexpr):
+        """Program (row tile, group, candidate): D = W - Q(W s, clip) / s on R rows x one group
+        (ROUNDED: Q(W s, clip) / s)."""
         pr, pg, pk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         r = pr * R + tl.arange(0, R)
         j = tl.arange(0, GB)
@@ -121,13 +125,17 @@ if triton is not None:
         deq = (q - zero[:, None]) * scale[:, None]
         if HAS_S:
             deq = tl.div_rn(deq, s[None, :])
-        tl.store(D + pk * sdk + r[:, None] * sd + c[None, :], w - deq, mask=mask)
+        if ROUNDED:
+            tl.store(D + pk * sdk + r[:, None] * sd + c[None, :], deq, mask=mask)
+        else:
+            tl.store(D + pk * sdk + r[:, None] * sd + c[None, :], w - deq, mask=mask)
 
     # With TRITON_INTERPRET=1 set before triton is imported, this is Triton's CPU interpreter (tests).
     _kernel = triton.jit(_rtn_delta)
 
 
-def _launch(w: torch.Tensor, grid: QuantGrid, col_scale: torch.Tensor | None, clip: torch.Tensor | None):
+def _launch(w: torch.Tensor, grid: QuantGrid, col_scale: torch.Tensor | None, clip: torch.Tensor | None,
+            rounded: bool):
     w = w.float().contiguous()
     rows, cols = w.shape
     clip_k = clip is not None and clip.dim() == 3  # candidate clips: one per slice of the launch
@@ -143,7 +151,7 @@ def _launch(w: torch.Tensor, grid: QuantGrid, col_scale: torch.Tensor | None, cl
             grid.maxq, inv_maxq)
     meta = dict(R=_ROWS_PER_PROGRAM, GB=triton.next_power_of_2(grid.group_size), GROUP=grid.group_size,
                 HAS_S=col_scale is not None, HAS_CLIP=clip is not None, SYM=grid.sym,
-                HALF=float(2 ** (grid.bits - 1)), RECIPROCAL=w.is_cuda)
+                HALF=float(2 ** (grid.bits - 1)), RECIPROCAL=w.is_cuda, ROUNDED=rounded)
     programs = (triton.cdiv(rows, _ROWS_PER_PROGRAM), n_groups, k)
     with torch.cuda.device(w.device) if w.is_cuda else contextlib.nullcontext():
         _kernel[programs](*args, **meta, num_warps=4, enable_fp_fusion=False)
