@@ -10,8 +10,8 @@ LLaVA's o_proj scores through 4096 rows of R, not 16384 of X; the BLIP-2 ViT's L
 rows, not 33k. The shift is what lets the Cholesky succeed when XᵀX is singular or nearly so, as the
 Gram matrix of a LayerNorm's output is when its bias is small (each token's features sum to ~0) and
 its float32 rounding then makes it indefinite: without the correction, a failed factorisation meant
-scoring through all of X. It starts at 1e-7 · max H_jj (above float32's rounding of XᵀX, so one
-Cholesky is enough for those inputs too) and grows only if the Cholesky fails.
+scoring through all of X. XᵀX is summed in float64; the shift starts at 1e-7 · max H_jj (one
+Cholesky is then enough for those inputs too) and grows only if the Cholesky fails.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibration import TF32_EXACT, add_gram
-from .quantizer import tf32_products
 
 # Relative diagonal shifts tried in turn; the largest still leaves ~4 significant digits after the
 # exact correction, far finer than the loss differences between candidate scales.
@@ -40,20 +38,24 @@ def _weighted_sq_error(x: torch.Tensor, delta: torch.Tensor, row_weight: torch.T
     return total
 
 
-def input_factor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def input_factor(x: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(R, shift): R upper triangular (columns x columns, float32) with RᵀR = XᵀX + diag(shift). None
     when X is not at least twice as tall as wide (X itself is then the cheaper product), or when no
     shift of `SHIFTS` makes the Gram matrix factorisable (a NaN in X).
 
-    XᵀX is summed in fp32 from products exact for fp16/bf16 inputs (`calibration.add_gram`: the
-    half-precision rows themselves on CUDA, full fp32 for fp32 inputs) and factored in float64."""
+    XᵀX is summed and factored in float64."""
     rows, columns = x.shape
     if 2 * columns > rows:
         return None
-    gram = torch.zeros(columns, columns, device=x.device)
-    with tf32_products(x.is_cuda, allow=x.dtype in TF32_EXACT):  # a float32 X: full float32 products
-        add_gram(gram, x)  # fp16/bf16 rows multiplied as they are on CUDA (no float32 copy of X)
-    gram = gram.double()
+    # In float64, a chunk of rows at a time. Not by tensor cores: on an H200 the fp16 (and TF32)
+    # product's sum is ~1e-4 off relative to the largest diagonal (benchmarks/engine/
+    # awq_input_factor_gram_h200_diag.json), which made the Gram of a LayerNorm's output indefinite
+    # by up to 2e-3 of it: most factorisations then needed the largest shift or failed.
+    gram = torch.zeros(columns, columns, device=x.device, dtype=torch.float64)
+    for start in range(0, rows, chunk_rows):
+        rows64 = x[start:start + chunk_rows].double()
+        gram.addmm_(rows64.T, rows64)
+    del rows64
     top = gram.diagonal().max()
     added = 0.0
     for relative in SHIFTS:

@@ -107,9 +107,13 @@ class UnitStats(dict):
 
 
 # fp16 and bf16 values are exact in TF32 (10 mantissa bits, 8 exponent bits) and the product of two of
-# them is exact in float32: on tensor cores their Hessian is the float32 one up to the order of the
-# sum, ~8x faster than float32 SIMT (the Hessians were most of LLaVA-7B's calibration time). A float32
-# model's activations are not exact in TF32 and keep full float32 products.
+# them is exact in float32, but a tensor core's sum is not a full float32 sum: on an H200 the result
+# is ~1e-5 off the float32 Hessian (Frobenius, relative; `bench_gpu --check-reference`), ~1e-4 of
+# the largest diagonal entry elementwise. GPTQ's damped Hessians take that (layer errors equal to
+# llm-compressor's float32 Hessians, benchmarks/RESULTS.md) at ~8x the speed of float32 SIMT (the
+# Hessians were most of LLaVA-7B's calibration time); AWQ's input factors, which must resolve XᵀX's
+# smallest eigenvalues, sum in float64 (`awq_scoring.input_factor`). A float32 model's activations
+# are not exact in TF32 and keep full float32 products.
 TF32_EXACT = (torch.float16, torch.bfloat16)
 _HALF_GRAM: dict = {}  # CUDA device -> whether torch.mm takes fp16/bf16 with a float32 out_dtype there
 
@@ -130,9 +134,9 @@ def add_gram(hessian: torch.Tensor, x: torch.Tensor) -> None:
 
     On CUDA, for fp16/bf16 rows, the product is taken on the half-precision rows themselves with a
     float32 result (``torch.mm(..., out_dtype=float32)``): each product of two such values is exact in
-    float32 and the sums are float32, so it is the TF32 product of the widened rows (the same values)
-    at twice the tensor-core rate and without a float32 copy of the rows. Elsewhere: the widened rows,
-    in TF32 on CUDA where that is exact (`TF32_EXACT`), else full float32."""
+    float32, the sums are the tensor cores' (see `TF32_EXACT`'s note), at twice the TF32 rate and
+    without a float32 copy of the rows. Elsewhere: the widened rows, in TF32 on CUDA where the inputs
+    are exact in it (`TF32_EXACT`), else full float32."""
     if x.is_cuda and x.dtype in TF32_EXACT and _half_gram_supported(x.device):
         hessian.add_(torch.mm(x.T, x, out_dtype=torch.float32))
         return
