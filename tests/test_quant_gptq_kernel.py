@@ -56,23 +56,15 @@ def test_the_triton_kernel_gives_the_reference_codes_in_every_case_it_serves():
 def test_the_kernel_compiles_for_hopper_with_exactly_rounded_steps_and_no_fused_multiply_adds(static, sym):
     # The interpreter accepts what the compiler refuses (a plain global, ...): compile for sm_90 here,
     # without a GPU, and read the PTX for what exactness needs.
-    triton = pytest.importorskip("triton")
-    import inspect
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    pytest.importorskip("triton")
+    from triton_ptx import hopper_ptx
 
     from lmms_quant.quant import gptq_kernel
 
-    names = list(inspect.signature(gptq_kernel._column_loop).parameters)
     pointers = {"W": "*fp32", "U": "*fp32", "S": "*fp32", "Z": "*fp32", "G": "*i64", "Q": "*fp32", "C": "*u8",
                 "E": "*fp32"}
     const = dict(BLOCK=128, R=32, STATIC=static, GROUP=1 if static else 32, SYM=sym, HALF=8.0, RECIPROCAL=True)
-    signature = {n: "constexpr" if n in const else pointers.get(n, "fp32" if n == "inv_maxq" else "i32") for n in names}
-    source = ASTSource(fn=gptq_kernel._kernel, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in const.items()})
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": 1, "enable_fp_fusion": False}).asm["ptx"]
+    ptx = hopper_ptx(gptq_kernel._kernel, gptq_kernel._column_loop, pointers, const, num_warps=1)
     assert "fma" not in ptx
     assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
     assert ptx.count("add.rn.f32") >= 2  # the rounding trick survives as two additions

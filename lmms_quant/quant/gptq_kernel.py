@@ -78,6 +78,28 @@ if triton is not None:
         bound are kept): adding and subtracting 1.5·2^23 leaves no fraction bits, rounding to even."""
         return (x + _MAGIC) - _MAGIC
 
+    @triton.jit
+    def _params_from_range(xmin, xmax, maxq, inv_maxq, SYM: tl.constexpr, HALF: tl.constexpr,
+                           RECIPROCAL: tl.constexpr):
+        """(scale, zero) of cells with range [xmin, xmax]: `QuantGrid.params_from_range`, step for
+        step. RECIPROCAL: range / maxq as torch computes it on CUDA, range * fp32(1/maxq) (torch
+        divides by a scalar through its reciprocal there); an IEEE division elsewhere."""
+        if SYM:
+            span = 2.0 * tl.maximum(tl.abs(xmin), tl.abs(xmax))
+        else:
+            xmin = tl.minimum(xmin, 0.0)
+            span = tl.maximum(xmax, 0.0) - xmin
+        if RECIPROCAL:
+            s = span * inv_maxq
+        else:
+            s = tl.div_rn(span, maxq * 1.0)
+        s = tl.where(s > 0, s, 1.0)
+        if SYM:
+            z = tl.zeros_like(s) + HALF
+        else:
+            z = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(-xmin, s)), 0.0), maxq * 1.0)
+        return s, z
+
     def _column_loop(W, U, S, Z, G, Q, C, E, rows, count, maxq, inv_maxq,
                      sw, su0, su1, ss0, ss1, sg, sq, sc, se, group_base,
                      BLOCK: tl.constexpr, R: tl.constexpr, STATIC: tl.constexpr, GROUP: tl.constexpr,
@@ -108,21 +130,7 @@ if triton is not None:
                     cells = (k[:, None] >= i) & (k[:, None] < i + GROUP) & (k[:, None] < count)
                     xmin = tl.min(tl.where(cells, tile, float("inf")), axis=0)
                     xmax = tl.max(tl.where(cells, tile, float("-inf")), axis=0)
-                    # QuantGrid.params_from_range, step for step
-                    if SYM:
-                        span = 2.0 * tl.maximum(tl.abs(xmin), tl.abs(xmax))
-                    else:
-                        xmin = tl.minimum(xmin, 0.0)
-                        span = tl.maximum(xmax, 0.0) - xmin
-                    if RECIPROCAL:
-                        s = span * inv_maxq
-                    else:
-                        s = tl.div_rn(span, maxq * 1.0)
-                    s = tl.where(s > 0, s, 1.0)
-                    if SYM:
-                        z = tl.zeros_like(s) + HALF
-                    else:
-                        z = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(-xmin, s)), 0.0), maxq * 1.0)
+                    s, z = _params_from_range(xmin, xmax, maxq, inv_maxq, SYM, HALF, RECIPROCAL)
                     row = group_base + i // GROUP
                     tl.store(S + row * ss0 + r * ss1, s, mask=rmask)
                     tl.store(Z + row * ss0 + r * ss1, z, mask=rmask)

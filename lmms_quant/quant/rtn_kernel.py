@@ -78,7 +78,7 @@ def rtn_delta(w: torch.Tensor, grid: QuantGrid, col_scale: torch.Tensor | None =
 
 
 if triton is not None:
-    _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+    from .gptq_kernel import _params_from_range, _round_half_even  # (the same steps in both kernels)
 
     def _rtn_delta(W, S, C, D, rows, cols, sw, ss, sck, sc, sdk, sd, maxq, inv_maxq,
                    R: tl.constexpr, GB: tl.constexpr, GROUP: tl.constexpr, HAS_S: tl.constexpr,
@@ -105,23 +105,8 @@ if triton is not None:
             shrink = tl.load(C + pk * sck + r * sc + pg, mask=rmask, other=1.0)
             xmin = xmin * shrink
             xmax = xmax * shrink
-        # QuantGrid.params_from_range, step for step
-        if SYM:
-            span = 2.0 * tl.maximum(tl.abs(xmin), tl.abs(xmax))
-        else:
-            xmin = tl.minimum(xmin, 0.0)
-            span = tl.maximum(xmax, 0.0) - xmin
-        if RECIPROCAL:
-            scale = span * inv_maxq
-        else:
-            scale = tl.div_rn(span, maxq * 1.0)
-        scale = tl.where(scale > 0, scale, 1.0)
-        if SYM:
-            zero = tl.zeros_like(scale) + HALF
-        else:
-            zero = tl.minimum(tl.maximum((tl.div_rn(-xmin, scale) + _MAGIC) - _MAGIC, 0.0), maxq * 1.0)
-        q = tl.minimum(tl.maximum(((tl.div_rn(x, scale[:, None]) + _MAGIC) - _MAGIC) + zero[:, None], 0.0),
-                       maxq * 1.0)
+        scale, zero = _params_from_range(xmin, xmax, maxq, inv_maxq, SYM, HALF, RECIPROCAL)
+        q = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(x, scale[:, None])) + zero[:, None], 0.0), maxq * 1.0)
         deq = (q - zero[:, None]) * scale[:, None]
         if HAS_S:
             deq = tl.div_rn(deq, s[None, :])
