@@ -41,8 +41,8 @@ from torch.profiler import record_function
 from lmms_quant.values import parse_bool, parse_positive_int
 
 from .archs import FoldSite
-from .awq_parent import (candidate_scale, candidate_scales, scaled_rtn_weight,  # noqa: F401 (one-at-a-time forms)
-                         search_scale_block)
+from .awq_parent import (candidate_scale, candidate_scales, candidates_per_batch,  # noqa: F401 (one-at-a-time forms)
+                         scaled_rtn_weight, search_scale_block)
 from .awq_scoring import OutputScoring
 from .method import MethodConfig, RecipeError, option
 from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, tf32_products
@@ -96,7 +96,7 @@ def candidate_deltas(weight: torch.Tensor, scales: list[torch.Tensor], grid: Qua
     passes over K weight-sized tensors, was most of a linear search), the same values bit for bit
     as one candidate at a time, as every cell lies in one row. A per-tensor grid (one range over the
     whole weight) is rounded one candidate at a time."""
-    per_batch = 1 if grid.granularity == "tensor" else max(1, CANDIDATE_ELEMENTS // max(1, weight.numel()))
+    per_batch = candidates_per_batch(weight, grid, CANDIDATE_ELEMENTS)
     for start in range(0, len(scales), per_batch):
         ks = range(start, min(start + per_batch, len(scales)))
         yield ks, rtn_delta(weight, grid, torch.stack([scales[k] for k in ks]))  # (K, out, in)
@@ -221,7 +221,7 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid,
     grams = group_grams(x, grid.group_size) if grid.granularity == "group" else None
     ratios = [1 - step / CLIP_STEPS for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS))]
     shape = grid.param_shape(*weight.shape)
-    per_batch = 1 if grid.granularity == "tensor" else max(1, CANDIDATE_ELEMENTS // max(1, weight.numel()))
+    per_batch = candidates_per_batch(weight, grid, CANDIDATE_ELEMENTS)
     rows_weight = None if row_weight is None else row_weight.repeat(per_batch)
     best_err = best_ratio = None
     for start in range(0, len(ratios), per_batch):

@@ -43,6 +43,12 @@ GRAPH_MAX_ELEMENTS = 1 << 25
 CANDIDATE_ELEMENTS = 1 << 25  # candidate weights made at once per Linear: 128 MiB of float32
 
 
+def candidates_per_batch(weight: torch.Tensor, grid: QuantGrid, budget: int) -> int:
+    """How many candidate copies of ``weight`` a batch of at most ``budget`` values holds (at least 1);
+    1 for a per-tensor grid, whose one cell is the whole weight (a stack would share its range)."""
+    return 1 if grid.granularity == "tensor" else max(1, budget // max(1, weight.numel()))
+
+
 def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     """Q(W diag(s)) diag(1/s): the weight AWQ's scale s yields, in the original input coordinates."""
     return rtn_weight(weight * s[None, :], grid).div_(s[None, :])
@@ -194,8 +200,7 @@ def _search(parent, calls, mean_abs, linears, in_parent, current, grids, n_grid,
                 every = candidate_scales(mean_abs, n_grid)
                 # the Linears' candidate weights a batch of candidates at a time (the smallest batch
                 # of the Linears', so that every Linear has its candidate k ready at once)
-                per_batch = min(max(1, 1 if g.granularity == "tensor" else CANDIDATE_ELEMENTS // current[n].numel())
-                                for n, g in zip(linears, grids))
+                per_batch = min(candidates_per_batch(current[n], g, CANDIDATE_ELEMENTS) for n, g in zip(linears, grids))
                 for start in range(0, n_grid, per_batch):
                     # (K, out, in) each: `scaled_rtn_weight` of the K scales, bit for bit (`rtn_kernel`)
                     batch = {n: rtn_delta(current[n], g, every[start:start + per_batch], rounded=True)
