@@ -473,7 +473,7 @@ def test_awq_candidates_rounded_in_batches_are_the_one_at_a_time_weights_bit_for
     w = weight(24, 96, seed=11)
     grid = QuantGrid(bits=3, sym=False, granularity=granularity, group_size=32 if granularity == "group" else -1)
     mean_abs = correlated_inputs(n_tokens=256, outliers=2)[:, :96].abs().mean(dim=0)
-    scales = [awq.candidate_scale(mean_abs, k, 20) for k in range(20)]
+    scales = awq.candidate_scales(mean_abs, 20)
     monkeypatch.setattr(awq, "CANDIDATE_ELEMENTS", 7 * w.numel())  # batches of 7: 7, 7 and a last one of 6
     batches = list(awq.candidate_deltas(w, scales, grid))
     assert [len(ks) for ks, _ in batches] == ([7, 7, 6] if granularity != "tensor" else [1] * 20)

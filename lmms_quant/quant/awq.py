@@ -41,8 +41,8 @@ from torch.profiler import record_function
 from lmms_quant.values import parse_bool, parse_positive_int
 
 from .archs import FoldSite
-from .awq_parent import (candidate_scale, candidate_scales, candidates_per_batch,  # noqa: F401 (one-at-a-time forms)
-                         scaled_rtn_weight, search_scale_block)
+from .awq_parent import (candidate_scales, candidates_per_batch, scaled_rtn_weight,  # noqa: F401 (the one-at-a-time form)
+                         search_scale_block)
 from .awq_scoring import OutputScoring
 from .method import MethodConfig, RecipeError, option
 from .quantizer import LayerResult, QuantGrid, QuantizedWeight, quantize_rtn, tf32_products
@@ -77,7 +77,7 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list
     (default: that of ``x``) is a = mean |X_j|; ``scored``: `OutputScoring.of(x)` when the caller has it."""
     mean_abs = x.float().abs().mean(dim=0) if mean_abs is None else mean_abs.to(x.device)
     scored = OutputScoring.of(x) if scored is None else scored
-    scales = list(candidate_scales(mean_abs, n_grid).unbind(0))
+    scales = candidate_scales(mean_abs, n_grid)  # (n_grid, in)
     totals = torch.zeros(n_grid, device=mean_abs.device)
     for w, r, g in zip(weights, row_weights, grids):
         for ks, deltas in candidate_deltas(w, scales, g):
@@ -90,8 +90,8 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], row_weights: list
 CANDIDATE_ELEMENTS = 1 << 25  # a batch of candidate errors: 128 MiB of float32
 
 
-def candidate_deltas(weight: torch.Tensor, scales: list[torch.Tensor], grid: QuantGrid):
-    """(indices, W - Q(W diag(s)) diag(1/s) stacked for their s) for batches of the candidate ``scales``:
+def candidate_deltas(weight: torch.Tensor, scales: torch.Tensor, grid: QuantGrid):
+    """(indices, W - Q(W diag(s)) diag(1/s) stacked for their s) for batches of the candidate ``scales`` (n, in):
     K stacked candidates rounded at once, on CUDA in one pass of `rtn_kernel` (the torch form, ~14
     passes over K weight-sized tensors, was most of a linear search), the same values bit for bit
     as one candidate at a time, as every cell lies in one row. A per-tensor grid (one range over the
@@ -99,7 +99,7 @@ def candidate_deltas(weight: torch.Tensor, scales: list[torch.Tensor], grid: Qua
     per_batch = candidates_per_batch(weight, grid, CANDIDATE_ELEMENTS)
     for start in range(0, len(scales), per_batch):
         ks = range(start, min(start + per_batch, len(scales)))
-        yield ks, rtn_delta(weight, grid, torch.stack([scales[k] for k in ks]))  # (K, out, in)
+        yield ks, rtn_delta(weight, grid, scales[ks.start:ks.stop])  # (K, out, in)
 
 
 def fold_parent(fold: FoldSite) -> str:
@@ -222,15 +222,13 @@ def clip_search(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid,
     ratios = [1 - step / CLIP_STEPS for step in range(int(CLIP_MAX_SHRINK * CLIP_STEPS))]
     shape = grid.param_shape(*weight.shape)
     per_batch = candidates_per_batch(weight, grid, CANDIDATE_ELEMENTS)
-    rows_weight = None if row_weight is None else row_weight.repeat(per_batch)
     best_err = best_ratio = None
     for start in range(0, len(ratios), per_batch):
         batch = ratios[start:start + per_batch]
         clips = torch.tensor(batch, device=weight.device)[:, None, None].expand(len(batch), *shape).contiguous()
         deltas = rtn_delta(weight, grid, clip=clips)  # (K, out, in)
-        errs = _cell_sq_errors(x, deltas.reshape(-1, weight.shape[1]), grid,
-                               None if row_weight is None else rows_weight[:deltas.shape[0] * deltas.shape[1]],
-                               grams).view(len(batch), *shape)
+        stacked_weight = None if row_weight is None else row_weight.repeat(len(batch))  # per stacked row
+        errs = _cell_sq_errors(x, deltas.reshape(-1, weight.shape[1]), grid, stacked_weight, grams).view(len(batch), *shape)
         del deltas
         for err, clip in zip(errs.unbind(0), clips.unbind(0)):
             if best_err is None:

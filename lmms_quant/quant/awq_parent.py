@@ -54,12 +54,6 @@ def scaled_rtn_weight(weight: torch.Tensor, s: torch.Tensor, grid: QuantGrid) ->
     return rtn_weight(weight * s[None, :], grid).div_(s[None, :])
 
 
-def candidate_scale(mean_abs: torch.Tensor, k: int, n_grid: int) -> torch.Tensor:
-    """s = a^alpha for alpha = k / n_grid, normalised by sqrt(max s * min s): row k of
-    `candidate_scales`, which the searches use (one set of kernels for the whole grid)."""
-    return candidate_scales(mean_abs, n_grid)[k]
-
-
 def candidate_scales(mean_abs: torch.Tensor, n_grid: int) -> torch.Tensor:
     """Every candidate scale of the grid, (n_grid, in): s_k = a^(k / n_grid), clamped at 1e-4 and
     normalised by sqrt(max s_k * min s_k)."""

@@ -20,22 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-
 # Relative diagonal shifts tried in turn; the largest still leaves ~4 significant digits after the
 # exact correction, far finer than the loss differences between candidate scales.
 SHIFTS = (1e-7, 1e-5, 1e-3)
 FACTOR_SHIFTS: dict = {}  # the shift each factorisation of this process needed (None: none did), for benchmarks
-
-
-def _weighted_sq_error(x: torch.Tensor, delta: torch.Tensor, row_weight: torch.Tensor | None,
-                       chunk_rows: int = 4096) -> torch.Tensor:
-    """||x deltaᵀ diag(row_weight)||², a chunk of x's rows at a time, in delta's dtype."""
-    total = torch.zeros((), device=delta.device, dtype=delta.dtype)
-    for start in range(0, x.shape[0], chunk_rows):
-        y = x[start:start + chunk_rows].to(delta.dtype) @ delta.T  # inputs are held in the model's dtype
-        y = (y if row_weight is None else y.mul_(row_weight[None, :])).reshape(-1)
-        total = total + torch.dot(y, y)  # one reduction, no squared copy
-    return total
 
 
 def input_factor(x: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -86,25 +74,17 @@ class OutputScoring:
         """The scoring of X diag(1/s): R diag(1/s) factors it, with shift / s²."""
         return OutputScoring(self.rows / s[None, :], None if self.shift is None else self.shift / s.square())
 
-    def _shift_share(self, delta: torch.Tensor, row_weight: torch.Tensor | None,
-                     chunk_rows: int = 2048) -> torch.Tensor:
-        """sum_(o,j) row_weight_o² shift_j delta_oj², a chunk of rows at a time (no weight-sized square)."""
-        shift = self.shift.to(delta.dtype)
-        per_row = torch.cat([delta[start:start + chunk_rows].square() @ shift
-                             for start in range(0, delta.shape[0], chunk_rows)])
-        return (per_row if row_weight is None else per_row * row_weight.square()).sum()
-
     def sq_error(self, delta: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
         """||X deltaᵀ diag(row_weight)||² (0-dim, delta's dtype, on the device)."""
-        total = _weighted_sq_error(self.rows, delta, row_weight)
-        return total if self.shift is None else total - self._shift_share(delta, row_weight)
+        return self.sq_errors(delta[None], row_weight)[0]
 
     def sq_errors(self, deltas: torch.Tensor, row_weight: torch.Tensor | None = None,
                   chunk_rows: int = 4096) -> torch.Tensor:
-        """`sq_error` of each of K stacked errors (K, out, in) at once (K,): one product per chunk of
-        scoring rows for all K, not K products, so a search's candidates cost a few launches (the
-        searches are launch-bound on the ViT's and Q-Former's Linears). The sums run in another order
-        than K single calls, so the values agree to float32 rounding, not bit for bit."""
+        """||X D_kᵀ diag(row_weight)||² of each of K stacked errors (K, out, in), as (K,) in their dtype:
+        one product per chunk of scoring rows for all K, not K products, so a search's candidates cost
+        a few launches (the searches are launch-bound on the ViT's and Q-Former's Linears). Each
+        chunk's squares are summed per candidate; K at once agree with one at a time to float32
+        rounding, not bit for bit."""
         k, rows, columns = deltas.shape
         flat = deltas.reshape(k * rows, columns)
         weight2 = None if row_weight is None else row_weight.square().to(deltas.dtype)

@@ -404,12 +404,12 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
     every_sum = iter(torch.cat([sums for _, sums, _ in per_group]).tolist())  # one device wait for the unit
 
     results = {}
-    before_s = before_run.seconds() / max(1, len(groups))  # shared out over the groups
     # the unit's phases, shared out over its Linears (the report sums them): the report's quadratic
     # forms before the runs, the runs (each group's preparation and column loop, to the last one's
     # end), and the report's sums after them
     phases = {"report_before": before_run.seconds(), **runs_clock.by_name(),
               "report_after": sum(clock.seconds() for _, _, clock in per_group)}
+    before_s = phases["report_before"] / max(1, len(groups))  # shared out over the groups
     n_linears = sum(len(g) for g in groups)
     for group, done, (bounds, _, after_run) in zip(groups, done_all, per_group):
         names = [t.name for t in group]
