@@ -41,10 +41,13 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_the_triton_kernel_gives_the_reference_codes_in_every_case_it_serves():
+@pytest.mark.parametrize("prefetch", ["1", "0"])
+def test_the_triton_kernel_gives_the_reference_codes_in_every_case_it_serves(prefetch):
+    # with its loads issued a column ahead (the default) and where they are used
     pytest.importorskip("triton")
     tests = str(Path(__file__).parent)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "LMMS_QUANT_GPTQ_KERNEL": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LMMS_QUANT_GPTQ_KERNEL": "1",
+           "LMMS_QUANT_GPTQ_KERNEL_PREFETCH": prefetch}
     proc = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=tests)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -52,8 +55,9 @@ def test_the_triton_kernel_gives_the_reference_codes_in_every_case_it_serves():
     assert 0 < served < total  # both kinds of case were exercised
 
 
-@pytest.mark.parametrize("static,sym", [(True, False), (False, False), (False, True)])
-def test_the_kernel_compiles_for_hopper_with_exactly_rounded_steps_and_no_fused_multiply_adds(static, sym):
+@pytest.mark.parametrize("static,sym,prefetch", [(True, False, True), (False, False, True), (False, True, True),
+                                                (True, False, False), (False, False, False)])
+def test_the_kernel_compiles_for_hopper_with_exactly_rounded_steps_and_no_fused_multiply_adds(static, sym, prefetch):
     # The interpreter accepts what the compiler refuses (a plain global, ...): compile for sm_90 here,
     # without a GPU, and read the PTX for what exactness needs.
     pytest.importorskip("triton")
@@ -63,7 +67,8 @@ def test_the_kernel_compiles_for_hopper_with_exactly_rounded_steps_and_no_fused_
 
     pointers = {"W": "*fp32", "U": "*fp32", "S": "*fp32", "Z": "*fp32", "G": "*i64", "Q": "*fp32", "C": "*u8",
                 "E": "*fp32"}
-    const = dict(BLOCK=128, R=32, STATIC=static, GROUP=1 if static else 32, SYM=sym, HALF=8.0, RECIPROCAL=True)
+    const = dict(BLOCK=128, R=32, STATIC=static, GROUP=1 if static else 32, SYM=sym, HALF=8.0, RECIPROCAL=True,
+                 PREFETCH=prefetch)
     ptx = hopper_ptx(gptq_kernel._kernel, gptq_kernel._column_loop, pointers, const, num_warps=1)
     assert "fma" not in ptx
     assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx

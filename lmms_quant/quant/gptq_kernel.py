@@ -45,6 +45,8 @@ except ImportError:  # pragma: no cover - depends on the install
 # Both can be overridden, to sweep again.
 _TILE = 4096
 TILE_ENV, WARPS_ENV = "LMMS_QUANT_GPTQ_KERNEL_TILE", "LMMS_QUANT_GPTQ_KERNEL_WARPS"
+# 0: each load where it is used (the kernel's first form; the benchmark measures both, same codes).
+PREFETCH_ENV = "LMMS_QUANT_GPTQ_KERNEL_PREFETCH"
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -103,12 +105,20 @@ if triton is not None:
     def _column_loop(W, U, S, Z, G, Q, C, E, rows, count, maxq, inv_maxq,
                      sw, su0, su1, ss0, ss1, sg, sq, sc, se, group_base,
                      BLOCK: tl.constexpr, R: tl.constexpr, STATIC: tl.constexpr, GROUP: tl.constexpr,
-                     SYM: tl.constexpr, HALF: tl.constexpr, RECIPROCAL: tl.constexpr):
+                     SYM: tl.constexpr, HALF: tl.constexpr, RECIPROCAL: tl.constexpr, PREFETCH: tl.constexpr):
         """One block: W (count x rows, Wᵀ's block rows), U (the block's count x count part of the upper
         Cholesky factor of H⁻¹). Writes dequantized values Q, codes C (uint8), scaled errors E; for
         non-static groups also the groups' (scale, zero) rows into S, Z at ``group_base``.
         RECIPROCAL: a group's scale range / maxq as torch computes it on CUDA, range * fp32(1/maxq)
-        (torch divides by a scalar through its reciprocal there); an IEEE division elsewhere."""
+        (torch divides by a scalar through its reciprocal there); an IEEE division elsewhere.
+
+        PREFETCH: what a column reads from memory (its row of U; with static groups its cell's scale
+        and zero, behind its group index) depends on no column before it, so it is loaded one column
+        ahead (the group index two), and its latency overlaps the previous column's arithmetic. Left
+        where it is used, each load waits its full latency: behind the previous column's stores, the
+        compiler may not move it up (it cannot know that U, S and Z are not the buffers stored to),
+        and with static groups the scale's load waits for the group index's. The values loaded and
+        the arithmetic are the same either way; only when the loads are issued differs."""
         pid = tl.program_id(0)
         r = pid * R + tl.arange(0, R)
         rmask = r < rows
@@ -117,13 +127,31 @@ if triton is not None:
         tile = tl.load(W + k[:, None] * sw + r[None, :], mask=kmask[:, None] & rmask[None, :], other=0.0)
         s = tl.zeros([R], dtype=tl.float32) + 1.0  # the current cell's (scale, zero), carried across columns
         z = tl.zeros([R], dtype=tl.float32)
-        for i in range(count):
-            w = tl.max(tl.where(k[:, None] == i, tile, float("-inf")), axis=0)
+        if PREFETCH:  # column 0's loads, and column 1's group index
+            u_next = tl.load(U + k * su1, mask=(k > 0) & kmask, other=0.0)
+            d_next = tl.load(U)
             if STATIC:
+                g0 = tl.load(G)
+                s_next = tl.load(S + g0 * ss0 + r * ss1, mask=rmask, other=1.0)
+                z_next = tl.load(Z + g0 * ss0 + r * ss1, mask=rmask, other=0.0)
+                g_next = tl.load(G + tl.minimum(1, count - 1) * sg)
+        for i in range(count):
+            if PREFETCH:
+                u, d = u_next, d_next
+                j = tl.minimum(i + 1, count - 1)  # the last column loads its own row again, unused
+                u_next = tl.load(U + j * su0 + k * su1, mask=(k > j) & kmask, other=0.0)
+                d_next = tl.load(U + j * su0 + j * su1)
+                if STATIC:
+                    s, z = s_next, z_next
+                    s_next = tl.load(S + g_next * ss0 + r * ss1, mask=rmask, other=1.0)
+                    z_next = tl.load(Z + g_next * ss0 + r * ss1, mask=rmask, other=0.0)
+                    g_next = tl.load(G + tl.minimum(i + 2, count - 1) * sg)
+            elif STATIC:
                 g = tl.load(G + i * sg)
                 s = tl.load(S + g * ss0 + r * ss1, mask=rmask, other=1.0)
                 z = tl.load(Z + g * ss0 + r * ss1, mask=rmask, other=0.0)
-            else:
+            w = tl.max(tl.where(k[:, None] == i, tile, float("-inf")), axis=0)
+            if not STATIC:
                 # Every group starts in this block and ends in it (the caller checks): its parameters
                 # come from its columns as they are now, error feedback included.
                 if i % GROUP == 0:
@@ -136,13 +164,15 @@ if triton is not None:
                     tl.store(Z + row * ss0 + r * ss1, z, mask=rmask)
             q = tl.minimum(tl.maximum(_round_half_even(tl.div_rn(w, s)) + z, 0.0), maxq * 1.0)
             dq = (q - z) * s
-            d = tl.load(U + i * su0 + i * su1)
+            if not PREFETCH:
+                d = tl.load(U + i * su0 + i * su1)
             err = tl.div_rn(w - dq, d)
             tl.store(Q + i * sq + r, dq, mask=rmask)
             tl.store(C + i * sc + r, q.to(tl.uint8), mask=rmask)
             tl.store(E + i * se + r, err, mask=rmask)
             later = (k > i) & kmask
-            u = tl.load(U + i * su0 + k * su1, mask=later, other=0.0)
+            if not PREFETCH:
+                u = tl.load(U + i * su0 + k * su1, mask=later, other=0.0)
             tile = tl.where(later[:, None], tile - u[:, None] * err[None, :], tile)
 
     # With TRITON_INTERPRET=1 set before triton is imported, this is Triton's CPU interpreter (tests).
@@ -174,7 +204,8 @@ def run_block(WT, U, scaleT, zeroT, group_index, deqT, codesT, err, i1: int, i2:
             W.stride(0), Ub.stride(0), Ub.stride(1), scaleT.stride(0), ss1, G.stride(0) if static else 0,
             deqT.stride(0), codesT.stride(0), E.stride(0), group_base)
     meta = dict(BLOCK=block, R=r, STATIC=static, GROUP=grid.group_size if not static else 1, SYM=grid.sym,
-                HALF=float(2 ** (grid.bits - 1)), RECIPROCAL=WT.is_cuda)
+                HALF=float(2 ** (grid.bits - 1)), RECIPROCAL=WT.is_cuda,
+                PREFETCH=os.environ.get(PREFETCH_ENV, "1") != "0")
     programs = (triton.cdiv(rows, r),)
     warps = _env_int(WARPS_ENV, 1 if r * block <= 2048 else 4)
     # Triton launches on torch's current device (and its current stream): with a model spread over
