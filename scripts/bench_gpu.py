@@ -265,6 +265,18 @@ def reference_check(device) -> dict:
                 finally:
                     os.environ.pop("LMMS_QUANT_GPTQ_KERNEL_TILE")
                     os.environ.pop("LMMS_QUANT_GPTQ_KERNEL_WARPS")
+        prefetch = {}
+        for act_order in (True, False):  # the loads issued where they are used (the kernel's first form)
+            os.environ["LMMS_QUANT_GPTQ_KERNEL_PREFETCH"] = "0"
+            try:
+                q, seconds = path("1", act_order)
+            finally:
+                os.environ.pop("LMMS_QUANT_GPTQ_KERNEL_PREFETCH")
+            prefetch[act_order] = (bool(torch.equal(q.codes, kernel_codes[act_order])), seconds)
+        out["kernel_loads_where_used"] = {
+            "codes_equal": all(eq for eq, _ in prefetch.values()),
+            "codes_mismatch_fraction": 0.0 if all(eq for eq, _ in prefetch.values()) else float("nan"),
+            **{f"act_order_{a}_s": s_ for a, (_, s_) in prefetch.items()}}
         out["kernel_tile_sweep_act_order_True"] = {
             "codes_equal": all(c["codes_equal"] for c in sweep.values()), "codes_mismatch_fraction": 0.0 if all(
                 c["codes_equal"] for c in sweep.values()) else float("nan"), **{k: c["s"] for k, c in sweep.items()}}
