@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 
 import torch
 from torch.profiler import record_function
 
-from .archs import Family, Unit, resolve, select, stored_weight
+from .archs import Family, Unit, resolve, select
 from .calib_data import check_not_evaluated, load_samples, make_batches
 from .calibration import Calibrator
 from .sequential import SequentialCalibrator
 from .recipe import Recipe, method_module
-from .report import QuantReport, TensorRecord, account
-from .quantizer import max_levels_tensor, output_error_terms
+from .records import Recorder
+from .report import QuantReport, account
+from .span_clock import SpanClock
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,10 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
     ``driver``: ``sequential`` (block inputs captured once per stack, each block run alone;
     `sequential`) or ``model`` (the model re-run up to every unit; `calibration.Calibrator`), both
     giving the same statistics [``LMMS_QUANT_CALIB_DRIVER``, else sequential]. ``report.timing``:
-    wall-clock seconds in calibration (forwards, capture) and in the method, which includes the
-    report's calibration statistics (``report_stats_s``)."""
+    seconds in calibration (forwards, capture) and in the method, which includes the report's
+    calibration statistics (``report_stats_s``); on CUDA each step's span on the device's timeline
+    (the host queues a unit's work ahead of the device and reads its statistics a unit later,
+    `records`), so the steps add up to the run's device time; on the CPU the host's clock."""
     started = time.perf_counter()
     arch = resolve(model, family)
     environment = _environment(device or model.device)
@@ -159,18 +161,15 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
         calibrator = Calibrator(model, calib_batches, holdout_batches, seed=calib.seed, progress=bar)
     else:
         raise ValueError(f"driver: got {driver!r}; valid: sequential, model")
-    tied = _tied_names(model)
-    records: list[TensorRecord] = []
-    skipped: list[dict] = []
-    folds: list[dict] = []
-    codes = {}
-    grids = {}
     # method_s includes report_stats_s: the report's calibration errors (RTN reference included)
     # calibration_s = the forwards up to the units (capture) + the units' own passes + next inputs
     timing = {"calibration_s": 0.0, "calibration_next_inputs_s": 0.0, "method_s": 0.0, "report_stats_s": 0.0}
+    skipped: list[dict] = []
+    folds: list[dict] = []
+    recorder = Recorder(recipe, _tied_names(model), timing, keep_codes)
 
     def quantize_unit(unit, stats) -> None:
-        """The method on one unit; its weights written back and recorded."""
+        """The method on one unit; its statistics queued for the report, its weights written back."""
         if needs_calibration:
             unit = _drop_layers_without_data(unit, stats, skipped)
             if not unit.targets:
@@ -178,67 +177,11 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
         results, notes = method.quantize_unit(unit, stats, recipe.config)
         folds.extend(notes)
         with record_function("lmms_quant.record"):
-            _record(unit, stats, results)
+            recorder.stage(unit, stats, results)
 
-    def _record(unit, stats, results) -> None:
-        # Every record first, then every write: the modules still hold their original weights (methods
-        # leave them as they found them), so no copy of a unit's weights is made to compare against,
-        # and a weight tied between two targets is the original for both records.
-        # The records' statistics stay on the device until one read for the whole unit.
-        measured = []
-        for t in unit.targets:
-            result = results[t.name]
-            original = t.module.weight.detach().float()
-            # what the module will hold: the result rounded to the model's dtype, in its coordinates
-            effective = result.effective_weight(result.qweight.weight.to(t.module.weight.dtype))
-            holdout = stats[t.name].holdout
-            output_terms = (torch.zeros(2, dtype=torch.float64, device=original.device) if holdout is None
-                            else output_error_terms(holdout, original, effective))
-            levels = max_levels_tensor(result.qweight.codes, result.qweight.grid).float()
-            weight_terms = torch.stack([(original - effective).norm(), original.norm(), levels]).double()
-            measured.append(torch.cat([weight_terms, output_terms]))
-            del original, effective
-        # (a unit spread over several devices by accelerate gathers its statistics on the first one)
-        values = torch.stack([m.to(measured[0].device) for m in measured]).tolist() if measured else []
-        for t, (delta_norm, norm, levels, out_num, out_den) in zip(unit.targets, values):
-            result = results[t.name]
-            holdout = stats[t.name].holdout
-            shape = tuple(t.module.weight.shape)
-            output_error = None if holdout is None else (
-                math.sqrt(out_num / out_den) if out_den > 0 else float("nan"))
-            # Timings go to the report's totals, not into a tensor's record: two runs of one recipe
-            # give identical tensor records.
-            details = dict(result.info or {})
-            timing["report_stats_s"] += details.pop("report_stats_s", 0.0)
-            for phase, seconds in details.pop("phase_s", {}).items():  # a method's own phases (AWQ)
-                phases = timing.setdefault("method_phases_s", {})
-                phases[phase] = phases.get(phase, 0.0) + seconds
-            records.append(TensorRecord(
-                name=t.name, component=t.site.component, stack=t.site.stack, block=t.site.block,
-                role=t.site.role, method=recipe.method, bits=t.grid.bits, granularity=t.grid.granularity,
-                group_size=t.grid.group_size, sym=t.grid.sym, shape=shape,
-                n_groups=t.grid.n_groups(shape[1]), max_levels=int(levels),
-                weight_error=delta_norm / norm if norm > 0 else float("nan"),
-                output_error=output_error,
-                output_error_calib=result.calib_error, rtn_output_error_calib=result.rtn_calib_error,
-                feeds_output=t.site.feeds_output,
-                tied_to=[n for n in tied.get(id(stored_weight(t.module)), []) if n not in (t.name, f"{t.name}.weight")],
-                holdout_tokens=0 if holdout is None else int(holdout.shape[0]),
-                details=details,
-            ))
-            grids[id(stored_weight(t.module))] = (t.grid, shape)
-            if keep_codes:
-                codes[t.name] = result.qweight.to_cpu()
-        for t in unit.targets:
-            t.module.weight.copy_(results[t.name].qweight.weight.to(t.module.weight.dtype))
-
-    on_cuda = any(p.is_cuda for p in model.parameters())
-
-    def clock() -> float:
-        if on_cuda:
-            torch.cuda.synchronize()  # attribute GPU time to the step that queued it (3 waits a unit)
-        return time.perf_counter()
-
+    # Each step's seconds: on CUDA its span on the device's timeline (events on the current stream, read
+    # at the end), so that no step makes the host wait for the device; on the CPU the host's clock.
+    steps = SpanClock(any(p.is_cuda for p in model.parameters()))
     was_training = model.training
     model.eval()
     try:
@@ -246,24 +189,25 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
             for unit in units:
                 bar.set_postfix_str(unit.name, refresh=False)
                 calls = method.module_calls(unit) if hasattr(method, "module_calls") else ()
-                t0 = clock()
-                with record_function("lmms_quant.calibrate"):  # named spans for torch.profiler
+                # named spans for torch.profiler
+                with record_function("lmms_quant.calibrate"), steps.span("calibration"):
                     stats = calibrator.collect(unit, hessian=method.NEEDS_HESSIAN, inputs=method.NEEDS_INPUTS,
                                                calls=calls)
-                t1 = clock()
-                with record_function("lmms_quant.method"):
+                recorder.flush()  # the previous unit's statistics: its work is done by now, or nearly
+                with record_function("lmms_quant.method"), steps.span("method"):
                     quantize_unit(unit, stats)
                 del stats
-                t2 = clock()
-                with record_function("lmms_quant.calibrate_next_inputs"):
+                with record_function("lmms_quant.calibrate_next_inputs"), steps.span("next_inputs"):
                     calibrator.finished(unit)
-                t3 = clock()
-                timing["calibration_s"] += t1 - t0 + t3 - t2
-                timing["calibration_next_inputs_s"] += t3 - t2
-                timing["method_s"] += t2 - t1
+            recorder.flush()
     finally:
         bar.close()
         model.train(was_training)
+    seconds = steps.by_name()
+    timing["calibration_next_inputs_s"] = seconds.get("next_inputs", 0.0)
+    timing["calibration_s"] = seconds.get("calibration", 0.0) + timing["calibration_next_inputs_s"]
+    timing["method_s"] = seconds.get("method", 0.0)
+    records, grids, codes = recorder.records, recorder.grids, recorder.codes
 
     if not records:
         raise QuantizationError("no targeted layer was quantized: " + "; ".join(

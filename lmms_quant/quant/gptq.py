@@ -32,9 +32,9 @@ from . import gptq_kernel
 from . import gptq_torch_loop as torch_loop
 from .gptq_reference import lower_inverse
 from .method import MethodConfig, RecipeError, option
-from .quantizer import LayerResult, QuantGrid, QuantizedWeight, tf32_products
+from .quantizer import DeviceCheck, LayerResult, QuantGrid, QuantizedWeight, tf32_products
 from .rtn_kernel import rtn_delta
-from .span_clock import SpanClock
+from .span_clock import Later, SpanClock
 
 NEEDS_HESSIAN = True
 NEEDS_INPUTS = False
@@ -86,6 +86,17 @@ class RowsResult:
     err_sq: torch.Tensor  # float64 (rows,)
     lam: torch.Tensor  # 0-dim: λ added to H's diagonal
     dead: torch.Tensor  # bool (columns,)
+    flags: torch.Tensor  # bool (2,): H had data, the damped H factored (`failure` reads them)
+
+
+def failure(flags: list[bool], damp: float) -> Exception | None:
+    """The error a run's flags (`RowsResult.flags`, as python bools) stand for, or None."""
+    has_data, factored = flags
+    if not has_data:
+        return NoCalibrationData("the Hessian is zero: no calibration data reached this layer")
+    if not factored:
+        return HessianNotPositiveDefinite(f"the damped Hessian is not positive definite (damp={damp}); increase damp")
+    return None
 
 
 def quantize_rows(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, *, damp: float = 0.01,
@@ -97,13 +108,13 @@ def quantize_rows(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, 
                                act_order=act_order, overwrite_hessian=overwrite_hessian)))
 
 
-def _complete(run: "_Run") -> RowsResult:
+def _complete(run: "_Run", check: bool = True) -> RowsResult:
     for i1 in run.starts:
         run.block(i1)
-    return run.finish()
+    return run.finish(check)
 
 
-def quantize_rows_concurrently(jobs, device) -> list[RowsResult]:
+def quantize_rows_concurrently(jobs, device, check: bool = True) -> list[RowsResult]:
     """Several independent `quantize_rows` calls (keyword dicts, an iterable consumed one at a time; each
     run takes its dict's weight and Hessian out of it, see `_Run`), for weights on ``device``.
 
@@ -112,12 +123,15 @@ def quantize_rows_concurrently(jobs, device) -> list[RowsResult]:
     a wider Hessian is still being factored on its stream (OPT's fc2: 10240 columns, against 2560
     for the unit's other groups). The loops, launch-bound chains of tiny kernels, are interleaved
     block by block, so the GPU runs them side by side. Every kernel and operand is the one a lone
-    call uses: the codes are a lone call's. Elsewhere the runs go one after the other."""
+    call uses: the codes are a lone call's. Elsewhere the runs go one after the other.
+
+    ``check=False``: a run that failed (no data, not positive definite) raises nothing here; its
+    ``flags`` say so (`failure`), and nothing waits for the device."""
     jobs = iter(jobs)
     if torch.device(device).type != "cuda":
         with record_function("lmms_quant.gptq.prepare"):  # named spans for torch.profiler
             runs = [_Run(job, slot=k) for k, job in enumerate(jobs)]
-        return [_complete(run) for run in runs]
+        return [_complete(run, check) for run in runs]
     main = torch.cuda.current_stream(device)
     runs, streams = [], []
     with record_function("lmms_quant.gptq.prepare"):
@@ -139,7 +153,7 @@ def quantize_rows_concurrently(jobs, device) -> list[RowsResult]:
         for stream in streams:
             main.wait_stream(stream)
     with record_function("lmms_quant.gptq.finish"):
-        return [run.finish() for run in runs]
+        return [run.finish(check) for run in runs]
 
 
 _STREAMS: dict = {}
@@ -266,13 +280,12 @@ class _Run:
             self._column_group = self.column_group_index.tolist()
         return self._column_group
 
-    def finish(self) -> RowsResult:
-        has_data, factored = torch.stack([self.has_data, self.info == 0]).tolist()
-        if not has_data:
-            raise NoCalibrationData("the Hessian is zero: no calibration data reached this layer")
-        if not factored:
-            raise HessianNotPositiveDefinite(f"the damped Hessian is not positive definite (damp={self.damp}); "
-                                             f"increase damp")
+    def finish(self, check: bool = True) -> RowsResult:
+        """The run's results; ``check``: raise now if it failed (a device read), else leave it to the
+        caller to read ``flags`` with its other statistics."""
+        flags = torch.stack([self.has_data, self.info == 0])
+        if check and (error := failure(flags.tolist(), self.damp)) is not None:
+            raise error
         scale, zero = self.scaleT.T.contiguous(), self.zeroT.T.contiguous()
         deqT, codesT = self.deqT, self.codesT
         self.deqT = self.codesT = self.WT = self.U = self.err_buf = None  # freed as the results are made
@@ -283,7 +296,7 @@ class _Run:
             codes = codesT.new_empty(codesT.shape[::-1]).index_copy_(1, self.perm, codesT.T)
         del deqT, codesT
         qweight = QuantizedWeight(weight=weight, codes=codes, scale=scale, zero=zero.to(torch.int32), grid=self.grid)
-        return RowsResult(qweight, self.err_sq, self.lam, self.dead)
+        return RowsResult(qweight, self.err_sq, self.lam, self.dead, flags)
 
 
 def _quadratic_rows(M: torch.Tensor, H: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
@@ -380,12 +393,12 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
 
     device = unit.targets[0].module.weight.device if unit.targets else "cpu"
     runs_clock = SpanClock(torch.device(device).type == "cuda")  # preparation and loops, on the main stream
-    try:
-        with runs_clock.span("runs"):
-            done_all = quantize_rows_concurrently((make_job(g, w) for g, w in zip(groups, stacked)), device=device)
-    except HessianNotPositiveDefinite as err:
-        raise HessianNotPositiveDefinite(f"{unit.name}: {err}") from None
+    with runs_clock.span("runs"):
+        done_all = quantize_rows_concurrently((make_job(g, w) for g, w in zip(groups, stacked)), device=device,
+                                              check=False)
 
+    # Everything below stays on the device: the errors, the checks and the spans' seconds are read with
+    # the unit's other statistics (`records`), after the host has queued the next block's forwards.
     per_group = []
     for weights, (den, rtn_num), done in zip(stacked, quads, done_all):
         W = stacked_float(weights)  # the modules still hold their original weights
@@ -398,34 +411,43 @@ def quantize_unit(unit, stats, cfg: GPTQConfig) -> tuple[dict[str, LayerResult],
             for w in weights:
                 bounds.append((start, start + w.shape[0]))
                 start += w.shape[0]
-            sums = torch.stack([torch.stack([den[a:b].sum(), num[a:b].sum(), rtn_num[a:b].sum()])
-                                for a, b in bounds])
-        per_group.append((bounds, sums, after_run))
-    every_sum = iter(torch.cat([sums for _, sums, _ in per_group]).tolist())  # one device wait for the unit
+            # per Linear: the relative calibration error of GPTQ and of RTN, sqrt(num / den) (NaN when
+            # den is 0: a Linear whose output the calibration inputs do not move)
+            den_sum = torch.stack([den[a:b].sum() for a, b in bounds])
+            ratios = torch.stack([torch.stack([num[a:b].sum(), rtn_num[a:b].sum()]) for a, b in bounds])
+            errors = torch.where(den_sum[:, None] > 0, (ratios / den_sum[:, None]).sqrt(), float("nan"))
+        per_group.append((bounds, errors, after_run))
 
-    results = {}
     # the unit's phases, shared out over its Linears (the report sums them): the report's quadratic
     # forms before the runs, the runs (each group's preparation and column loop, to the last one's
     # end), and the report's sums after them
-    phases = {"report_before": before_run.seconds(), **runs_clock.by_name(),
-              "report_after": sum(clock.seconds() for _, _, clock in per_group)}
-    before_s = phases["report_before"] / max(1, len(groups))  # shared out over the groups
+    phases = Later(lambda: {"report_before": before_run.seconds(), **runs_clock.by_name(),
+                            "report_after": sum(clock.seconds() for _, _, clock in per_group)})
     n_linears = sum(len(g) for g in groups)
-    for group, done, (bounds, _, after_run) in zip(groups, done_all, per_group):
+    share = Later(lambda: {k: v / n_linears for k, v in phases.get().items()})
+
+    def unit_failure(flags: list[bool]) -> Exception:
+        error = failure(flags, cfg.damp)
+        return type(error)(f"{unit.name}: {error}")
+
+    results = {}
+    for group, done, (bounds, errors, after_run) in zip(groups, done_all, per_group):
         names = [t.name for t in group]
-        sums = [next(every_sum) for _ in bounds]  # this group's rows of the unit's sums, in order
-        group_stats_s = before_s + after_run.seconds()
-        for t, (r0, r1), (d, err, rtn_err) in zip(group, bounds, sums):
+        # this group's share of the report's statistics: its own sums after the run, and the quadratic
+        # forms before the runs shared out over the groups
+        group_stats_s = Later(lambda after_run=after_run: phases.get()["report_before"] / max(1, len(groups))
+                              + after_run.seconds())
+        check = DeviceCheck(done.flags, unit_failure)
+        for k, (t, (r0, r1)) in enumerate(zip(group, bounds)):
             q = done.qweight
             qweight = q if len(group) == 1 else QuantizedWeight(
                 weight=q.weight[r0:r1].contiguous(), codes=q.codes[r0:r1].contiguous(),
                 scale=q.scale[r0:r1].contiguous(), zero=q.zero[r0:r1].contiguous(), grid=q.grid)
             info = {"damp": cfg.damp, "act_order": cfg.act_order, "calib_tokens": stats[t.name].n_calib,
-                    "report_stats_s": group_stats_s / len(group),
-                    "phase_s": {k: v / n_linears for k, v in phases.items()}}
+                    "report_stats_s": Later(lambda s=group_stats_s, n=len(group): s.get() / n),
+                    "phase_s": share}
             if len(group) > 1:
                 info["quantized_with"] = [n for n in names if n != t.name]
-            results[t.name] = LayerResult(
-                qweight, calib_error=(err / d) ** 0.5 if d > 0 else float("nan"),
-                rtn_calib_error=(rtn_err / d) ** 0.5 if d > 0 else float("nan"), info=info)
+            results[t.name] = LayerResult(qweight, calib_error=errors[k, 0], rtn_calib_error=errors[k, 1],
+                                          info=info, check=check)
     return results, []

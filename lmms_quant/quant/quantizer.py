@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -256,9 +257,12 @@ class LayerResult:
     qweight: QuantizedWeight
     in_scale: torch.Tensor | None = None
     out_scale: torch.Tensor | None = None
-    calib_error: float | None = None  # relative output error on the calibration inputs
-    rtn_calib_error: float | None = None  # the same for plain RTN of the original weight (GPTQ/AWQ)
-    info: dict | None = None
+    # relative output error on the calibration inputs: a float, or a 0-dim tensor still on the device
+    # (read with the unit's other statistics, `records`)
+    calib_error: float | torch.Tensor | None = None
+    rtn_calib_error: float | torch.Tensor | None = None  # the same for plain RTN of the original weight (GPTQ/AWQ)
+    info: dict | None = None  # values may be `span_clock.Later` (a unit's device spans, read later)
+    check: DeviceCheck | None = None
 
     def effective_weight(self, stored: torch.Tensor) -> torch.Tensor:
         weight = stored.float()
@@ -267,6 +271,16 @@ class LayerResult:
         if self.in_scale is not None:
             weight = weight / self.in_scale.to(weight.device)[None, :]
         return weight
+
+
+@dataclass
+class DeviceCheck:
+    """A condition a method computed on the device (GPTQ: its Hessian had data and factored): ``flags``
+    (a bool tensor) all true, else ``fail(flags)`` (the flags as python bools) is the error to raise.
+    Read with the unit's statistics, after the host has queued the next unit's work (`records`)."""
+
+    flags: torch.Tensor
+    fail: Callable[[list[bool]], Exception]
 
 
 def output_error_terms(x: torch.Tensor, reference: torch.Tensor, approx: torch.Tensor,

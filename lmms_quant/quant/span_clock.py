@@ -48,3 +48,57 @@ class SpanClock:
     def seconds(self) -> float:
         """Every span so far, summed."""
         return sum(self.by_name().values())
+
+
+class Later:
+    """A value worked out when first asked for, once (``fn()``): what a unit reports from the device
+    (its spans' seconds, its statistics) is read after the host has queued the next unit's work."""
+
+    _unset = object()
+
+    def __init__(self, fn):
+        self.fn, self.value = fn, self._unset
+
+    def get(self):
+        if self.value is self._unset:
+            self.value, self.fn = self.fn(), None
+        return self.value
+
+
+def resolved(value):
+    """``value``, or what it stands for if it is a `Later`."""
+    return value.get() if isinstance(value, Later) else value
+
+
+class HostRead:
+    """Device tensors read on the host without making it wait for the queue behind them.
+
+    The values are copied to pinned host memory behind the work queued so far on the current stream,
+    and an event marks the copy's end: `values` waits for that event only, not for what the host
+    queued after it (a ``.tolist()`` waits for the whole stream). On the CPU the values are read now."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.event, self.sizes = None, [t.numel() for t in tensors]
+        if not tensors:
+            self.host = torch.empty(0, dtype=torch.float64)
+            return
+        device = tensors[0].device
+        flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
+        if device.type == "cuda":
+            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.host.copy_(flat, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = flat
+
+    def values(self) -> list[list[float]]:
+        """Per tensor given, its values (flattened) as python floats."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        flat, out, start = self.host.tolist(), [], 0
+        for size in self.sizes:
+            out.append(flat[start:start + size])
+            start += size
+        return out
