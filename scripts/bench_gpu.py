@@ -439,7 +439,7 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
              "fp16_weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / GIB}
     result["archs"].append(entry)
     runs = (args.runs or ARCHS[arch][1]).split(",")
-    keep = len(runs) > 1 or args.warmup or args.compare_eager
+    keep = len(runs) > 1 or args.warmup or args.compare_eager or args.sync_debug
     pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if keep else None
     _write(out_path, result)
 
@@ -505,6 +505,9 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
 
             run["awq_capture_failures"] = dict(CAPTURE_FAILURES)
             run["awq_factor_shifts"] = {str(k): v for k, v in FACTOR_SHIFTS.items()}  # since the process began
+        if args.sync_debug and torch.device(device).type == "cuda":
+            model.load_state_dict(pristine)
+            run["syncs"] = count_syncs(model, processor, recipe, device)
         if args.compare_eager and method == "awq":
             run["eager"] = compare_eager(model, processor, recipe, pristine, report, device)
         entry["runs"].append(run)
@@ -513,6 +516,41 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
     del model, pristine
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+
+
+def count_syncs(model, processor, recipe, device, top: int = 15) -> dict:
+    """The run again (untimed) with torch's CUDA sync debugging on: each operation that made the host
+    wait for the device, counted by the innermost lmms_quant (else transformers) line that called it.
+    A host that waits inside a unit cannot queue the next block's work ahead of the device."""
+    import traceback
+    import warnings
+
+    from lmms_quant.quant import quantize
+
+    sites: dict[str, int] = {}
+
+    def seen(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        stack = traceback.extract_stack()[:-1]
+        frame = next((f for f in reversed(stack) if "/lmms_quant/" in f.filename), None) or next(
+            (f for f in reversed(stack) if "/transformers/" in f.filename), stack[-1])
+        site = f"{frame.filename.split('/site-packages/')[-1]}:{frame.lineno} {frame.name}"
+        sites[site] = sites.get(site, 0) + 1
+
+    shown = warnings.showwarning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = seen
+            torch.cuda.set_sync_debug_mode("warn")
+            report = quantize(model, processor, recipe, device=device, progress=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = shown
+    _sync(device)
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1])
+    return {"total": sum(sites.values()), "units": report.timing.get("units"), "by_site": dict(ranked[:top])}
 
 
 def timed_quantize(model, processor, recipe, device):
@@ -652,6 +690,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-eager", action="store_true",
                         help="after each AWQ run, the same run with its parent searches replayed eagerly (no CUDA "
                              "graphs): its time, and whether every fold chose the same scale with the same losses")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="after each timed run, the run again with CUDA sync debugging: where the host "
+                             "waited for the device, by source line (slows that run; untimed)")
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler over each run: top device kernels and host ops, runtime waits "
                              "(slows the run)")
