@@ -486,6 +486,7 @@ def run_arch(arch: str, args, result: dict, out_path: Path, started: float) -> N
                "driver": timing.get("driver"), "batches_s": timing.get("batches_s"),
                "calibration_capture_s": timing.get("calibration_capture_s"),
                "calibration_next_inputs_s": timing.get("calibration_next_inputs_s"),
+               "host_steps_s": timing.get("host_steps_s"),
                "block_forwards": timing.get("block_forwards"), "capture_passes": timing.get("capture_passes"),
                "model_driver_stacks": timing.get("model_driver_stacks"), "units": timing.get("units"),
                "linears": len(report.tensors), "holdout_samples": report.calibration["holdout_samples"],

@@ -174,7 +174,7 @@ def run_ours(model, processor, samples, component, act_order, args, device):
     wall = time.perf_counter() - t0
     timing = {k: report.timing.get(k) for k in ("calibration_s", "method_s", "report_stats_s", "block_forwards",
                                                 "batches_s", "calibration_capture_s", "calibration_next_inputs_s",
-                                                "method_phases_s")}
+                                                "method_phases_s", "host_steps_s")}
     return {"wall_s": wall, "peak_gpu_gib": _peak(device), **timing}, sorted(t.name for t in report.tensors)
 
 

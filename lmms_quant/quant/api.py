@@ -182,6 +182,9 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
     # Each step's seconds: on CUDA its span on the device's timeline (events on the current stream, read
     # at the end), so that no step makes the host wait for the device; on the CPU the host's clock.
     steps = SpanClock(any(p.is_cuda for p in model.parameters()))
+    # and the host's own seconds per step (no device wait): where they add up to the run's time, the
+    # run is bound by the host's launches, not by the device
+    host = SpanClock(False)
     was_training = model.training
     model.eval()
     try:
@@ -190,14 +193,15 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
                 bar.set_postfix_str(unit.name, refresh=False)
                 calls = method.module_calls(unit) if hasattr(method, "module_calls") else ()
                 # named spans for torch.profiler
-                with record_function("lmms_quant.calibrate"), steps.span("calibration"):
+                with record_function("lmms_quant.calibrate"), steps.span("calibration"), host.span("calibration"):
                     stats = calibrator.collect(unit, hessian=method.NEEDS_HESSIAN, inputs=method.NEEDS_INPUTS,
                                                calls=calls)
-                recorder.flush()  # the previous unit's statistics: its work is done by now, or nearly
-                with record_function("lmms_quant.method"), steps.span("method"):
+                with host.span("read_records"):
+                    recorder.flush()  # the previous unit's statistics: its work is done by now, or nearly
+                with record_function("lmms_quant.method"), steps.span("method"), host.span("method"):
                     quantize_unit(unit, stats)
                 del stats
-                with record_function("lmms_quant.calibrate_next_inputs"), steps.span("next_inputs"):
+                with record_function("lmms_quant.calibrate_next_inputs"), steps.span("next_inputs"), host.span("next_inputs"):
                     calibrator.finished(unit)
             recorder.flush()
     finally:
@@ -207,6 +211,7 @@ def run_quantization(model, processor, recipe: Recipe, *, device=None, keep_code
     timing["calibration_next_inputs_s"] = seconds.get("next_inputs", 0.0)
     timing["calibration_s"] = seconds.get("calibration", 0.0) + timing["calibration_next_inputs_s"]
     timing["method_s"] = seconds.get("method", 0.0)
+    timing["host_steps_s"] = host.by_name()
     records, grids, codes = recorder.records, recorder.grids, recorder.codes
 
     if not records:
